@@ -1,0 +1,136 @@
+"""The SyncDiffusion synchronization step: settings, weight schedule, anchors, and the gradient step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .windows import Window, WindowPlan
+
+ANCHOR_MODES = ("center", "index", "image")
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """``weight`` w, ``decay`` (w_i = w · decay^i), the first ``steps`` steps synchronize, every ``every``-th one."""
+
+    weight: float = 20.0
+    decay: float = 0.95
+    steps: int = 10
+    every: int = 1
+
+    def __post_init__(self):
+        if not (self.weight >= 0 and self.weight != float("inf")):
+            raise ValueError(f"sync_weight must be a finite number >= 0, got {self.weight}")
+        if not (0 < self.decay <= 1):
+            raise ValueError(f"sync_decay must be in (0, 1], got {self.decay}")
+        if self.steps < 0:
+            raise ValueError(f"sync_steps must be >= 0, got {self.steps}")
+        if self.every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.every}")
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 and self.steps > 0
+
+    def is_sync_step(self, i: int) -> bool:
+        return self.active and (i + 1) % self.every == 0 and i < self.steps
+
+    def weight_at(self, i: int) -> float:
+        return self.weight * self.decay**i
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What the other windows are pulled toward.
+
+    ``center``: the middle window of the raster order (the reference code). ``index``: window ``index``
+    (0 is the paper's algorithm box). ``image``: a fixed target image (N or 1, 3, h, w) in [-1, 1] of the
+    window's pixel size; then no window is the anchor and every window moves.
+    """
+
+    mode: str = "center"
+    index: int = 0
+    image: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {self.mode!r}")
+        if self.mode == "image":
+            img = self.image
+            if img is None or img.ndim != 4 or img.shape[1] != 3:
+                shape = None if img is None else tuple(img.shape)
+                raise ValueError(f"anchor image must be a (batch, 3, height, width) image, got {shape}")
+
+    def window_index(self, plan: WindowPlan) -> int | None:
+        """The anchor window's index in ``plan``, or None for an image anchor."""
+        if self.mode == "image":
+            return None
+        if self.mode == "center":
+            return plan.center_index
+        if not 0 <= self.index < len(plan):
+            raise ValueError(
+                f"anchor index {self.index} is outside the grid: this canvas has {len(plan)} windows "
+                f"(0 to {len(plan) - 1})"
+            )
+        return self.index
+
+
+def chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def synchronize(
+    views: list[torch.Tensor],
+    sigma: torch.Tensor,
+    step: int,
+    plan: WindowPlan,
+    *,
+    denoise: Callable,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    anchor: Anchor,
+    weight: float,
+    input_scale: float,
+    batch: int,
+    interrupt: Callable[[], None] = lambda: None,
+) -> list[torch.Tensor]:
+    """One synchronization step: returns the window latents moved by ``-weight · ∂L/∂x`` in the model's input space.
+
+    ``views[j]`` is window j's noisy latent (N, C, h, w) in the sampler's space; the model's input is
+    ``input_scale * x`` (the variance-preserving latent for SD), and the step is taken there, as in the paper.
+    """
+    n = views[0].shape[0]
+    sig = lambda k: sigma.reshape(1).expand(k * n)  # noqa: E731
+    a = anchor.window_index(plan)
+    with torch.no_grad():
+        if a is None:
+            target = anchor.image.to(views[0].device)
+            if target.shape[0] not in (1, n):
+                raise ValueError(f"anchor image batch {target.shape[0]} must be 1 or the latent batch {n}")
+            target = target.expand(n, -1, -1, -1)
+        else:
+            target = decode(denoise(views[a], sig(1), [plan[a]], step))
+    out = list(views)
+    movers = [j for j in range(len(plan)) if j != a]
+    for group in chunks(movers, batch):
+        interrupt()
+        with torch.enable_grad():
+            u = (torch.cat([views[j] for j in group]) * input_scale).detach().requires_grad_(True)
+            x0 = denoise(u / input_scale, sig(len(group)), [plan[j] for j in group], step)
+            images = decode(x0)
+            per_item = loss(images, target.repeat(len(group), 1, 1, 1))
+            (grad,) = torch.autograd.grad(per_item.sum(), u)
+        bad = ~torch.isfinite(grad.flatten(1)).all(dim=1)
+        if bad.any():
+            j = group[int(bad.nonzero()[0]) // n]
+            raise FloatingPointError(
+                f"SyncDiffusion: the LPIPS gradient is NaN or Inf at step {step + 1}, window {j} "
+                f"({plan[j].top * 8},{plan[j].left * 8} px); lower sync_weight or use float32"
+            )
+        moved = (u.detach() - weight * grad) / input_scale
+        for k, j in enumerate(group):
+            out[j] = moved[k * n : (k + 1) * n]
+    return out
