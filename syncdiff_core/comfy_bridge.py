@@ -1,3 +1,391 @@
+"""The only module of the pack that touches ComfyUI internals.
+
+It turns ComfyUI objects (MODEL, VAE, CONDITIONING, LATENT) into the small callables the core's loop runs
+on, through ComfyUI's sanctioned extension points: a ``CFGGuider`` whose ``sample`` prepares models and
+conditioning as KSampler does, and a custom ``comfy.samplers.Sampler`` that runs the windowed loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+
+import torch
+
+import comfy.conds
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from . import sampler as core_sampler
+from .sync import Anchor, SyncSettings
+from .windows import Window, WindowPlan, crop, plan_windows
+
+log = logging.getLogger("syncdiffusion")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model facts
+# --------------------------------------------------------------------------------------------------
+
+def latent_scale(model) -> int:
+    """Pixels per latent pixel of the model's latent space (8 for SD1.x/2.x/SDXL)."""
+    fmt = model.model.latent_format
+    return int(getattr(fmt, "spacial_downscale_ratio", 8))
+
+
+def native_window(model) -> int:
+    """The model's native square size in latent px: 64 for SD1.x/2.x (512 px), 128 for SDXL and newer."""
+    import comfy.latent_formats as lf
+
+    fmt = model.model.latent_format
+    if isinstance(fmt, lf.SD15):  # SD1.x and SD2.x share this latent format
+        if isinstance(model.model.model_sampling, comfy.model_sampling.V_PREDICTION):
+            return 96  # SD2.x 768-v
+        return 64
+    return 128
+
+
+def reference_sigmas(model, steps: int) -> torch.Tensor:
+    """The reference DDIM schedule: ComfyUI's ``ddim_uniform`` (timesteps 981, 961, …, 1 for 50 steps) whose
+    last step lands on the sigma of timestep 0 instead of on 0, as diffusers' DDIM with ``set_alpha_to_one=False``.
+    Models outside the discrete EPS/V family keep ComfyUI's schedule, ending at 0."""
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).clone()
+    if _is_vp_family(ms) and float(sigmas[-1]) == 0.0:
+        sigmas[-1] = ms.sigmas[0]
+    return sigmas
+
+
+def _is_vp_family(ms) -> bool:
+    return isinstance(ms, comfy.model_sampling.EPS) and hasattr(ms, "sigmas")
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning cropped to windows
+# --------------------------------------------------------------------------------------------------
+
+def _crop_stack(t: torch.Tensor, windows, n: int) -> torch.Tensor:
+    """Crops of a canvas-sized tensor (B, ..., H, W) for each window, each batch made ``n`` long, window-major."""
+    parts = []
+    for w in windows:
+        part = crop(t, w)
+        if part.shape[0] != n:
+            part = part[:1].expand(n, *part.shape[1:]) if part.shape[0] == 1 else part[:n]
+        parts.append(part)
+    return torch.cat(parts)
+
+
+def _scaled(win: Window, s: int) -> Window:
+    return Window(win.top * s, win.left * s, win.height * s, win.width * s, win.canvas_width * s)
+
+
+def _area_in_window(area, win: Window):
+    """Intersect a 2-D cond area (h, w, y, x) in canvas latent px with a window: the pieces in window coords."""
+    if len(area) != 4:
+        raise ValueError(f"SyncDiffusion supports 2-D conditioning areas only, got area {tuple(area)}")
+    h, w, y, x = area
+    top, bottom = max(y, win.top), min(y + h, win.top + win.height)
+    if bottom <= top:
+        return []
+    found = []
+    for a, b, s in win.column_ranges():
+        left, right = max(x, a), min(x + w, b)
+        if right > left:
+            found.append((bottom - top, right - left, top - win.top, left - a + s))
+    return found
+
+
+def _is_spatial(cond_obj) -> bool:
+    return isinstance(cond_obj, comfy.conds.CONDNoiseShape)
+
+
+def _position_dependent(c: dict) -> bool:
+    return "area" in c or "mask" in c or "control" in c or any(
+        _is_spatial(v) for v in c.get("model_conds", {}).values())
+
+
+def _control_chain(control):
+    while control is not None:
+        yield control
+        control = getattr(control, "previous_controlnet", None)
+
+
+class WindowConds:
+    """ComfyUI's processed conds (for the full canvas), served cropped to each batch of windows.
+
+    After ``process_conds`` masks and spatial model conds (``c_concat``) have the canvas' size and areas are
+    in canvas latent px; every one of them is cropped to the windows (wrap-aware), and ControlNet / T2I
+    hints are set to each window's crop before each call (ComfyUI would otherwise reuse a cached hint).
+    """
+
+    def __init__(self, conds: dict, canvas_shape, n: int):
+        self.conds, self.n = conds, n
+        self.plain = not any(_position_dependent(c) for cs in conds.values() for c in cs)
+        self.has_area = any("area" in c for cs in conds.values() for c in cs)
+        self.hints = {}  # id(control) -> (control, original hint, hint at the canvas' pixel size)
+        h, w = canvas_shape
+        for cs in conds.values():
+            for c in cs:
+                for node in _control_chain(c.get("control")):
+                    orig = getattr(node, "cond_hint_original", None)
+                    if orig is None or id(node) in self.hints:
+                        continue
+                    s = int(getattr(node, "compression_ratio", 8))
+                    full = orig
+                    if tuple(orig.shape[-2:]) != (h * s, w * s):
+                        full = comfy.utils.common_upscale(
+                            orig, w * s, h * s, getattr(node, "upscale_algorithm", "nearest-exact"), "center")
+                    self.hints[id(node)] = (node, orig, full, s)
+
+    def batches(self, windows):
+        """Yield ``(rows of the window batch, conds)``; a single item when the windows can share one call."""
+        rows = slice(0, len(windows) * self.n)
+        if self.plain:
+            yield rows, self.conds
+        elif not self.has_area:
+            self._set_hints(windows)
+            yield rows, {k: [self._cond(c, windows) for c in cs] for k, cs in self.conds.items()}
+        else:  # areas differ per window: one window at a time
+            for j, w in enumerate(windows):
+                self._set_hints([w])
+                out = {}
+                for k, cs in self.conds.items():
+                    out[k] = []
+                    for c in cs:
+                        if "area" not in c:
+                            out[k].append(self._cond(c, [w]))
+                        else:  # an area that misses the window is skipped for it
+                            out[k] += [self._cond(c, [w], a) for a in _area_in_window(c["area"], w)]
+                yield slice(j * self.n, (j + 1) * self.n), out
+
+    def _cond(self, c: dict, windows, area=None) -> dict:
+        c = c.copy()
+        if area is not None:
+            c["area"] = area
+        if "mask" in c:
+            c["mask"] = _crop_stack(c["mask"], windows, self.n)
+        if "model_conds" in c:
+            c["model_conds"] = {
+                k: v._copy_with(_crop_stack(v.cond, windows, self.n)) if _is_spatial(v) else v
+                for k, v in c["model_conds"].items()
+            }
+        return c
+
+    def _set_hints(self, windows):
+        for node, _, full, s in self.hints.values():
+            node.cond_hint_original = _crop_stack(full, [_scaled(w, s) for w in windows], self.n)
+            node.cond_hint = None  # drop ComfyUI's cached, resized hint
+
+    def restore(self):
+        for node, orig, _, _ in self.hints.values():
+            node.cond_hint_original = orig
+            node.cond_hint = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients through inference-mode weights
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def trainable_copies(*modules: torch.nn.Module):
+    """Within the block, every inference-mode parameter/buffer of ``modules`` is replaced by a normal clone
+    (autograd refuses to save inference tensors for backward); the originals are put back afterwards,
+    so the models loaded in ComfyUI are left exactly as they were."""
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for module in modules:
+                for owner in module.modules():
+                    for name, p in list(owner._parameters.items()):
+                        if p is not None and p.is_inference():
+                            owner._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                            swapped.append((owner._parameters, name, p))
+                    for name, b in list(owner._buffers.items()):
+                        if b is not None and b.is_inference():
+                            owner._buffers[name] = b.clone()
+                            swapped.append((owner._buffers, name, b))
+        yield
+    finally:
+        for store, name, orig in reversed(swapped):
+            store[name] = orig
+
+
+@contextlib.contextmanager
+def gradient_section():
+    """ComfyUI switches that must be set while computing gradients, where this ComfyUI has them."""
+    mm = comfy.model_management
+    saved = []
+    if hasattr(mm, "in_training"):
+        saved.append((mm, "in_training", mm.in_training))
+        mm.in_training = True
+    try:
+        from comfy.cli_args import args as cli_args
+
+        if hasattr(cli_args, "disable_comfy_compiler"):
+            saved.append((cli_args, "disable_comfy_compiler", cli_args.disable_comfy_compiler))
+            cli_args.disable_comfy_compiler = True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def gradient_ready_patcher(model):
+    """A patcher whose weights are real module parameters (newer ComfyUI's dynamic VRAM makes them per call)."""
+    clone = model.clone
+    if "disable_dynamic" in inspect.signature(clone).parameters:
+        return clone(disable_dynamic=True)
+    return model
+
+
+def decoder_for_gradients(vae, model):
+    """``x0`` (model latent space) → image in [-1, 1] through the full VAE decoder, differentiable."""
+    first_stage = vae.first_stage_model
+    inner = model.model
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        z = inner.process_latent_out(x0).to(device=vae.device, dtype=vae.vae_dtype)
+        return first_stage.decode(z).float().clamp(-1.0, 1.0)
+
+    return decode
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PanoramaJob:
+    """Everything the windowed sampler needs besides ComfyUI's objects; validated before any model work."""
+
+    seed: int
+    steps: int
+    cfg: float
+    window_px: int  # 0 = native
+    stride_px: int
+    sync: SyncSettings
+    anchor: Anchor
+    wrap: bool = False
+    window_batch: int = 8
+
+
+def plan_for(model, latent: torch.Tensor, window_px: int, stride_px: int, wrap: bool) -> WindowPlan:
+    scale = latent_scale(model)
+    _multiple("stride", stride_px, scale)
+    if window_px:
+        _multiple("window_size", window_px, scale)
+    window = window_px // scale if window_px else native_window(model)
+    return plan_windows(latent.shape[-2], latent.shape[-1], window, stride_px // scale, wrap=wrap)
+
+
+def _multiple(name: str, value: int, scale: int) -> None:
+    if value <= 0 or value % scale:
+        raise ValueError(f"{name} must be a positive multiple of {scale} pixels, got {value}")
+
+
+class WindowedSampler(comfy.samplers.Sampler):
+    """A ComfyUI sampler object that runs the core's windowed loop; ``CFGGuider.sample`` drives it."""
+
+    def __init__(self, job: PanoramaJob, plan: WindowPlan, vae=None, loss=None):
+        self.job, self.plan, self.vae, self.loss = job, plan, vae, loss
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        guider = model_wrap
+        ms = guider.inner_model.model_sampling
+        model_options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
+        window_conds = WindowConds(guider.conds, noise.shape[-2:], noise.shape[0])
+        full_conds = guider.conds
+
+        def denoise(x, sigma, windows, step):
+            parts = []
+            for rows, conds in window_conds.batches(windows):
+                guider.conds = conds
+                parts.append(guider(x[rows], sigma[rows], model_options=model_options, seed=seed))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        def report(i, x, x0):
+            if callback is not None:
+                callback(i, x0, x, len(sigmas) - 1)
+
+        x = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise=True)
+        job = self.job
+        grad_modules = []
+        if job.sync.active:
+            comfy.model_management.load_models_gpu([guider.model_patcher, self.vae.patcher])
+            grad_modules = [guider.inner_model, self.vae.first_stage_model]
+        try:
+            with trainable_copies(*grad_modules), gradient_section():
+                x = core_sampler.sample(
+                    denoise, x.clone(), sigmas, self.plan,
+                    sync=job.sync,
+                    decode=decoder_for_gradients(self.vae, guider.model_patcher) if job.sync.active else None,
+                    loss=self.loss,
+                    anchor=job.anchor,
+                    input_scale=lambda s: float(ms.calculate_input(s.reshape(1), torch.ones(1, device=s.device))[0]),
+                    window_batch=job.window_batch,
+                    callback=report,
+                    interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                )
+        finally:
+            guider.conds = full_conds
+            window_conds.restore()
+        if _is_vp_family(ms) and float(sigmas[-1]) > 0:
+            x = ms.calculate_input(sigmas[-1], x)  # the reference's final x_VP at timestep 0
+        return x
+
+
+def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (B, C, h, w) to cover ``height`` x ``width`` keeping its aspect, then center-crop to it."""
+    h, w = image.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return image[..., top:top + height, left:left + width]
+
+
+def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, vae=None, loss=None) -> dict:
+    """Run SyncDiffusion (MultiDiffusion when sync is off) on a LATENT; returns a new LATENT dict.
+
+    Every check on the inputs happens here, before any model is loaded."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    plan = plan_for(model, latent_image, job.window_px, job.stride_px, job.wrap)
+    job.anchor.window_index(plan)  # validates an index anchor
+    if job.sync.active:
+        if vae is None:
+            raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0")
+        if job.anchor.mode == "image":
+            s = latent_scale(model)
+            fitted = fit_image(job.anchor.image, plan.window_height * s, plan.window_width * s)
+            job = dataclasses.replace(job, anchor=Anchor(mode="image", image=fitted.clamp(-1, 1)))
+        if loss is None:
+            loss = get_lpips(model.load_device)
+        model = gradient_ready_patcher(model)
+    noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
+    sigmas = reference_sigmas(model, job.steps)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(job.cfg)
+    callback = latent_preview.prepare_callback(model, job.steps)
+    sampler = WindowedSampler(job, plan, vae=vae, loss=loss)
+    samples = guider.sample(noise, latent_image, sampler, sigmas, callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=job.seed)
+    out = latent.copy()
+    out.pop("noise_mask", None)
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
 # --- perceptual (owned by metrics) ---
 # LPIPS / VGG trunk loading for the synchronization loss and the coherence metrics. The trunk files live in a
 # ``lpips`` folder of ComfyUI's models directory (``models/lpips``), registered through folder_paths so that

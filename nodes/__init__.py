@@ -1,0 +1,10 @@
+"""Thin V3 nodes: parse inputs, call the core through the bridge, return outputs.
+
+Each module lists its node classes in ``NODES``; this package gathers them in menu order.
+"""
+from . import sampler_nodes
+
+
+NODES = [
+    *sampler_nodes.NODES,
+]

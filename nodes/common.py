@@ -1,0 +1,3 @@
+"""What every node of the pack shares."""
+
+CATEGORY = "sampling/syncdiffusion"

@@ -1,0 +1,161 @@
+"""Panorama latent, the SyncDiffusion sampler, and its anchor option."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..syncdiff_core.sync import Anchor, SyncSettings
+from .common import CATEGORY
+
+log = logging.getLogger("syncdiffusion")
+
+AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
+
+MAX_PX = 32768
+
+
+def require_multiple_of_8(name: str, value: int) -> None:
+    if value <= 0 or value % 8:
+        raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {value}")
+
+
+class PanoramaLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PanoramaLatent",
+            display_name="Panorama Latent",
+            category=CATEGORY,
+            description="An empty latent canvas for a panorama, wider (or taller) than the model's native size.",
+            inputs=[
+                io.Int.Input("width", default=2048, min=64, max=MAX_PX, step=8,
+                             tooltip="Panorama width in pixels (a multiple of 8)."),
+                io.Int.Input("height", default=512, min=64, max=MAX_PX, step=8,
+                             tooltip="Panorama height in pixels (a multiple of 8)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="How many panoramas to sample at once, each from its own noise."),
+            ],
+            outputs=[io.Latent.Output(tooltip="Zeros of shape (batch, 4, height/8, width/8); the sampler adapts "
+                                              "the channel count to the model, as ComfyUI's samplers do.")],
+        )
+
+    @classmethod
+    def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
+        require_multiple_of_8("width", width)
+        require_multiple_of_8("height", height)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        samples = torch.zeros([batch_size, 4, height // 8, width // 8])
+        return io.NodeOutput({"samples": samples})
+
+
+class AnchorSelector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnchorSelector",
+            display_name="SyncDiffusion Anchor Selector",
+            category=CATEGORY,
+            description="Chooses what the other windows are synchronized toward.",
+            inputs=[
+                io.Combo.Input("mode", options=["center", "index", "reference image"], default="center",
+                               tooltip="center: the middle window (the reference code). index: the window of "
+                                       "that number in raster order (0 = top-left, the paper's algorithm). "
+                                       "reference image: pull every window toward the given image instead."),
+                io.Int.Input("index", default=0, min=0, max=4096,
+                             tooltip="Window number for mode 'index' (raster order, starting at 0)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Target look for mode 'reference image'; fitted (resized and "
+                                       "center-cropped) to the window size."),
+            ],
+            outputs=[AnchorOption.Output(display_name="anchor",
+                                         tooltip="Connect to the sampler's anchor input.")],
+        )
+
+    @classmethod
+    def execute(cls, mode: str, index: int, image: torch.Tensor | None = None) -> io.NodeOutput:
+        if mode == "reference image":
+            if image is None:
+                raise ValueError("mode 'reference image' needs an image connected to the image input")
+            if image.ndim != 4 or image.shape[-1] != 3:
+                raise ValueError(f"image must be an RGB IMAGE with 3 channels, got shape {tuple(image.shape)} "
+                                 f"({image.shape[-1]} channels); convert RGBA or grayscale to RGB first")
+            return io.NodeOutput(Anchor(mode="image", image=image.movedim(-1, 1) * 2.0 - 1.0))
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        return io.NodeOutput(Anchor(mode=mode, index=index))
+
+
+class SyncDiffusionSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SyncDiffusionSampler",
+            display_name="SyncDiffusion Sampler",
+            category=CATEGORY,
+            description="Samples a panorama from overlapping windows fused by MultiDiffusion, synchronized by "
+                        "LPIPS gradients toward an anchor window (SyncDiffusion, NeurIPS 2023). DDIM, eta 0.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, ...)."),
+                io.Conditioning.Input("positive", tooltip="What the panorama shows. Area, mask and ControlNet "
+                                                          "conditioning is cropped to each window."),
+                io.Conditioning.Input("negative", tooltip="What to avoid (classifier-free guidance)."),
+                io.Vae.Input("vae", tooltip="Decodes window predictions for the LPIPS loss during "
+                                            "synchronization (unused when sync is off)."),
+                io.Latent.Input("latent_image", tooltip="The canvas, e.g. from Panorama Latent."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed gives the same noise as KSampler."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="DDIM steps (the paper: 50)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (the paper: 7.5)."),
+                io.Int.Input("window_size", default=0, min=0, max=MAX_PX, step=8,
+                             tooltip="Window side in pixels; 0 = the model's native size "
+                                     "(512 for SD1.x/2.x, 1024 for SDXL)."),
+                io.Int.Input("stride", default=128, min=8, max=MAX_PX, step=8,
+                             tooltip="Distance between neighbouring windows in pixels (a multiple of 8, at most "
+                                     "the window size). Smaller = more windows, smoother, slower. Paper: 128."),
+                io.Float.Input("sync_weight", default=20.0, min=0.0, max=10000.0, step=0.5,
+                               tooltip="Gradient step size w of the LPIPS synchronization; 0 = plain "
+                                       "MultiDiffusion. Paper: 20."),
+                io.Float.Input("sync_decay", default=0.95, min=0.01, max=1.0, step=0.01,
+                               tooltip="The weight at step i is sync_weight * sync_decay^i. Paper: 0.95."),
+                io.Int.Input("sync_steps", default=10, min=0, max=10000,
+                             tooltip="Synchronize during the first this many steps; 0 = off. Values above "
+                                     "steps are clamped to steps. Paper: 10."),
+                io.Int.Input("sync_every", default=1, min=1, max=10000,
+                             tooltip="Synchronize on every n-th step of those (1 = every step)."),
+                io.Boolean.Input("wrap", default=False,
+                                 tooltip="Close the loop horizontally for 360° panoramas: windows continue "
+                                         "across the right/left border. The width must be a multiple of the "
+                                         "stride and at least two windows."),
+                io.Int.Input("window_batch", default=8, min=1, max=256,
+                             tooltip="Windows sent through the model together; lower it if you run out of "
+                                     "memory. Results do not depend on it."),
+                AnchorOption.Input("anchor", optional=True,
+                                   tooltip="What windows synchronize toward (SyncDiffusion Anchor node); "
+                                           "default: the center window."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The sampled panorama latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
+                sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch, anchor=None) -> io.NodeOutput:
+        from ..syncdiff_core import comfy_bridge
+
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if sync_steps > steps:
+            log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps", sync_steps, steps, steps)
+            sync_steps = steps
+        sync = SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every)
+        job = comfy_bridge.PanoramaJob(
+            seed=seed, steps=steps, cfg=cfg, window_px=window_size, stride_px=stride, sync=sync,
+            anchor=anchor if anchor is not None else Anchor(), wrap=wrap, window_batch=window_batch,
+        )
+        return io.NodeOutput(comfy_bridge.sample_panorama(model, positive, negative, latent_image, job, vae=vae))
+
+
+NODES = [PanoramaLatent, SyncDiffusionSampler, AnchorSelector]
