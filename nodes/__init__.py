@@ -3,8 +3,10 @@
 Each module lists its node classes in ``NODES``; this package gathers them in menu order.
 """
 from . import sampler_nodes
+from . import metric_nodes
 
 
 NODES = [
     *sampler_nodes.NODES,
+    *metric_nodes.NODES,
 ]
