@@ -2,11 +2,14 @@
 
 Each module lists its node classes in ``NODES``; this package gathers them in menu order.
 """
-from . import sampler_nodes
+from . import layout_nodes, sampler_nodes
 from . import metric_nodes
+from . import decode_nodes
 
 
 NODES = [
     *sampler_nodes.NODES,
+    *layout_nodes.NODES,
     *metric_nodes.NODES,
+    *decode_nodes.NODES,
 ]

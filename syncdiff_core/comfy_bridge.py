@@ -21,6 +21,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from . import regions as core_regions
 from . import sampler as core_sampler
 from .sync import Anchor, SyncSettings
 from .windows import Window, WindowPlan, crop, plan_windows
@@ -163,6 +164,17 @@ class WindowConds:
                             out[k] += [self._cond(c, [w], a) for a in _area_in_window(c["area"], w)]
                 yield slice(j * self.n, (j + 1) * self.n), out
 
+    def region_calls(self, windows):
+        """For bootstrapping steps: one call per positive cond (each its own prompt, its mask removed and
+        returned as the fusion weight), sharing the cropped negatives. Yields ``(conds, mask, region spec)``."""
+        self._set_hints(windows)
+        negatives = {k: [self._cond(c, windows) for c in cs] for k, cs in self.conds.items() if k != "positive"}
+        for c in self.conds["positive"]:
+            cc = self._cond(c, windows)
+            mask = cc.pop("mask", None)
+            yield {"positive": [cc], **negatives}, None if mask is None else mask.unsqueeze(1), \
+                c.get(core_regions.REGION_KEY)
+
     def _cond(self, c: dict, windows, area=None) -> dict:
         c = c.copy()
         if area is not None:
@@ -295,8 +307,9 @@ def _multiple(name: str, value: int, scale: int) -> None:
 class WindowedSampler(comfy.samplers.Sampler):
     """A ComfyUI sampler object that runs the core's windowed loop; ``CFGGuider.sample`` drives it."""
 
-    def __init__(self, job: PanoramaJob, plan: WindowPlan, vae=None, loss=None):
+    def __init__(self, job: PanoramaJob, plan: WindowPlan, vae=None, loss=None, bootstrap=None):
         self.job, self.plan, self.vae, self.loss = job, plan, vae, loss
+        self.bootstrap = bootstrap  # Bootstrap backgrounds for layout regions, or None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -307,6 +320,9 @@ class WindowedSampler(comfy.samplers.Sampler):
         full_conds = guider.conds
 
         def denoise(x, sigma, windows, step):
+            if self.bootstrap is not None and self.bootstrap.active(step, self.job.steps):
+                return self.bootstrap.denoise(guider, window_conds, x, sigma, windows, step, self.job.steps,
+                                              model_options, seed)
             parts = []
             for rows, conds in window_conds.batches(windows):
                 guider.conds = conds
@@ -344,6 +360,79 @@ class WindowedSampler(comfy.samplers.Sampler):
         return x
 
 
+# --------------------------------------------------------------------------------------------------
+# Layout-guided generation
+# --------------------------------------------------------------------------------------------------
+
+def prepare_layout(positive: list, latent: torch.Tensor) -> tuple[list, list]:
+    """Resolve LayoutMaskRegion conds before sampling: their masks at latent size (binarized unless soft),
+    empty ones dropped, and the background prompt(s) given the mask ``clip(1 - Σ m_fg, 0)``.
+
+    Returns the new positive conditioning and the region specs of the kept foreground regions."""
+    regions = [i for i, (_, d) in enumerate(positive) if core_regions.REGION_KEY in d]
+    if not regions:
+        return positive, []
+    n, (h, w) = latent.shape[0], latent.shape[-2:]
+    masks = []
+    for k, i in enumerate(regions):
+        spec = positive[i][1][core_regions.REGION_KEY]
+        masks.append(core_regions.mask_to_canvas(positive[i][1]["mask"], h, w, spec.soft, f"region {k + 1}'s mask"))
+    backgrounds = [i for i, (_, d) in enumerate(positive) if i not in regions and "mask" not in d and "area" not in d]
+    keep, bg_mask = core_regions.layout_masks(masks, n, has_background=bool(backgrounds))
+    out, specs = [], []
+    for i, (emb, d) in enumerate(positive):
+        if i in regions:
+            k = regions.index(i)
+            if k not in keep:
+                continue
+            d = {**d, "mask": masks[k], "set_area_to_bounds": False, "mask_strength": 1.0}
+            specs.append(d[core_regions.REGION_KEY])
+        elif i in backgrounds:
+            d = {**d, "mask": bg_mask, "set_area_to_bounds": False, "mask_strength": 1.0}
+        elif any(bool(positive[r][1][core_regions.REGION_KEY].bootstrap_fraction) for r in regions) and "area" in d:
+            raise ValueError("area conditioning (ConditioningSetArea) cannot be combined with bootstrapping "
+                             "layout regions; set the regions' bootstrap_fraction to 0 or use masks")
+        out.append([emb, d])
+    return out, specs
+
+
+class Bootstrap:
+    """MultiDiffusion's bootstrapping: during a foreground region's first steps, its input outside its mask
+    is a noised latent of a random flat-colour image. The colour latents are VAE-encoded once per run."""
+
+    def __init__(self, model, vae, specs, plan: WindowPlan, n: int, seed: int, count: int = 8):
+        g = torch.Generator().manual_seed(seed + 1)
+        s = latent_scale(model)
+        images = core_regions.flat_colour_images(count, plan.window_height * s, plan.window_width * s, g)
+        self.latents = model.model.process_latent_in(vae.encode(images)).to(torch.float32)
+        self.noise = torch.randn((n, self.latents.shape[1], plan.canvas_height, plan.canvas_width), generator=g)
+        self.longest = max(spec.bootstrap_fraction for spec in specs)
+        self.generator = torch.Generator().manual_seed(seed + 2)
+        self.n = n
+
+    def active(self, step: int, steps: int) -> bool:
+        return step < int(round(self.longest * steps))
+
+    def denoise(self, guider, window_conds, x, sigma, windows, step, steps, model_options, seed):
+        """Per-region predictions (bootstrapped inputs for foreground regions still bootstrapping), fused with
+        the regions' masks as weights."""
+        pick = torch.randint(len(self.latents), (x.shape[0],), generator=self.generator)
+        sig = sigma.reshape(-1, 1, 1, 1)
+        background = self.latents[pick].to(x) + sig * _crop_stack(self.noise, windows, self.n).to(x)
+        total = torch.zeros_like(x)
+        weight = torch.zeros_like(x[:, :1])
+        for conds, mask, spec in window_conds.region_calls(windows):
+            inp = x
+            if mask is not None and spec is not None and step < spec.bootstrap_steps(steps):
+                inp = core_regions.bootstrap_input(x, mask, background)
+            guider.conds = conds
+            x0 = guider(inp, sigma, model_options=model_options, seed=seed)
+            m = torch.ones_like(weight) if mask is None else mask.to(x)
+            total = total + m * x0
+            weight = weight + m
+        return total / weight.clamp_min(1e-8)
+
+
 def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize (B, C, h, w) to cover ``height`` x ``width`` keeping its aspect, then center-crop to it."""
     h, w = image.shape[-2:]
@@ -361,6 +450,10 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     plan = plan_for(model, latent_image, job.window_px, job.stride_px, job.wrap)
     job.anchor.window_index(plan)  # validates an index anchor
+    positive, region_specs = prepare_layout(positive, latent_image)
+    bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
+    if bootstrapping and vae is None:
+        raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")
     if job.sync.active:
         if vae is None:
             raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0")
@@ -377,7 +470,8 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     guider.set_conds(positive, negative)
     guider.set_cfg(job.cfg)
     callback = latent_preview.prepare_callback(model, job.steps)
-    sampler = WindowedSampler(job, plan, vae=vae, loss=loss)
+    bootstrap = Bootstrap(model, vae, region_specs, plan, latent_image.shape[0], job.seed) if bootstrapping else None
+    sampler = WindowedSampler(job, plan, vae=vae, loss=loss, bootstrap=bootstrap)
     samples = guider.sample(noise, latent_image, sampler, sigmas, callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=job.seed)
     out = latent.copy()
@@ -439,3 +533,58 @@ def get_style_features(device=None):
 
 
 _register_lpips_folder()
+
+
+# --- panorama decode (owned by decode) ---
+# A seam-free VAE decode of 360° panoramas: the latent is padded circularly in width (or decoded in tiles that
+# take their context around the loop) through ComfyUI's public ``VAE.decode``; see syncdiff_core/panorama_decode.py.
+
+def vae_spatial_scale(vae) -> int:
+    """Pixels per latent pixel of the VAE's decoder (8 for SD1.x/2.x/SDXL, 16 or 32 for some newer VAEs)."""
+    if hasattr(vae, "spacial_compression_decode"):
+        return int(vae.spacial_compression_decode())
+    ratio = getattr(vae, "upscale_ratio", 8)
+    return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
+
+
+def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padding: int = 16,
+                          tile_width_px: int = 0, tile_overlap_px: int = 0) -> torch.Tensor:
+    """Decode a LATENT's ``samples`` (B, C, H, W) to an IMAGE (B, H·s, W·s, 3) in [0, 1], s = the VAE's scale.
+
+    ``wrap``: circular context in width so the left and right edges meet (360° panoramas). ``padding``: latent px
+    of that context on each side (of the canvas, or of each tile). ``tile_width_px`` (0 = whole canvas at once) and
+    ``tile_overlap_px`` are in pixels; they are rounded to whole latent px (the width down, the overlap up).
+    """
+    from .panorama_decode import decode_panorama, plan_tiles
+
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    if getattr(samples, "is_nested", False):
+        raise ValueError("PanoramaDecode does not support nested latents (several images in one latent)")
+    if samples.ndim not in (4, 5):
+        raise ValueError(f"PanoramaDecode needs an image latent (batch, channels, height, width), got shape "
+                         f"{tuple(samples.shape)}")
+    scale = vae_spatial_scale(vae)
+    tile = tile_width_px // scale if tile_width_px > 0 else 0
+    overlap = -(-tile_overlap_px // scale) if tile else 0
+    if tile_width_px > 0 and tile == 0:
+        raise ValueError(f"tile_width ({tile_width_px} px) is smaller than one latent pixel of this VAE "
+                         f"({scale} px); use 0 for no tiling or at least {scale * 2} px")
+    if tile and overlap >= tile:
+        raise ValueError(f"tile_overlap ({tile_overlap_px} px = {overlap} latent px) must be smaller than tile_width "
+                         f"({tile_width_px} px = {tile} latent px at this VAE's scale of {scale})")
+    total = len(plan_tiles(samples.shape[-1], tile, overlap, padding, wrap))
+    pbar = comfy.utils.ProgressBar(total)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z)  # (B, H, W, C) or (B, T, H, W, C) in [0, 1] on ComfyUI's intermediate device
+
+    with torch.no_grad():
+        image = decode_panorama(
+            decode, samples, scale, wrap=wrap, padding=padding, tile_width=tile, tile_overlap=overlap,
+            width_dim=-2, progress=lambda done, n: pbar.update_absolute(done, n),
+            interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        )
+    if image.ndim == 5:  # video VAEs: frames become images, as ComfyUI's VAEDecode does
+        image = image.reshape(-1, *image.shape[-3:])
+    return image.clamp(0.0, 1.0)
