@@ -1,0 +1,151 @@
+"""Test harness: this pack inside a real, headless ComfyUI, with tiny random-weight models.
+
+The fixtures in ``conftest.py`` are thin wrappers around what is here; tests may also import this module
+directly (``import comfy_harness as h``; ``tests/`` is on ``sys.path`` under pytest).
+
+Graph tests
+-----------
+``run_prompt(prompt)`` (fixture, or ``runtime().run_prompt``) validates an API-format prompt with
+``execution.validate_prompt`` and executes it with ComfyUI's ``execution.PromptExecutor``; it returns a
+``comfy_headless.PromptResult`` (``result["3"]`` = that node's outputs as a tuple, ``result.ui``,
+``result.image_files()``, ``result.progress``, ``result.messages``, ``result.interrupted``). A failing node
+raises ``PromptExecutionError`` (``.exception_type == "ValueError"``, ``.exception_message``,
+``.node_id``); an invalid prompt raises ``PromptValidationError``. A prompt with no output node gets a
+test sink attached to its leaf nodes, so ``run_prompt({"1": {...PanoramaLatent...}})["1"][0]`` is the
+LATENT.
+
+Feeding in-memory objects into a graph: ``object_node(value, "VAE")`` returns a node dict
+(``{"class_type": "SyncDiffTest_VAE", "inputs": {"key": ...}}``) whose single output is ``value``. Types:
+any ComfyUI type name (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, CONTROL_NET, ...). The graph
+can equally load the tiny checkpoint by name: ``CheckpointLoaderSimple`` with ``ckpt_name =
+tiny.ckpt_name``; that is the path users take and the one that creates weights under inference mode.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+import comfy_headless  # noqa: E402
+from comfy_headless import (PromptExecutionError, PromptResult, PromptValidationError,  # noqa: E402,F401
+                            ComfyRuntime)
+
+OBJECTS: dict[str, object] = {}
+_KEYS = itertools.count()
+OBJECT_NODE_PREFIX = "SyncDiffTest_"
+
+DEFAULT_PROMPT = "a wide mountain panorama at sunrise, lake, pine forest"
+SEED = 1234
+
+
+def runtime() -> ComfyRuntime:
+    """The started runtime (ComfyUI + this pack + the test helper nodes)."""
+    rt = comfy_headless.start()
+    _ensure_object_node(rt, "LATENT")
+    return rt
+
+
+def _ensure_object_node(rt: ComfyRuntime, io_type: str) -> str:
+    name = OBJECT_NODE_PREFIX + io_type
+    if name in rt.nodes.NODE_CLASS_MAPPINGS:
+        return name
+
+    class ObjectNode:
+        """Test-only: outputs an in-memory object stored in comfy_harness.OBJECTS under ``key``."""
+        CATEGORY = "_for_testing/syncdiffusion"
+        RETURN_TYPES = (io_type,)
+        FUNCTION = "get"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"key": ("STRING", {"default": ""})}}
+
+        @classmethod
+        def VALIDATE_INPUTS(cls, key):
+            return True if key in OBJECTS else f"no test object stored under key {key!r}"
+
+        def get(self, key):
+            return (OBJECTS[key],)
+
+    ObjectNode.__name__ = name
+    rt.register_nodes({name: ObjectNode}, {name: f"Test object ({io_type})"})
+    return name
+
+
+def object_node(value, io_type: str) -> dict:
+    """A prompt node whose only output (slot 0) is ``value``, declared as ComfyUI type ``io_type``."""
+    rt = runtime()
+    name = _ensure_object_node(rt, io_type)
+    key = f"obj{next(_KEYS)}"
+    OBJECTS[key] = value
+    return {"class_type": name, "inputs": {"key": key}}
+
+
+def run_prompt(prompt: dict, **kw) -> PromptResult:
+    return runtime().run_prompt(prompt, **kw)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+def tiny_models(family: str, seed: int = SEED, with_clip: bool | None = None, ckpt_name: str | None = None):
+    """Write a tiny checkpoint of ``family`` into ComfyUI's checkpoints folder (once per name) and load it
+    the way a graph does: ``CheckpointLoaderSimple.load_checkpoint`` under ``torch.inference_mode()``.
+    Returns ``tiny_models.TinyModels`` with conditioning: encoded by the checkpoint's CLIP when present
+    (positive = DEFAULT_PROMPT, negative = ""), else ``make_conditioning`` tensors."""
+    import tiny_models as tm
+    rt = runtime()
+    ckpt_name = ckpt_name or f"tiny_{family}.safetensors"
+    path = rt.model_folder("checkpoints") / ckpt_name
+    if not path.exists():
+        tm.write_checkpoint(path, family=family, seed=seed, with_clip=with_clip)
+    loader = rt.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
+    with torch.inference_mode():
+        model, clip, vae = loader.load_checkpoint(ckpt_name)[:3]
+        if clip is not None:
+            positive = _encode(clip, DEFAULT_PROMPT)
+            negative = _encode(clip, "")
+        else:
+            positive = tm.make_conditioning(family, seed=seed + 10)
+            negative = tm.make_conditioning(family, seed=seed + 11)
+    return tm.TinyModels(family=family, ckpt_name=ckpt_name, ckpt_path=path, model=model, clip=clip, vae=vae,
+                         positive=positive, negative=negative)
+
+
+def _encode(clip, text: str) -> list:
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def link_checkpoint(existing: Path, name: str) -> str:
+    """Make ``existing`` available under ``name`` in the checkpoints folder (for workflows that name a
+    checkpoint file: they get the tiny model under their own name). Returns ``name``."""
+    folder = runtime().model_folder("checkpoints")
+    target = folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(existing)
+    return name
+
+
+def write_random_lpips_trunk(seed: int = SEED) -> Path:
+    """A random VGG16 trunk (torchvision key names, ``features.*`` only) in ComfyUI's ``models/lpips``,
+    where the pack looks first, so synchronization runs offline in tests. Random weights: the loss is
+    meaningless as a perception measure but has the real architecture, shapes and gradients."""
+    from safetensors.torch import save_file
+    rt = runtime()
+    folder = rt.models_dir / "lpips"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "vgg16-random-test.safetensors"
+    if not path.exists():
+        from syncdiff_core import perceptual  # plain torch; nothing ComfyUI
+        torch.manual_seed(seed)
+        feats = perceptual.vgg_features("vgg16")
+        sd = {f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}
+        save_file(sd, str(path))
+    return path

@@ -1,0 +1,109 @@
+"""pytest setup: ComfyUI (``$COMFYUI_PATH`` or ``.comfyui/ComfyUI``) in --cpu mode with a temp base
+directory, this pack loaded through ``nodes.load_custom_node``, and tiny random-weight models.
+
+Fixtures (see ``comfy_harness.py`` for the helpers behind them):
+
+=====================  =========  ===============================================================
+``comfy``              session    ``ComfyRuntime``: ``.nodes`` (ComfyUI's nodes module), ``.execution``,
+                                  ``.folder_paths``, ``.pack_node_ids``, ``.models_dir``, ``.output_dir``,
+                                  ``.run_prompt(prompt)``, ``.model_folder(kind)``
+``run_prompt``         session    ``run_prompt(prompt, *, raise_on_error=True, interrupt_after_progress=None,
+                                  on_progress=None) -> PromptResult`` (validate + PromptExecutor)
+``object_node``        session    ``object_node(value, "VAE") -> node dict`` to feed in-memory objects
+``tiny_sd15``          session    ``TinyModels``: ``.model`` ``.clip`` ``.vae`` ``.positive`` ``.negative``
+                                  ``.ckpt_name`` ``.ckpt_path`` ``.family`` -- SD1.x, one-level UNet
+                                  (25.8M), full-size random CLIP-L, TAESD VAE; loaded with
+                                  CheckpointLoaderSimple under inference mode, like a graph does
+``tiny_sd20``          session    same for SD2.x (context 1024, linear projections); no text encoder
+                                  (``.clip is None``), conditioning from random tensors
+``tiny_kl_vae``        session    a small KL VAE (SD's VAE architecture, 32 channels) as comfy.sd.VAE
+``lpips_trunk``        session    path of a random VGG16 trunk in ``models/lpips`` (sync runs offline)
+=====================  =========  ===============================================================
+
+Seeds are fixed (``comfy_harness.SEED``), so every run builds bit-identical weights.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+for p in (str(ROOT / "scripts"), str(TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import comfy_headless  # noqa: E402
+
+_BASE: dict = {}
+
+
+def pytest_configure(config):
+    # As early as possible: ComfyUI first on sys.path (so `nodes` is ComfyUI's nodes.py, not this repo's
+    # nodes/ folder), --cpu, and a throw-away base directory, before anything imports comfy.
+    base = Path(tempfile.mkdtemp(prefix="syncdiff-tests-"))
+    _BASE["dir"] = base
+    try:
+        comfy_headless.bootstrap(base)
+    except RuntimeError as e:  # no ComfyUI: core unit tests still run; ComfyUI fixtures will error
+        _BASE["error"] = str(e)
+
+
+def pytest_unconfigure(config):
+    base = _BASE.get("dir")
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_report_header(config):
+    try:
+        return f"ComfyUI: {comfy_headless.comfyui_path()}  base dir: {_BASE.get('dir')}"
+    except RuntimeError as e:
+        return f"ComfyUI: not available ({e})"
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    if "error" in _BASE:
+        pytest.fail(_BASE["error"])
+    import comfy_harness
+    return comfy_harness.runtime()
+
+
+@pytest.fixture(scope="session")
+def run_prompt(comfy):
+    return comfy.run_prompt
+
+
+@pytest.fixture(scope="session")
+def object_node(comfy):
+    import comfy_harness
+    return comfy_harness.object_node
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(comfy):
+    import comfy_harness
+    return comfy_harness.tiny_models("sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd20(comfy):
+    import comfy_harness
+    return comfy_harness.tiny_models("sd20")
+
+
+@pytest.fixture(scope="session")
+def tiny_kl_vae(comfy):
+    import tiny_models
+    return tiny_models.build_kl_vae(seed=7)
+
+
+@pytest.fixture(scope="session")
+def lpips_trunk(comfy):
+    import comfy_harness
+    return comfy_harness.write_random_lpips_trunk()
