@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-DEFAULT_PADDING = 8
+DEFAULT_PADDING = 16
 """Latent px of circular context on each side; see docs/panorama.md for the measurement behind it."""
 
 
