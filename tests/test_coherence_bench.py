@@ -16,6 +16,15 @@ if str(ROOT) not in sys.path:
 from bench import coherence as C  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def float32_default():
+    """These tests assume torch's default dtype, whatever another test module left set."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
 def _brute_force_posterior_mean(x: np.ndarray, sigma: float, data: np.ndarray) -> np.ndarray:
     """E[y | x] for y uniform over ``data`` and x = y + sigma * eps, one term at a time."""
     log_lik = [-float(((x - y) ** 2).sum()) / (2 * sigma**2) for y in data]

@@ -1,70 +1,34 @@
-"""PanoramaCoherence, with ComfyUI imported (CPU): schema, results, bad input, and trunk loading through the
-registered ``models/lpips`` folder."""
+"""PanoramaCoherence inside the headless ComfyUI of the harness (conftest.py): schema, results through a real
+graph, bad input, and trunk loading through the registered ``models/lpips`` folder."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFY = ROOT / ".comfyui" / "ComfyUI"
-PACK = "syncdiffusion_pack_metrics_test"
 
-
-def _import_pack():
-    if not COMFY.is_dir():
-        pytest.skip("ComfyUI runtime not installed (.comfyui/ComfyUI)")
-    if str(COMFY) not in sys.path:
-        sys.path.insert(0, str(COMFY))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.metric_nodes")
+@pytest.fixture(scope="module")
+def mn(comfy):
+    """The pack's metric_nodes module, as ComfyUI loaded it."""
+    return sys.modules[f"{comfy.pack_module.__name__}.nodes.metric_nodes"]
 
 
 @pytest.fixture(scope="module")
-def mn():
-    return _import_pack()
-
-
-@pytest.fixture
-def lpips_folder(mn, tmp_path, monkeypatch):
-    """A folder registered under ComfyUI's ``lpips`` name holding random VGG16/VGG19 trunks; no hub cache,
-    no network."""
-    import folder_paths
+def trunks(comfy, lpips_trunk, mn):
+    """The harness's random VGG16 in models/lpips, plus a random VGG19 written next to it."""
+    from safetensors.torch import save_file
 
     P = mn.perceptual
-    folder = tmp_path / "lpips"
-    folder.mkdir()
-    for name, seed in (("vgg16", 0), ("vgg19", 1)):
-        torch.manual_seed(seed)
-        sd = {f"features.{k}": v for k, v in P.vgg_features(name).state_dict().items()}
-        torch.save(sd, folder / P.TRUNKS[name].file_name)
-
-    def offline(*args, **kwargs):
-        raise OSError("offline (simulated)")
-
-    monkeypatch.setattr(P, "_download", offline)
-    old_hub = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    mn.comfy_bridge.lpips_search_paths()  # registers the default folder
-    folder_paths.add_model_folder_path("lpips", str(folder))
-    P.clear_cache()
-    yield folder
-    folder_paths.folder_names_and_paths["lpips"][0].remove(str(folder))
-    torch.hub.set_dir(old_hub)
-    P.clear_cache()
+    path = lpips_trunk.parent / "vgg19-random-test.safetensors"
+    if not path.exists():
+        state = torch.random.get_rng_state()
+        torch.manual_seed(5)
+        with torch.device("cpu"):
+            feats = P.vgg_features("vgg19").float()
+        torch.random.set_rng_state(state)
+        save_file({f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}, str(path))
+    return lpips_trunk, path
 
 
 def _image(crops: list[torch.Tensor]) -> torch.Tensor:
@@ -72,36 +36,44 @@ def _image(crops: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(crops, dim=-1).movedim(0, -1)[None].contiguous()
 
 
-def test_schema_is_complete_with_tooltips_and_registered(mn):
+def _crops(seed: int, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 32, 32, generator=g, dtype=torch.float32) for _ in range(n)]
+
+
+def _coherence(run_prompt, object_node, image, window_size):
+    prompt = {"1": object_node(image, "IMAGE"),
+              "2": {"class_type": "PanoramaCoherence", "inputs": {"image": ["1", 0], "window_size": window_size}}}
+    return run_prompt(prompt)
+
+
+def test_schema_is_complete_with_tooltips_and_registered(comfy, mn):
     from comfy_api.latest import io
 
     schema = mn.PanoramaCoherence.define_schema()
-    assert schema.node_id == "PanoramaCoherence"
-    assert schema.category == importlib.import_module(f"{PACK}.nodes.common").CATEGORY
+    assert schema.node_id == "PanoramaCoherence" and "PanoramaCoherence" in comfy.pack_node_ids
+    assert schema.category == mn.CATEGORY == "sampling/syncdiffusion"
     assert [i.id for i in schema.inputs] == ["image", "window_size"]
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert [type(o) for o in schema.outputs] == [io.Float.Output, io.Float.Output, io.String.Output]
     assert schema.inputs[1].default == 512
-    nodes_pkg = importlib.import_module(f"{PACK}.nodes")
-    assert mn.PanoramaCoherence in nodes_pkg.NODES
 
 
-def test_repeated_crop_scores_zero_and_different_crops_score_higher(mn, lpips_folder):
-    g = torch.Generator().manual_seed(3)
-    crop = torch.rand(3, 32, 32, generator=g, dtype=torch.float32)
-    same = mn.PanoramaCoherence.execute(image=_image([crop] * 3), window_size=32)
-    lp0, st0, text = same.result
+def test_graph_repeated_crop_scores_zero_and_different_crops_score_higher(run_prompt, object_node, trunks):
+    (crop,) = _crops(3, 1)
+    same = _coherence(run_prompt, object_node, _image([crop] * 3), 32)["2"]
+    lp0, st0, text = same
     assert isinstance(lp0, float) and isinstance(st0, float) and isinstance(text, str)
     assert lp0 == pytest.approx(0, abs=1e-7) and st0 == pytest.approx(0, abs=1e-12)
-    assert "3 crops" in text and "3 pairs" in text and "vgg16-397923af.pth" in text
-    other = [torch.rand(3, 32, 32, generator=g, dtype=torch.float32) for _ in range(3)]
-    diff = mn.PanoramaCoherence.execute(image=_image(other), window_size=32)
-    lp1, st1, _ = diff.result
+    assert "3 crops" in text and "3 pairs" in text
+    assert trunks[0].name in text and trunks[1].name in text  # loaded from models/lpips
+    other = _crops(4, 3)
+    lp1, st1, _ = _coherence(run_prompt, object_node, _image(other), 32)["2"]
     assert lp1 > 1e-3 and st1 > 0
     # a batch of both: per-image numbers in the text, outputs their mean
-    both = mn.PanoramaCoherence.execute(image=torch.cat([_image([crop] * 3), _image(other)]), window_size=32)
-    assert both.result[0] == pytest.approx((lp0 + lp1) / 2, rel=1e-5)
-    assert "image 1" in both.result[2]
+    lp2, _, text2 = _coherence(run_prompt, object_node, torch.cat([_image([crop] * 3), _image(other)]), 32)["2"]
+    assert lp2 == pytest.approx((lp0 + lp1) / 2, rel=1e-5)
+    assert "image 1" in text2
 
 
 def test_an_image_smaller_than_two_windows_is_refused_before_loading(mn, monkeypatch):
@@ -114,19 +86,34 @@ def test_an_image_smaller_than_two_windows_is_refused_before_loading(mn, monkeyp
     assert "1024x512" in str(info.value) and "window_size" in str(info.value)
 
 
-def test_missing_trunk_names_the_file_and_the_models_lpips_folder(mn, tmp_path, monkeypatch):
-    import folder_paths
+def test_graph_error_for_a_small_image_names_the_input(run_prompt, object_node):
+    from comfy_headless import PromptExecutionError
 
+    with pytest.raises(PromptExecutionError) as info:
+        _coherence(run_prompt, object_node, torch.rand(1, 32, 40, 3), 32)
+    assert info.value.exception_type == "ValueError" and "image" in info.value.exception_message
+
+
+def test_missing_trunk_names_the_file_and_the_models_lpips_folder(comfy, mn, tmp_path, monkeypatch):
     P = mn.perceptual
+    fp = comfy.folder_paths
+    empty_models = tmp_path / "models"
+    monkeypatch.setattr(fp, "models_dir", str(empty_models))
+    monkeypatch.setitem(fp.folder_names_and_paths, "lpips", ([str(empty_models / "lpips")], {".pth"}))
     monkeypatch.setattr(P, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline (simulated)")))
     old_hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
-    P.clear_cache()
     try:
         with pytest.raises(FileNotFoundError) as info:
             mn.PanoramaCoherence.execute(image=torch.rand(1, 32, 64, 3), window_size=32)
     finally:
         torch.hub.set_dir(old_hub)
     msg = str(info.value)
-    assert "vgg16-397923af.pth" in msg
-    assert os.path.join(folder_paths.models_dir, "lpips") in msg
+    assert "vgg16-397923af.pth" in msg and str(empty_models / "lpips") in msg and "offline (simulated)" in msg
+
+
+def test_lpips_search_paths_include_models_lpips(comfy, mn):
+    import os
+
+    paths = mn.comfy_bridge.lpips_search_paths()
+    assert paths[0] == os.path.join(comfy.folder_paths.models_dir, "lpips")

@@ -28,18 +28,23 @@ def trunks(tmp_path_factory):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("trunks")
-    torch.manual_seed(0)
-    vgg16 = torchvision.models.vgg16()
     pth_dir, st_dir = root / "pth", root / "safetensors"
     pth_dir.mkdir()
     st_dir.mkdir()
-    torch.save(vgg16.state_dict(), pth_dir / V16)
-    f16 = {k: v.clone() for k, v in vgg16.state_dict().items() if k.startswith("features.")}
-    save_file(f16, str(st_dir / "vgg16.safetensors"))
-    vgg16.classifier = None  # keep only what the LPIPS reference below needs
-    torch.manual_seed(1)
-    vgg19 = torchvision.models.vgg19()
-    torch.save({k: v for k, v in vgg19.state_dict().items() if k.startswith("features.")}, pth_dir / V19)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # whatever another test module left set
+    try:
+        torch.manual_seed(0)
+        vgg16 = torchvision.models.vgg16()
+        torch.save(vgg16.state_dict(), pth_dir / V16)
+        f16 = {k: v.clone() for k, v in vgg16.state_dict().items() if k.startswith("features.")}
+        save_file(f16, str(st_dir / "vgg16.safetensors"))
+        vgg16.classifier = None  # keep only what the LPIPS reference below needs
+        torch.manual_seed(1)
+        vgg19 = torchvision.models.vgg19()
+        torch.save({k: v for k, v in vgg19.state_dict().items() if k.startswith("features.")}, pth_dir / V19)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return {"pth": pth_dir, "st": st_dir, "f16": f16, "vgg16": vgg16.eval(), "vgg19_features": vgg19.features.eval()}
 
 
@@ -53,12 +58,15 @@ def isolated(tmp_path, monkeypatch):
         raise OSError("network is unreachable (simulated)")
 
     monkeypatch.setattr(P, "_download", offline)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     P.clear_cache()
     yield tried
     P.clear_cache()
     torch.hub.set_dir(old)
+    torch.set_default_dtype(default_dtype)
 
 
 def _trunk_weight(loss: P.LPIPSLoss) -> torch.Tensor:
