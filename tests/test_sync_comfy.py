@@ -1,0 +1,252 @@
+"""SyncDiffusion through the real ComfyUI path on the tiny model: the gradient step, the schedule, the seed,
+unaltered models, Cancel, and bad input.
+
+The expected values are computed here independently of the pack: the UNet and the VAE decoder are called
+with cloned weights through ``torch.func.functional_call``, the CFG and DDIM arithmetic is written out.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+H, W, WIN, STRIDE = 8, 24, 8, 4  # latent px: 64x192 px canvas, 64 px windows, 32 px stride -> 5 windows
+CFG = 5.0
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    name = comfy.pack_module.__name__
+    return {m: importlib.import_module(f"{name}.{m}") for m in
+            ("syncdiff_core.comfy_bridge", "syncdiff_core.sync", "syncdiff_core.windows", "nodes.sampler_nodes")}
+
+
+@pytest.fixture(scope="module")
+def lpips(comfy, lpips_trunk, pack):
+    return pack["syncdiff_core.comfy_bridge"].get_lpips(torch.device("cpu"))
+
+
+def job(pack, **kw):
+    sync = pack["syncdiff_core.sync"]
+    args = dict(seed=3, steps=2, cfg=CFG, window_px=WIN * 8, stride_px=STRIDE * 8,
+                sync=sync.SyncSettings(weight=kw.pop("w", 0.0), decay=kw.pop("decay", 0.95),
+                                       steps=kw.pop("sync_steps", 10), every=1),
+                anchor=kw.pop("anchor", sync.Anchor()), window_batch=kw.pop("window_batch", 8))
+    args.update(kw)
+    return pack["syncdiff_core.comfy_bridge"].PanoramaJob(**args)
+
+
+def run(pack, tiny, vae, j, loss=None, width=W):
+    latent = {"samples": torch.zeros(1, 4, H, width)}
+    with torch.inference_mode():
+        return pack["syncdiff_core.comfy_bridge"].sample_panorama(
+            tiny.model, tiny.positive, tiny.negative, latent, j, vae=vae, loss=loss)["samples"]
+
+
+class Independent:
+    """The tiny model's guided x0 and the VAE decode, computed without the pack's code."""
+
+    def __init__(self, tiny, vae):
+        inner = tiny.model.model
+        self.ms = inner.model_sampling
+        self.unet = inner.diffusion_model
+        self.unet_params = {k: v.clone() for k, v in self.unet.state_dict().items()}
+        self.dec = vae.first_stage_model
+        self.dec_params = {k: v.clone() for k, v in self.dec.state_dict().items()}
+        self.scale = inner.latent_format.scale_factor
+        self.cond, self.uncond = tiny.positive[0][0], tiny.negative[0][0]
+
+    def x0(self, x, sigma):
+        s = torch.full((x.shape[0],), float(sigma))
+        xin = x / math.sqrt(1 + float(sigma) ** 2)
+        t = self.ms.timestep(s).float()
+        eps = [functional_call(self.unet, self.unet_params, (xin, t), {"context": c.expand(x.shape[0], -1, -1)})
+               for c in (self.cond, self.uncond)]
+        eps = eps[1] + CFG * (eps[0] - eps[1])
+        return x - float(sigma) * eps
+
+    def decode(self, x0):
+        sub = lambda prefix: {k[len(prefix):]: v for k, v in self.dec_params.items() if k.startswith(prefix)}  # noqa
+        z = functional_call(self.dec.post_quant_conv, sub("post_quant_conv."), (x0 / self.scale,))
+        return functional_call(self.dec.decoder, sub("decoder."), (z,)).float().clamp(-1, 1)
+
+
+def plain_windows():
+    return [(0, l) for l in range(0, W - WIN + 1, STRIDE)]
+
+
+def test_reference_schedule(comfy, pack, tiny_sd15):
+    br = pack["syncdiff_core.comfy_bridge"]
+    ms = tiny_sd15.model.get_model_object("model_sampling")
+    sig = br.reference_sigmas(tiny_sd15.model, 50)
+    t = ms.timestep(sig[:-1]).round().long().tolist()
+    assert t == list(range(981, 0, -20))
+    assert float(sig[-1]) == pytest.approx(float(ms.sigmas[0]))
+
+
+def test_single_window_equals_reference_ddim(comfy, pack, tiny_sd15):
+    """A canvas of one window is plain DDIM (eta 0) from unit-variance noise at t0, ending at alphabar_0."""
+    ind = Independent(tiny_sd15, tiny_sd15.vae)
+    got = run(pack, tiny_sd15, tiny_sd15.vae, job(pack, steps=3), width=WIN)
+    ms = tiny_sd15.model.get_model_object("model_sampling")
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, H, WIN), 3)
+    acp = 1 / (1 + ms.sigmas.double() ** 2)  # alphabar_t from the model's sigma table
+    timesteps = [667, 334, 1]  # diffusers' DDIM, 3 steps, steps_offset=1
+    x = noise.double()  # VP latent at t0, unit variance
+    with torch.no_grad():
+        for k, t in enumerate(timesteps):
+            a = acp[t]
+            a_prev = acp[timesteps[k + 1]] if k + 1 < len(timesteps) else acp[0]
+            sigma = ((1 - a) / a).sqrt()
+            x0 = ind.x0((x / a.sqrt()).float(), sigma).double()
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    got = got.double() * tiny_sd15.model.model.latent_format.scale_factor  # LATENT holds the VAE's raw latent
+    rel = (got - x).norm() / x.norm()
+    assert rel < 1e-4, rel
+
+
+def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+    """One step, synchronized: the output equals a from-scratch computation of DESIGN §1 with autograd."""
+    w = 20.0
+    got = run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1, w=w, sync_steps=1, window_batch=2), loss=lpips)
+    ind = Independent(tiny_sd15, tiny_kl_vae)
+    br = pack["syncdiff_core.comfy_bridge"]
+    sig = br.reference_sigmas(tiny_sd15.model, 1)
+    s0, s1 = float(sig[0]), float(sig[1])
+    import comfy.sample
+    x = comfy.sample.prepare_noise(torch.zeros(1, 4, H, W), 3) * math.sqrt(1 + s0**2)
+    views = plain_windows()
+    a = len(views) // 2
+    c = 1 / math.sqrt(1 + s0**2)
+    with torch.inference_mode(False):
+        x = x.clone()
+        with torch.no_grad():
+            t, l = views[a]
+            target = ind.decode(ind.x0(x[..., t:t + WIN, l:l + WIN], s0))
+        value, count = torch.zeros_like(x), torch.zeros_like(x)
+        moved_by = []
+        for v, (t, l) in enumerate(views):
+            xv = x[..., t:t + WIN, l:l + WIN]
+            if v != a:
+                u = (xv * c).requires_grad_(True)
+                loss = lpips(ind.decode(ind.x0(u / c, s0)), target).sum()
+                (g,) = torch.autograd.grad(loss, u)
+                moved_by.append(float(g.abs().max()) * w)
+                xv = (u.detach() - w * g) / c
+            with torch.no_grad():
+                x0 = ind.x0(xv, s0)
+            value[..., t:t + WIN, l:l + WIN] += x0 + (s1 / s0) * (xv - x0)
+            count[..., t:t + WIN, l:l + WIN] += 1
+        want = (value / count) / math.sqrt(1 + s1**2) / ind.scale  # LATENT holds the VAE's raw latent
+    assert min(moved_by) > 1e-4, "the gradient step should move every non-anchor window"
+    rel = (got - want).norm() / want.norm()
+    assert rel < 1e-4, rel
+    no_sync = run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1))
+    assert (got - no_sync).abs().max() > 1e-4
+
+
+def test_same_seed_same_panorama_and_w0_is_multidiffusion(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+    synced = [run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips) for _ in range(2)]
+    assert torch.equal(synced[0], synced[1])
+    md_w0 = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=0.0, sync_steps=2))
+    md_off = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=0))
+    assert torch.equal(md_w0, md_off)
+    assert not torch.equal(md_w0, synced[0])
+    other_seed = run(pack, tiny_sd15, tiny_kl_vae, job(pack, seed=4))
+    assert not torch.equal(other_seed, md_w0)
+
+
+def test_loaded_models_are_left_unaltered(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+    before = {k: (p, p.is_inference(), p.detach().clone()) for k, p in
+              tiny_sd15.model.model.diffusion_model.named_parameters()}
+    vae_before = {k: p for k, p in tiny_kl_vae.first_stage_model.named_parameters()}
+    run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1, w=20.0, sync_steps=1), loss=lpips)
+    after = dict(tiny_sd15.model.model.diffusion_model.named_parameters())
+    for k, (p, was_inference, value) in before.items():
+        assert after[k] is p and p.is_inference() == was_inference and torch.equal(p, value), k
+    for k, p in tiny_kl_vae.first_stage_model.named_parameters():
+        assert vae_before[k] is p
+
+
+def test_image_anchor_runs_and_differs_from_window_anchor(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+    sync = pack["syncdiff_core.sync"]
+    img = torch.rand(1, 3, 40, 100) * 2 - 1  # any size: fitted to the window
+    by_image = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1,
+                                                     anchor=sync.Anchor(mode="image", image=img)), loss=lpips)
+    by_center = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips)
+    assert torch.isfinite(by_image).all()
+    assert (by_image - by_center).abs().max() > 1e-5
+
+
+def test_nan_gradient_stops_with_step_and_window(comfy, pack, tiny_sd15, tiny_kl_vae):
+    def nan_loss(images, targets):
+        return (images - targets).pow(2).flatten(1).mean(1) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"step 1, window \d"):
+        run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=nan_loss)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(w=-1.0), "sync_weight"),
+    (dict(w=1.0, decay=0.0), "sync_decay"),
+    (dict(w=1.0, decay=1.5), "sync_decay"),
+])
+def test_bad_sync_settings(pack, kw, match):
+    with pytest.raises(ValueError, match=match):
+        job(pack, **kw)
+
+
+def test_bad_input_is_rejected_before_sampling(comfy, pack, tiny_sd15, tiny_kl_vae):
+    sync = pack["syncdiff_core.sync"]
+    calls = []
+    loss = lambda a, b: calls.append(1)  # noqa: E731  (never reached)
+    cases = [
+        (job(pack, w=20.0, anchor=sync.Anchor(mode="index", index=5)), "anchor index 5 is outside the grid"),
+        (job(pack, stride_px=36), "stride must be a positive multiple of 8"),
+        (job(pack, stride_px=128), "must not exceed the window size"),
+        (job(pack, window_px=256), "smaller than one window"),
+        (job(pack, wrap=True, stride_px=40), "wrap"),
+    ]
+    for j, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(pack, tiny_sd15, tiny_kl_vae, j, loss=loss)
+    assert not calls
+
+
+def test_anchor_selector_rejects_wrong_channels(comfy, pack):
+    node = pack["nodes.sampler_nodes"].AnchorSelector
+    with pytest.raises(ValueError, match="3 channels"):
+        node.execute(mode="reference image", index=0, image=torch.rand(1, 32, 32, 4))
+    with pytest.raises(ValueError, match="needs an image"):
+        node.execute(mode="reference image", index=0, image=None)
+    out = node.execute(mode="reference image", index=0, image=torch.rand(1, 32, 32, 3)).args[0]
+    assert out.mode == "image" and out.image.shape == (1, 3, 32, 32) and out.image.min() >= -1
+
+
+def test_cancel_stops_within_one_window_batch(comfy, pack, tiny_sd15, tiny_kl_vae):
+    import comfy.model_management as mm
+
+    seen = []
+    j = job(pack, steps=4, window_batch=1)
+    br = pack["syncdiff_core.comfy_bridge"]
+
+    def wrapper(apply_model, args):
+        seen.append(1)
+        if len(seen) == 3:
+            mm.interrupt_current_processing(True)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = tiny_sd15.model.clone()
+    model.set_model_unet_function_wrapper(wrapper)
+    latent = {"samples": torch.zeros(1, 4, H, W)}
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            br.sample_panorama(model, tiny_sd15.positive, tiny_sd15.negative, latent, j, vae=tiny_kl_vae)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(seen) == 3, f"the model ran {len(seen) - 3} more times after Cancel"
