@@ -174,3 +174,164 @@ def test_progress_and_interrupt(toy):
 
     with pytest.raises(Stop):
         PD.decode_panorama(toy, latent(), SCALE, interrupt=interrupt)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 2: through ComfyUI's VAE.decode on the tiny random-weight KL VAE (SD's architecture, 32 channels)
+# ------------------------------------------------------------------------------------------------------------
+#
+# Why tolerances here and not exactness: SD's VAE decoder has global operations -- GroupNorm statistics over the
+# whole image and self-attention in its mid block. Under wrap they see the canvas plus 2·padding duplicated
+# context columns, and *which* columns are duplicated changes with a roll, so decode(roll(z)) and roll(decode(z))
+# differ by a small change of tone spread over the whole image, not at any particular column. That is what the
+# tests assert: the error has no peak at the seam (the column profile of the error near the seam is at the level
+# of the error elsewhere), and it is several times smaller than the plain decode's. The plain decode's error is a
+# seam: its zero-padded borders land in the middle of the rolled image. Where the decoder's inputs are identical up
+# to the roll (tiles that move onto tiles), the result must be identical: that case is tested to float tolerance.
+
+LAT_H, LAT_W, PAD = 8, 48, 8
+ROLL = 13  # latent px; not a multiple of anything in the layout
+
+
+def _latent(seed=0, smooth=False):
+    g = torch.Generator().manual_seed(seed)
+    if not smooth:
+        return torch.randn(1, 4, LAT_H, LAT_W, generator=g)
+    # a periodic, spatially smooth latent (low frequencies of the loop, a little noise), like real content
+    x = torch.arange(LAT_W) * 2 * math.pi / LAT_W
+    z = sum(torch.randn(1, 4, LAT_H, 1, generator=g) * torch.cos(f * x + 6.28 * torch.rand(1, 4, LAT_H, 1, generator=g))
+            for f in (1, 2, 3)) / 1.5
+    return z + 0.1 * torch.randn(1, 4, LAT_H, LAT_W, generator=g)
+
+
+@pytest.fixture(scope="module")
+def vae_decode(tiny_kl_vae):
+    from syncdiff_core import comfy_bridge
+
+    def run(z, **kw):
+        with torch.inference_mode():
+            return comfy_bridge.decode_panorama_image(tiny_kl_vae, z, **kw)
+
+    return run
+
+
+def _roll_error_profile(vae_decode, k=ROLL, **kw):
+    """Per-pixel-column mean |decode(roll(z, k)) - roll(decode(z), 8k)|, the max error, and the seam columns
+    of both images (in the rolled frame: column 0 / the right border, and 8k)."""
+    z = _latent()
+    err = (vae_decode(torch.roll(z, k, -1), **kw) - torch.roll(vae_decode(z, **kw), 8 * k, -2)).abs()
+    cols = err.mean(dim=(0, 1, 3))
+    near = torch.zeros_like(cols, dtype=torch.bool)
+    for c in (0, 8 * k):
+        near[PD.wrap_columns(cols.numel(), c - 8, c + 8)] = True
+    return cols, near, err.max().item()
+
+
+def test_comfy_vae_scale_and_plain_decode_match_vae_decode(tiny_kl_vae, vae_decode):
+    from syncdiff_core import comfy_bridge
+
+    assert comfy_bridge.vae_spatial_scale(tiny_kl_vae) == 8
+    z = _latent()
+    with torch.inference_mode():
+        ref = tiny_kl_vae.decode(z)
+    got = vae_decode(z, wrap=False)
+    assert got.shape == (1, LAT_H * 8, LAT_W * 8, 3) and torch.equal(got, ref.clamp(0, 1))
+    assert 0.05 < got.std() and 0.0 <= got.min() and got.max() <= 1.0  # the test VAE makes a real image
+
+
+def test_comfy_wrap_decode_commutes_with_roll_and_plain_decode_does_not(vae_decode):
+    cols, near, max_err = _roll_error_profile(vae_decode, wrap=True, padding=PAD)
+    cols0, near0, max_err0 = _roll_error_profile(vae_decode, wrap=False)
+    # plain decode: a seam where each image had its borders, several times the error elsewhere
+    assert cols0[near0].max() > 5 * cols0[~near0].median(), (cols0[near0].max(), cols0[~near0].median())
+    # wrap: no seam, the error near the seams is at the level of the (global, tone) error elsewhere ...
+    assert cols[near].max() < 2 * cols[~near].median() + 2e-3, (cols[near].max(), cols[~near].median())
+    # ... and far below the plain decode's, in the worst pixel and on average
+    assert max_err < 0.3 * max_err0, (max_err, max_err0)
+    assert cols.mean() < 0.6 * cols0.mean() and cols.mean() < 0.03
+
+
+def test_comfy_tiled_wrap_decode_is_roll_equivariant(vae_decode):
+    """Tiles of 16 latent px with 4 of overlap spread over 48 columns: 4 tiles, one every 12 columns. A roll by
+    the tile spacing moves every tile onto the next one, so the decoder sees exactly the same inputs: equal to float
+    tolerance. Without wrap the same roll moves the borders: a large error. A roll that moves content across tile
+    borders leaves no seam either."""
+    tiled = dict(padding=PAD, tile_width_px=128, tile_overlap_px=32)
+    tiles = PD.plan_tiles(LAT_W, 16, 4, PAD, wrap=True)
+    assert [t.start for t in tiles] == [0, 12, 24, 36]
+    z = _latent()
+    a = vae_decode(torch.roll(z, 12, -1), wrap=True, **tiled)
+    b = torch.roll(vae_decode(z, wrap=True, **tiled), 96, -2)
+    assert (a - b).abs().max() < 1e-4, (a - b).abs().max()
+    a = vae_decode(torch.roll(z, 12, -1), wrap=False, **tiled)
+    b = torch.roll(vae_decode(z, wrap=False, **tiled), 96, -2)
+    assert (a - b).abs().max() > 0.1
+    cols, near, _ = _roll_error_profile(vae_decode, wrap=True, **tiled)
+    assert cols[near].max() < 2 * cols[~near].median() + 2e-3, (cols[near].max(), cols[~near].median())
+
+
+def test_comfy_wrap_decode_left_and_right_edges_meet(vae_decode):
+    """On smooth periodic content the jump between the last and the first pixel column is no larger than the jumps
+    between neighbouring columns inside the image (measured at latent-pixel borders, every 8 px, where the jumps
+    are largest); the plain decode's border jump is well above them."""
+    z = _latent(seed=0, smooth=True)
+
+    def jumps(image):
+        inner = (image[:, :, 1:] - image[:, :, :-1]).abs().mean(dim=(0, 1, 3))[7::8]
+        return (image[:, :, 0] - image[:, :, -1]).abs().mean().item(), inner
+
+    seam, inner = jumps(vae_decode(z, wrap=True, padding=PAD))
+    assert seam <= inner.max().item() and seam < 1.5 * inner.median().item(), (seam, inner.median(), inner.max())
+    seam0, inner0 = jumps(vae_decode(z, wrap=False))
+    assert seam0 > inner0.max().item() and seam0 > 2 * inner0.median().item(), (seam0, inner0.median())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The nodes, through ComfyUI's executor
+# ------------------------------------------------------------------------------------------------------------
+
+def _decode_prompt(object_node, vae, z, **inputs):
+    values = dict(wrap=True, padding=PAD, tile_width=0, tile_overlap=64)
+    values.update(inputs)
+    return {
+        "1": object_node({"samples": z}, "LATENT"),
+        "2": object_node(vae, "VAE"),
+        "3": {"class_type": "PanoramaDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0], **values}},
+    }
+
+
+def test_panorama_decode_node_equals_the_bridge(run_prompt, object_node, tiny_kl_vae, vae_decode):
+    z = _latent(seed=3)
+    result = run_prompt(_decode_prompt(object_node, tiny_kl_vae, z, tile_width=128, tile_overlap=32))
+    image = result["3"][0]
+    assert image.shape == (1, LAT_H * 8, LAT_W * 8, 3)
+    assert torch.equal(image, vae_decode(z, wrap=True, padding=PAD, tile_width_px=128, tile_overlap_px=32))
+
+
+@pytest.mark.parametrize("inputs,match", [
+    (dict(tile_width=64, tile_overlap=64), "tile_overlap"),
+    (dict(tile_width=64, tile_overlap=128), "tile_overlap"),
+])
+def test_panorama_decode_node_refuses_bad_tiling(run_prompt, object_node, tiny_kl_vae, inputs, match):
+    import comfy_harness
+
+    calls = []
+    vae = _CountingVAE(tiny_kl_vae, calls)
+    with pytest.raises(comfy_harness.PromptExecutionError) as info:
+        run_prompt(_decode_prompt(object_node, vae, _latent(), **inputs))
+    assert info.value.exception_type.endswith("ValueError") and match in info.value.exception_message
+    assert calls == [], "bad values must be refused before any decoding"
+
+
+class _CountingVAE:
+    """A VAE stand-in that records decode calls and forwards everything else."""
+
+    def __init__(self, vae, calls):
+        self._vae, self._calls = vae, calls
+
+    def decode(self, z):
+        self._calls.append(tuple(z.shape))
+        return self._vae.decode(z)
+
+    def __getattr__(self, name):
+        return getattr(self._vae, name)
