@@ -1,0 +1,147 @@
+"""Loop closure (wrap): the windowed sampler is shift-equivariant on a 360° canvas.
+
+Under wrap every column is covered by the same windows-per-column as any other, and windows straddle the seam,
+so the canvas has no border: rolling the initial noise by a multiple of the stride rolls the sampled panorama by
+the same amount, as long as nothing else singles out a position. With synchronization on, the anchor window does;
+moving the anchor along with the shift (``Anchor(mode="index")`` shifted by the roll in windows) restores the
+symmetry. Without wrap the canvas has borders and the same test fails, which shows it can fail.
+
+Part 1: the core loop with a toy denoiser (no ComfyUI). Part 2: through ComfyUI's executor on the tiny SD1.x
+model with the SyncDiffusionSampler node. Part 3: bad input.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from syncdiff_core import Anchor, SyncSettings, plan_windows, sample  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 1: the core loop, toy callables
+# ------------------------------------------------------------------------------------------------------------
+
+WINDOW, STRIDE = 8, 4
+SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])
+
+
+class ToyDenoiser:
+    """A translation-equivariant local x0 predictor: a fixed 3x3 convolution (zero padding inside the window),
+    a nonlinearity, and the sigma-dependent shrinkage an x0 prediction has. It knows nothing of the window's
+    position, like a UNet given the same prompt everywhere."""
+
+    def __init__(self, channels=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.kernel = torch.randn(channels, channels, 3, 3, generator=g) / 6
+
+    def __call__(self, x, sigma, windows, step):
+        s = sigma.reshape(-1, 1, 1, 1)
+        return torch.tanh(F.conv2d(x / (1 + s**2).sqrt(), self.kernel, padding=1))
+
+
+def toy_decode(x0):
+    """x0 (N, 4, h, w) -> an 'image' (N, 3, 2h, 2w), differentiable, position-independent."""
+    return torch.tanh(F.interpolate(x0[:, :3] + 0.5 * x0[:, 3:], scale_factor=2, mode="nearest"))
+
+
+def toy_loss(images, targets):
+    return ((images - targets) ** 2).mean(dim=(1, 2, 3))
+
+
+SYNC = SyncSettings(weight=40.0, decay=0.9, steps=3)
+
+
+def run(noise, wrap, sync=None, anchor=Anchor(), plan=None):
+    plan = plan or plan_windows(noise.shape[-2], noise.shape[-1], WINDOW, STRIDE, wrap=wrap)
+    kwargs = dict(sync=sync, decode=toy_decode, loss=toy_loss, anchor=anchor) if sync else {}
+    return sample(ToyDenoiser(), noise * SIGMAS[0], SIGMAS, plan, window_batch=3, **kwargs)
+
+
+def noise(h=8, w=32, batch=1, seed=0):
+    return torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("height", [8, 16])  # one row of windows; three rows
+@pytest.mark.parametrize("shift_windows", [1, 3, 5])
+def test_wrap_sampling_is_shift_equivariant_without_sync(height, shift_windows):
+    z = noise(h=height)
+    k = shift_windows * STRIDE
+    base = run(z, wrap=True)
+    assert base.abs().max() > 0.1  # the toy produces a real, position-dependent panorama
+    assert rel_error(run(torch.roll(z, k, -1), wrap=True), torch.roll(base, k, -1)) < 1e-5
+
+
+def test_without_wrap_the_same_roll_is_not_equivariant():
+    z = noise()
+    k = STRIDE
+    base = run(z, wrap=False)
+    assert rel_error(run(torch.roll(z, k, -1), wrap=False), torch.roll(base, k, -1)) > 0.05
+
+
+def _shifted_index(plan, index, shift_windows):
+    """The window of ``plan`` that holds, after a roll by ``shift_windows`` strides, what window ``index`` held."""
+    cols = plan.canvas_width // plan.stride
+    row, col = divmod(index, cols)
+    return row * cols + (col + shift_windows) % cols
+
+
+@pytest.mark.parametrize("height", [8, 16])
+def test_wrap_sampling_with_sync_is_equivariant_when_the_anchor_moves_along(height):
+    z = noise(h=height)
+    plan = plan_windows(height, z.shape[-1], WINDOW, STRIDE, wrap=True)
+    a, m = plan.center_index, 3
+    base = run(z, wrap=True, sync=SYNC, anchor=Anchor(mode="index", index=a))
+    no_sync = run(z, wrap=True)
+    assert rel_error(base, no_sync) > 1e-2, "synchronization must change the result, or this test proves nothing"
+    moved = run(torch.roll(z, m * STRIDE, -1), wrap=True, sync=SYNC,
+                anchor=Anchor(mode="index", index=_shifted_index(plan, a, m)))
+    assert rel_error(moved, torch.roll(base, m * STRIDE, -1)) < 1e-5
+    # the anchor left where it was breaks the symmetry (the anchor is the only position that is special)
+    stayed = run(torch.roll(z, m * STRIDE, -1), wrap=True, sync=SYNC, anchor=Anchor(mode="index", index=a))
+    assert rel_error(stayed, torch.roll(base, m * STRIDE, -1)) > 1e-3
+
+
+def test_with_sync_and_without_wrap_the_roll_is_not_equivariant():
+    z = noise()
+    plan = plan_windows(z.shape[-2], z.shape[-1], WINDOW, STRIDE, wrap=False)
+    base = run(z, wrap=False, sync=SYNC, anchor=Anchor(mode="index", index=2))
+    moved = run(torch.roll(z, STRIDE, -1), wrap=False, sync=SYNC,
+                anchor=Anchor(mode="index", index=_shifted_index(plan, 2, 1)))
+    assert rel_error(moved, torch.roll(base, STRIDE, -1)) > 0.05
+
+
+def test_wrap_covers_every_column_equally_and_straddles_the_seam():
+    plan = plan_windows(16, 32, WINDOW, STRIDE, wrap=True)
+    count = torch.zeros(16, 32)
+    for w in plan:
+        count[w.top:w.top + w.height, w.columns()] += 1
+    assert torch.all(count[:, :1] == count)  # every column as often as every other, seam included
+    assert any(w.wraps for w in plan)
+    flat = plan_windows(16, 32, WINDOW, STRIDE, wrap=False)
+    edge = torch.zeros(32)
+    for w in flat:
+        edge[w.columns()] += 1
+    assert edge[0] < edge[16]  # without wrap the borders are covered less: what makes the roll test fail
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 3 (core): bad input, the rules stated by plan_windows
+# ------------------------------------------------------------------------------------------------------------
+
+def test_wrap_needs_two_windows_and_a_stride_that_divides_the_width():
+    with pytest.raises(ValueError, match="at least two windows wide"):
+        plan_windows(8, 15, 8, 4, wrap=True)
+    with pytest.raises(ValueError, match="stride must divide the canvas width"):
+        plan_windows(8, 30, 8, 4, wrap=True)
+    assert len(plan_windows(8, 16, 8, 4, wrap=True)) == 4  # exactly two windows wide: fine
