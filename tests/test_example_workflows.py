@@ -1,0 +1,115 @@
+"""Every UI-format workflow in example_workflows/ (what ComfyUI's template browser shows) is checked against the
+live node schemas and executed, converted to API format, through ComfyUI's PromptExecutor with the tiny model.
+
+How the tiny model stands in: each checkpoint file a workflow names (any checkpoint combo, e.g.
+``v1-5-pruned-emaonly.safetensors``) is provided in the temp checkpoints folder as a link to the tiny SD1.x
+checkpoint, so the workflow's own ``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged. A
+random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only, the executed copy
+is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride) divided by 8 (window 0 =
+native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema checks use the file as it is.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as h
+import workflow_convert as wc
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+CHECKPOINT_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"), ("CheckpointLoader", "ckpt_name"),
+                     ("ImageOnlyCheckpointLoader", "ckpt_name")}
+
+
+def test_there_are_example_workflows():
+    assert WORKFLOWS, "example_workflows/ holds no .json workflow"
+
+
+def _provide_named_files(workflow: dict, tiny) -> list[str]:
+    """Link the tiny checkpoint under every checkpoint name the workflow uses. Returns the names."""
+    names = []
+    for n in workflow["nodes"]:
+        if n.get("mode", 0) in (wc.MODE_MUTED,):
+            continue
+        for (ntype, inp) in CHECKPOINT_INPUTS:
+            if n.get("type") != ntype:
+                continue
+            cls = h.runtime().nodes.NODE_CLASS_MAPPINGS[ntype]
+            widgets = [s for s in wc.node_inputs(cls) if s.is_widget]
+            assigned = wc.assign_widgets(n, widgets).values
+            if inp in assigned:
+                names.append(h.link_checkpoint(tiny.ckpt_path, assigned[inp]))
+    return names
+
+
+def shrink_for_cpu(prompt: dict, node_classes: dict) -> dict:
+    """A copy of ``prompt`` small enough for 2 CPU cores (see the module doc). Values stay within the schema."""
+    p = copy.deepcopy(prompt)
+
+    def snap(v, spec, lo=8):
+        v = max(lo, (int(v) // 8) // 8 * 8)
+        return max(spec.options.get("min", v), min(spec.options.get("max", v), v))
+
+    for node in p.values():
+        cls = node_classes[node["class_type"]]
+        specs = {s.name: s for s in wc.node_inputs(cls)}
+        ins = node["inputs"]
+        for name, v in list(ins.items()):
+            if isinstance(v, list) or name not in specs:
+                continue
+            spec = specs[name]
+            if name in ("width", "height") and spec.type == "INT":
+                ins[name] = snap(v, spec, lo=64)
+            elif name == "window_size" and spec.type == "INT":
+                ins[name] = snap(v or 512, spec, lo=64)
+            elif name == "stride" and spec.type == "INT":
+                ins[name] = snap(v, spec)
+            elif name == "steps" and spec.type == "INT":
+                ins[name] = max(spec.options.get("min", 1), min(v, 2))
+            elif name == "sync_steps" and spec.type == "INT":
+                ins[name] = min(v, 1)
+            elif name == "batch_size" and spec.type == "INT":
+                ins[name] = 1
+        if "stride" in ins and "window_size" in ins and not isinstance(ins["stride"], list) \
+                and not isinstance(ins["window_size"], list):
+            ins["stride"] = min(ins["stride"], ins["window_size"])
+    return p
+
+
+@pytest.fixture(scope="module")
+def prepared(comfy, tiny_sd15, lpips_trunk):
+    return comfy, tiny_sd15
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_matches_current_schemas(prepared, path):
+    comfy, tiny = prepared
+    wf = wc.load_workflow(path)
+    known = comfy.nodes.NODE_CLASS_MAPPINGS
+    unknown = sorted({n["type"] for n in wf["nodes"]} - set(known) - wc.FRONTEND_ONLY)
+    assert not unknown, f"{path.name}: node types that do not exist: {unknown}"
+    _provide_named_files(wf, tiny)
+    conv = wc.convert(wf, known, strict=False)
+    assert not conv.problems, f"{path.name}:\n  " + "\n  ".join(conv.problems)
+    # the pack's nodes are used, and what the template browser shows is a graph that ends in an output
+    assert any(n["class_type"] in comfy.pack_node_ids for n in conv.prompt.values()), \
+        f"{path.name} uses none of the pack's nodes"
+    ok, error, outputs, node_errors = comfy.validate(conv.prompt)
+    assert ok and not node_errors, f"{path.name} fails ComfyUI's validation: {error} {json.dumps(node_errors)[:2000]}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_executes_with_the_tiny_model(prepared, path):
+    comfy, tiny = prepared
+    wf = wc.load_workflow(path)
+    _provide_named_files(wf, tiny)
+    prompt = shrink_for_cpu(wc.convert(wf, comfy.nodes.NODE_CLASS_MAPPINGS).prompt, comfy.nodes.NODE_CLASS_MAPPINGS)
+    result = comfy.run_prompt(prompt)
+    assert result.success
+    saved = result.image_files()
+    if any(n["class_type"] == "SaveImage" for n in prompt.values()):
+        assert saved and all(f.is_file() for f in saved), f"{path.name}: SaveImage wrote nothing"
