@@ -1,0 +1,64 @@
+"""Schema contract: every node the pack registers is pinned in tests/schema_snapshot.json (id, display name,
+category, inputs with types/defaults/ranges/options and required vs optional, outputs). A change that would
+break saved workflows fails here with a readable diff. For a deliberate change: ``make snapshot`` (runs
+``scripts/schema_snapshot.py --write``), review ``git diff tests/schema_snapshot.json``, commit it."""
+from __future__ import annotations
+
+import pytest
+
+import schema_snapshot as ss
+
+HOW_TO_UPDATE = ("If this change is deliberate (saved workflows may break), run `make snapshot` and commit "
+                 "tests/schema_snapshot.json.")
+
+
+@pytest.fixture(scope="module")
+def live(comfy):
+    return ss.live_contracts(comfy)
+
+
+@pytest.fixture(scope="module")
+def snapshot():
+    snap = ss.load_snapshot()
+    assert snap, f"{ss.SNAPSHOT} is missing or empty. {HOW_TO_UPDATE}"
+    return snap
+
+
+def test_every_registered_node_is_in_the_snapshot(live, snapshot):
+    new = sorted(set(live) - set(snapshot))
+    gone = sorted(set(snapshot) - set(live))
+    assert not new, f"nodes registered by the pack but not pinned in the snapshot: {new}. {HOW_TO_UPDATE}"
+    assert not gone, f"nodes pinned in the snapshot but no longer registered (breaks saved workflows): {gone}"
+
+
+def test_node_schemas_match_the_snapshot(live, snapshot):
+    problems = []
+    for nid in sorted(set(live) & set(snapshot)):
+        for line in ss.diff(snapshot[nid], live[nid], f"{nid}."):
+            problems.append(line)
+    assert not problems, "node schemas differ from tests/schema_snapshot.json:\n" + "\n".join(problems) + \
+        "\n" + HOW_TO_UPDATE
+
+
+def test_every_input_has_a_tooltip(comfy):
+    missing = []
+    for nid in comfy.pack_node_ids:
+        missing += ss.missing_tooltips(comfy.nodes.NODE_CLASS_MAPPINGS[nid], nid)
+    assert not missing, f"inputs without a tooltip: {missing}"
+
+
+def test_one_category_and_a_display_name_for_every_node(live):
+    for nid, c in live.items():
+        assert c["name"] == nid
+        assert c["category"].startswith("sampling/syncdiffusion"), (nid, c["category"])
+        assert str(c.get("display_name") or "").strip(), f"{nid} has no display name"
+
+
+def test_diff_is_readable():
+    old = {"N": {"input": {"required": {"steps": ["INT", {"default": 50, "min": 1}]}}, "output": ["LATENT"]}}
+    new = {"N": {"input": {"required": {"steps": ["INT", {"default": 30, "min": 1}], "seed": ["INT", {}]}},
+                 "output": ["LATENT"]}}
+    lines = ss.diff(old, new)
+    assert "~ N.input.required.steps.1.default: 50 -> 30" in lines
+    assert any(line.startswith("+ N.input.required.seed") for line in lines)
+    assert ss.diff(new, new) == []
