@@ -259,14 +259,96 @@ def gradient_ready_patcher(model):
     return model
 
 
-def decoder_for_gradients(vae, model):
-    """``x0`` (model latent space) → image in [-1, 1] through the full VAE decoder, differentiable."""
+#: What decodes x0 for the synchronization loss: the full VAE (as the paper), the full VAE with gradient
+#: checkpointing of its blocks (less memory, one more decoder forward), the full VAE on the latent downscaled
+#: 2x (a 4x smaller image for the loss), or TAESD from models/vae_approx (much cheaper, approximate).
+LOSS_DECODERS = ("vae", "vae_checkpointed", "vae_half", "taesd")
+
+
+def decoder_for_gradients(vae, model, mode: str = "vae"):
+    """``x0`` (model latent space) → image in [-1, 1] through the VAE decoder, differentiable (see LOSS_DECODERS)."""
+    if mode == "taesd":
+        return taesd_decoder_for_gradients(model)
+    if mode not in LOSS_DECODERS:
+        raise ValueError(f"loss_decoder must be one of {LOSS_DECODERS}, got {mode!r}")
     first_stage = vae.first_stage_model
     inner = model.model
+    checkpointed = mode == "vae_checkpointed"
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
+        if mode == "vae_half":
+            x0 = torch.nn.functional.interpolate(x0, scale_factor=0.5, mode="bilinear", antialias=True)
         z = inner.process_latent_out(x0).to(device=vae.device, dtype=vae.vae_dtype)
-        return first_stage.decode(z).float().clamp(-1.0, 1.0)
+        with _checkpoint_blocks(first_stage, enabled=checkpointed and torch.is_grad_enabled()):
+            return first_stage.decode(z).float().clamp(-1.0, 1.0)
+
+    return decode
+
+
+_CHECKPOINT_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample")
+
+
+@contextlib.contextmanager
+def _checkpoint_blocks(module: torch.nn.Module, enabled: bool = True):
+    """Within the block, the decoder's residual/attention/upsampling blocks keep only their inputs for backward
+    and recompute the rest (``torch.utils.checkpoint``); the modules are left as they were afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch.utils.checkpoint as ckpt
+
+    patched = []
+    for m in module.modules():
+        if type(m).__name__ in _CHECKPOINT_BLOCKS and "forward" not in m.__dict__:
+            def forward(*args, _f=m.forward, **kwargs):
+                return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+            m.forward = forward
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+_TAESD_CACHE: dict = {}
+
+
+def taesd_path(model) -> str:
+    """The TAESD decoder file for the model's latent format in ``models/vae_approx``, or a clear error."""
+    import folder_paths
+
+    name = getattr(model.model.latent_format, "taesd_decoder_name", None)
+    if not name:
+        raise ValueError("loss_decoder 'taesd': this model's latent format has no TAESD decoder; use 'vae'")
+    found = [f for f in folder_paths.get_filename_list("vae_approx") if f.startswith(name + ".")]
+    if not found:
+        folders = ", ".join(folder_paths.get_folder_paths("vae_approx"))
+        raise ValueError(f"loss_decoder 'taesd' needs {name}.safetensors (or .pth) in models/vae_approx "
+                         f"({folders}); put it there or use loss_decoder 'vae'")
+    return folder_paths.get_full_path("vae_approx", found[0])
+
+
+def taesd_decoder_for_gradients(model):
+    """``x0`` (model latent space) → image in [-1, 1] through TAESD's decoder (loaded once per file and device)."""
+    import os
+
+    import comfy.taesd.taesd
+
+    path = taesd_path(model)
+    device = model.load_device
+    key = (path, os.path.getmtime(path), str(device))
+    net = _TAESD_CACHE.get(key)
+    if net is None:
+        dtype = comfy.model_management.vae_dtype(device, [torch.float16, torch.float32])
+        with torch.inference_mode(False):  # normal tensors: backward needs them
+            net = comfy.taesd.taesd.TAESD(None, path, latent_channels=model.model.latent_format.latent_channels)
+            net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        _TAESD_CACHE.clear()
+        _TAESD_CACHE[key] = net
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        return net.decode(x0.to(device=device, dtype=net.vae_scale.dtype)).float().clamp(-1.0, 1.0)
 
     return decode
 
@@ -288,6 +370,23 @@ class PanoramaJob:
     anchor: Anchor
     wrap: bool = False
     window_batch: int = 8
+    sync_batch: int = 0  # windows per gradient batch; 0 = min(window_batch, SYNC_BATCH_AUTO)
+    loss_decoder: str = "vae"  # one of LOSS_DECODERS
+
+    def gradient_batch(self) -> int:
+        return self.sync_batch if self.sync_batch > 0 else min(self.window_batch, SYNC_BATCH_AUTO)
+
+
+#: Windows per gradient batch when ``sync_batch`` is 0 (see docs/PERFORMANCE.md for the measurement).
+SYNC_BATCH_AUTO = 4
+
+
+def _oom_errors() -> tuple:
+    """The exception types that mean "out of device memory" (never a catch-all)."""
+    oom = getattr(comfy.model_management, "OOM_EXCEPTION", None)
+    if isinstance(oom, type) and oom not in (Exception, BaseException):
+        return (oom, torch.cuda.OutOfMemoryError) if oom is not torch.cuda.OutOfMemoryError else (oom,)
+    return (torch.cuda.OutOfMemoryError,)
 
 
 def plan_for(model, latent: torch.Tensor, window_px: int, stride_px: int, wrap: bool) -> WindowPlan:
@@ -337,18 +436,25 @@ class WindowedSampler(comfy.samplers.Sampler):
         job = self.job
         grad_modules = []
         if job.sync.active:
-            comfy.model_management.load_models_gpu([guider.model_patcher, self.vae.patcher])
-            grad_modules = [guider.inner_model, self.vae.first_stage_model]
+            uses_vae = job.loss_decoder != "taesd"
+            comfy.model_management.load_models_gpu([guider.model_patcher] + ([self.vae.patcher] if uses_vae else []))
+            grad_modules = [guider.inner_model] + ([self.vae.first_stage_model] if uses_vae else [])
         try:
             with trainable_copies(*grad_modules), gradient_section():
                 x = core_sampler.sample(
                     denoise, x.clone(), sigmas, self.plan,
                     sync=job.sync,
-                    decode=decoder_for_gradients(self.vae, guider.model_patcher) if job.sync.active else None,
+                    decode=(decoder_for_gradients(self.vae, guider.model_patcher, job.loss_decoder)
+                            if job.sync.active else None),
                     loss=self.loss,
                     anchor=job.anchor,
                     input_scale=lambda s: float(ms.calculate_input(s.reshape(1), torch.ones(1, device=s.device))[0]),
                     window_batch=job.window_batch,
+                    sync_batch=job.gradient_batch(),
+                    sync_batch_setting="sync_batch" if job.sync_batch > 0 else "window_batch",
+                    oom_errors=_oom_errors(),
+                    release_memory=comfy.model_management.soft_empty_cache,
+                    oom_advice=("use loss_decoder 'vae_checkpointed' or 'taesd'" if job.sync.active else ""),
                     callback=report,
                     interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
@@ -454,8 +560,14 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:
         raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")
+    if job.window_batch < 1 or job.sync_batch < 0:
+        raise ValueError(f"window_batch must be >= 1 and sync_batch >= 0, got {job.window_batch}, {job.sync_batch}")
     if job.sync.active:
-        if vae is None:
+        if job.loss_decoder not in LOSS_DECODERS:
+            raise ValueError(f"loss_decoder must be one of {LOSS_DECODERS}, got {job.loss_decoder!r}")
+        if job.loss_decoder == "taesd":
+            taesd_path(model)  # a missing file fails here, before any model work
+        elif vae is None:
             raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0")
         if job.anchor.mode == "image":
             s = latent_scale(model)

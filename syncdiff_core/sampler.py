@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
+from .batching import BatchSize
 from .fusion import Fusion
-from .sync import Anchor, SyncSettings, chunks, synchronize
+from .sync import Anchor, SyncSettings, synchronize
 from .windows import WindowPlan, crop
 
 NO_SYNC = SyncSettings(weight=0.0, steps=0)
@@ -37,19 +38,27 @@ def sample(
     window_weight: Callable | None = None,
     callback: Callable | None = None,
     interrupt: Callable[[], None] = lambda: None,
+    oom_errors: tuple = (),
+    release_memory: Callable[[], None] | None = None,
+    sync_batch_setting: str = "window_batch",
+    oom_advice: str = "",
 ) -> torch.Tensor:
     """Run the windowed loop from the noisy canvas ``x`` (N, C, H, W) along ``sigmas`` and return the last x.
 
     ``window_weight(window)`` may give a per-pixel weight (1 or N, 1, h, w) for region-based fusion.
     ``callback(step, x, x0)`` is called after each step with the fused canvas and the fused x0 prediction.
     ``interrupt()`` is called before each batch of windows; it should raise to stop.
+    ``window_batch`` windows go through ``denoise`` together (``sync_batch``, default ``window_batch``, in the
+    gradient pass). An error of a type in ``oom_errors`` halves that batch size once (``release_memory()`` is
+    called before the retry); a second one fails with a message naming the setting to lower.
     """
     if sync.active and (decode is None or loss is None):
         raise ValueError("synchronization needs decode and loss callables")
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-    window_batch = min(window_batch, len(plan))
-    sync_batch = min(sync_batch or window_batch, len(plan))
+    oom = dict(oom_errors=oom_errors, release=release_memory, advice=oom_advice)
+    window_batch = BatchSize(min(window_batch, len(plan)), "window_batch", **oom)
+    sync_batch = BatchSize(min(sync_batch or window_batch.size, len(plan)), sync_batch_setting, **oom)
     n = x.shape[0]
     weights = [window_weight(w) if window_weight else None for w in plan]
     order = list(range(len(plan)))
@@ -62,12 +71,15 @@ def sample(
                 weight=sync.weight_at(i), input_scale=input_scale(sigma), batch=sync_batch, interrupt=interrupt,
             )
         fused, fused_x0 = Fusion(x), Fusion(x) if callback else None
-        for group in chunks(order, window_batch):
+
+        def step(group):
             interrupt()
             xb = torch.cat([views[j] for j in group])
             with torch.no_grad():
                 x0 = denoise(xb, sigma.reshape(1).expand(xb.shape[0]), [plan[j] for j in group], i)
-            x_next = x0 + (sigma_next / sigma) * (xb - x0)
+            return x0, x0 + (sigma_next / sigma) * (xb - x0)
+
+        for group, (x0, x_next) in window_batch.run(order, step):
             for k, j in enumerate(group):
                 part = slice(k * n, (k + 1) * n)
                 fused.add(plan[j], x_next[part], weights[j])

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .batching import BatchSize
 from .windows import Window, WindowPlan
 
 ANCHOR_MODES = ("center", "index", "image")
@@ -94,7 +95,7 @@ def synchronize(
     anchor: Anchor,
     weight: float,
     input_scale: float,
-    batch: int,
+    batch: int | BatchSize,
     interrupt: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
     """One synchronization step: returns the window latents moved by ``-weight · ∂L/∂x`` in the model's input space.
@@ -115,22 +116,44 @@ def synchronize(
             target = decode(denoise(views[a], sig(1), [plan[a]], step))
     out = list(views)
     movers = [j for j in range(len(plan)) if j != a]
-    for group in chunks(movers, batch):
+    batches = batch if isinstance(batch, BatchSize) else BatchSize(max(1, min(batch, len(plan))))
+    per_item_loss = _against_fixed_target(loss, target)
+    finite = []  # one flag per window, checked once at the end: no host sync per batch
+
+    def grad_step(group):
         interrupt()
         with torch.enable_grad():
             u = (torch.cat([views[j] for j in group]) * input_scale).detach().requires_grad_(True)
             x0 = denoise(u / input_scale, sig(len(group)), [plan[j] for j in group], step)
-            images = decode(x0)
-            per_item = loss(images, target.repeat(len(group), 1, 1, 1))
+            per_item = per_item_loss(decode(x0), len(group))
             (grad,) = torch.autograd.grad(per_item.sum(), u)
-        bad = ~torch.isfinite(grad.flatten(1)).all(dim=1)
+        return (u.detach() - weight * grad) / input_scale, torch.isfinite(grad.flatten(1)).all(dim=1)
+
+    for group, (moved, ok) in batches.run(movers, grad_step):
+        finite.append(ok)
+        for k, j in enumerate(group):
+            out[j] = moved[k * n : (k + 1) * n]
+    if finite:
+        bad = ~torch.cat(finite)
         if bad.any():
-            j = group[int(bad.nonzero()[0]) // n]
+            j = movers[int(bad.nonzero()[0]) // n]
             raise FloatingPointError(
                 f"SyncDiffusion: the LPIPS gradient is NaN or Inf at step {step + 1}, window {j} "
                 f"({plan[j].top * 8},{plan[j].left * 8} px); lower sync_weight or use float32"
             )
-        moved = (u.detach() - weight * grad) / input_scale
-        for k, j in enumerate(group):
-            out[j] = moved[k * n : (k + 1) * n]
     return out
+
+
+def _against_fixed_target(loss: Callable, target: torch.Tensor) -> Callable:
+    """``f(images, windows) -> per-item loss`` against ``target`` (the same for every window).
+
+    A loss with ``features`` / ``distance`` (the pack's LPIPS) gets the target's features once per sync step
+    instead of once per window; the result is the same as ``loss(images, target repeated)``.
+    """
+    if not (hasattr(loss, "features") and hasattr(loss, "distance")):
+        return lambda images, k: loss(images, target.repeat(k, 1, 1, 1))
+    with torch.no_grad():
+        feats = [f.detach() for f in loss.features(target)]
+    n = target.shape[0]
+    return lambda images, k: loss.distance(loss.features(images), [f if n == 1 else f.repeat(k, 1, 1, 1)
+                                                                    for f in feats])

@@ -1,0 +1,297 @@
+"""Batched windows: the same result as one window at a time, the out-of-memory fallback, the loss decoders.
+
+Core tests use small float64 toy callables (no ComfyUI); the ComfyUI tests run the tiny SD1.x model on the CPU.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+import pytest
+import torch
+
+from syncdiff_core import Anchor, SyncSettings, plan_windows, sample
+from syncdiff_core.batching import BatchSize
+from syncdiff_core.windows import crop
+
+F64 = torch.float64
+
+
+class Toy:
+    """Differentiable stand-ins for the guided denoiser, the VAE decoder and a perceptual loss (float64)."""
+
+    def __init__(self, seed=0, channels=4):
+        g = torch.Generator().manual_seed(seed)
+        self.w_den = torch.randn(channels, channels, 3, 3, generator=g, dtype=F64) * 0.2
+        self.w_dec = torch.randn(3, channels, 3, 3, generator=g, dtype=F64) * 0.3
+        self.w_feat = torch.randn(6, 3, 3, 3, generator=g, dtype=F64) * 0.3
+        self.batches = []  # rows of every denoise call
+
+    def denoise(self, x, sigma, windows=None, step=None):
+        self.batches.append(x.shape[0])
+        s = sigma.reshape(-1, 1, 1, 1)
+        h = torch.nn.functional.conv2d(x / torch.sqrt(1 + s**2), self.w_den, padding=1)
+        return torch.tanh(h) * 2.0 + 0.1 * x / (1 + s)
+
+    def decode(self, x0):
+        up = torch.nn.functional.interpolate(x0, scale_factor=2, mode="nearest")
+        return torch.tanh(torch.nn.functional.conv2d(up, self.w_dec, padding=1))
+
+    def loss(self, images, targets):
+        fa = torch.relu(torch.nn.functional.conv2d(images, self.w_feat, padding=1))
+        fb = torch.relu(torch.nn.functional.conv2d(targets, self.w_feat, padding=1))
+        return ((fa - fb) ** 2).flatten(1).mean(1)
+
+
+def scale(sigma):
+    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
+
+
+def one_at_a_time(toy, x, sigmas, plan, w, sync_steps):
+    """DESIGN §1 with one window per call, written without the core's helpers: the baseline."""
+    a = plan.center_index
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        views = [crop(x, win) for win in plan]
+        if w > 0 and i < sync_steps:
+            with torch.no_grad():
+                target = toy.decode(toy.denoise(views[a], s.reshape(1)))
+            for j in range(len(plan)):
+                if j == a:
+                    continue
+                c = scale(s)
+                u = (views[j] * c).detach().requires_grad_(True)
+                loss = toy.loss(toy.decode(toy.denoise(u / c, s.reshape(1))), target.repeat(1, 1, 1, 1)).sum()
+                (g,) = torch.autograd.grad(loss, u)
+                views[j] = (u.detach() - w * 0.95**i * g) / c
+        value, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
+        for win, v in zip(plan, views):
+            with torch.no_grad():
+                x0 = toy.denoise(v, s.reshape(1))
+            x_prev = x0 + (s_next / s) * (v - x0)
+            value[..., win.top:win.top + win.height, win.left:win.left + win.width] += x_prev
+            count[..., win.top:win.top + win.height, win.left:win.left + win.width] += 1
+        x = torch.where(count > 0, value / count.clamp_min(1e-12), x)
+    return x
+
+
+SIGMAS = torch.tensor([12.0, 5.0, 2.0, 0.7, 0.029], dtype=F64)
+
+
+def canvas(seed=0, h=8, w=40):
+    return torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(seed), dtype=F64) * 12.0
+
+
+@pytest.mark.parametrize("w", [0.0, 20.0])
+def test_window_batch_1_reproduces_the_one_at_a_time_baseline_exactly(w):
+    toy = Toy()
+    plan = plan_windows(8, 40, 8, 4)
+    x = canvas()
+    want = one_at_a_time(toy, x.clone(), SIGMAS, plan, w, sync_steps=2)
+    got = sample(toy.denoise, x.clone(), SIGMAS, plan, sync=SyncSettings(weight=w, steps=2), decode=toy.decode,
+                 loss=toy.loss, input_scale=scale, window_batch=1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("w", [0.0, 20.0])
+@pytest.mark.parametrize("window_batch,sync_batch", [(3, None), (4, 2), (9, 9), (100, None), (2, 7)])
+def test_batched_equals_one_at_a_time(w, window_batch, sync_batch):
+    toy = Toy(seed=1)
+    plan = plan_windows(16, 24, 8, 4)  # several rows: 3 x 5 windows
+    x = canvas(1, 16, 24)
+    kw = dict(sync=SyncSettings(weight=w, steps=3), decode=toy.decode, loss=toy.loss, input_scale=scale)
+    base = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=1, **kw)
+    got = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=window_batch, sync_batch=sync_batch, **kw)
+    assert (got - base).abs().max() < 1e-12
+    used = max(window_batch, sync_batch or 0) if w else window_batch
+    assert max(toy.batches) == min(used, len(plan))  # clamped to the grid
+
+
+class OOM(RuntimeError):
+    """Stands in for torch.cuda.OutOfMemoryError."""
+
+
+class Limited(Toy):
+    """A denoiser that runs out of memory for batches of more than ``limit`` windows."""
+
+    def __init__(self, limit, **kw):
+        super().__init__(**kw)
+        self.limit, self.failures = limit, 0
+
+    def denoise(self, x, sigma, windows=None, step=None):
+        if x.shape[0] > self.limit:
+            self.failures += 1
+            raise OOM(f"CUDA out of memory (batch {x.shape[0]})")
+        return super().denoise(x, sigma, windows, step)
+
+
+@pytest.mark.parametrize("w", [0.0, 20.0])
+def test_out_of_memory_halves_the_batch_once_and_retries(w, caplog):
+    plan = plan_windows(8, 40, 8, 4)  # 9 windows
+    x = canvas(2)
+    released = []
+    kw = dict(sync=SyncSettings(weight=w, steps=2), input_scale=scale)
+    want = sample(Toy().denoise, x.clone(), SIGMAS, plan, window_batch=1, decode=Toy().decode, loss=Toy().loss, **kw)
+    toy = Limited(limit=4)
+    with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
+        got = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=8, decode=toy.decode, loss=toy.loss,
+                     oom_errors=(OOM,), release_memory=lambda: released.append(1), **kw)
+    assert (got - want).abs().max() < 1e-12
+    # once per BatchSize (the denoise pass; with sync also the gradient pass, which defaults to window_batch)
+    assert toy.failures == len(released) == (2 if w else 1)
+    assert max(toy.batches) == 4
+    notes = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert notes and all("window_batch=8" in m and "retrying with 4" in m for m in notes)
+
+
+def test_out_of_memory_twice_fails_naming_the_setting():
+    toy = Limited(limit=1)
+    with pytest.raises(OOM, match=r"window_batch=4 \(halved from 8\)\. Lower window_batch") as info:
+        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=8, oom_errors=(OOM,))
+    assert isinstance(info.value.__cause__, OOM)
+    assert toy.failures == 2
+
+
+def test_out_of_memory_at_one_window_says_so():
+    toy = Limited(limit=0)
+    with pytest.raises(OOM, match="Even one window at a time does not fit: free memory"):
+        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=1, oom_errors=(OOM,),
+               oom_advice="free memory")
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def fn(group):
+        calls.append(len(group))
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):
+        list(BatchSize(8, oom_errors=(OOM,)).run(list(range(10)), fn))
+    assert calls == [8]
+
+
+def test_bad_window_batch():
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        sample(Toy().denoise, canvas(), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=0)
+
+
+def test_lpips_target_features_once_equal_repeated_targets():
+    """The sync step computes the anchor's LPIPS features once; the loss is the one with repeated targets."""
+    from syncdiff_core import perceptual
+    from syncdiff_core.sync import _against_fixed_target
+
+    torch.manual_seed(0)
+    lp = perceptual.build_lpips(perceptual.vgg_features("vgg16").state_dict())
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    for target in (torch.rand(1, 3, 32, 32) * 2 - 1,):
+        want = lp(images, target.repeat(3, 1, 1, 1))
+        got = _against_fixed_target(lp, target)(images, 3)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    two = torch.rand(2, 3, 32, 32) * 2 - 1  # a latent batch of 2: targets repeated per window
+    imgs = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.allclose(_against_fixed_target(lp, two)(imgs, 2), lp(imgs, two.repeat(2, 1, 1, 1)), rtol=1e-5,
+                          atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Through ComfyUI, tiny SD1.x model on the CPU
+
+H, W, WIN, STRIDE = 8, 32, 8, 4  # latent px: 7 windows
+
+
+@pytest.fixture(scope="module")
+def bridge(comfy):
+    return importlib.import_module(f"{comfy.pack_module.__name__}.syncdiff_core.comfy_bridge")
+
+
+@pytest.fixture(scope="module")
+def lpips(comfy, lpips_trunk, bridge):
+    return bridge.get_lpips(torch.device("cpu"))
+
+
+def run(bridge, model, tiny, vae, loss, *, w, window_batch, sync_batch=0, loss_decoder="vae", steps=3):
+    sync = importlib.import_module(bridge.__name__.rsplit(".", 1)[0] + ".sync")  # the pack's own classes
+    job = bridge.PanoramaJob(seed=5, steps=steps, cfg=5.0, window_px=WIN * 8, stride_px=STRIDE * 8,
+                             sync=sync.SyncSettings(weight=w, steps=2), anchor=sync.Anchor(),
+                             window_batch=window_batch, sync_batch=sync_batch, loss_decoder=loss_decoder)
+    latent = {"samples": torch.zeros(1, 4, H, W)}
+    with torch.inference_mode():
+        return bridge.sample_panorama(model, tiny.positive, tiny.negative, latent, job, vae=vae,
+                                      loss=loss)["samples"]
+
+
+@pytest.mark.parametrize("w", [0.0, 20.0])
+def test_comfy_batched_equals_one_window_at_a_time(bridge, tiny_sd15, tiny_kl_vae, lpips, w):
+    one = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=1)
+    many = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=5, sync_batch=3)
+    assert torch.isfinite(one).all()
+    rel = (many - one).norm() / one.norm()
+    assert rel < 1e-4, rel
+    if w:
+        free = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=5)
+        assert (free - one).abs().max() > 1e-4  # sync did something
+
+
+def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, caplog):
+    """A model wrapper raising ComfyUI's OOM exception for more than 2 windows (CFG doubles the rows)."""
+    import comfy.model_management as mm
+
+    limit = {"rows": 2 * 2, "failures": 0}
+
+    def wrapper(apply_model, args):
+        if args["input"].shape[0] > limit["rows"]:
+            limit["failures"] += 1
+            raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = tiny_sd15.model.clone()
+    model.set_model_unet_function_wrapper(wrapper)
+    want = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=2)
+    with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
+        got = run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
+    assert limit["failures"] == 2  # once in the denoise pass, once in the gradient pass
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert any("retrying with 2" in r.getMessage() for r in caplog.records)
+    limit["rows"] = 0
+    with pytest.raises(mm.OOM_EXCEPTION, match="window_batch"):
+        run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
+
+
+def test_comfy_checkpointed_and_half_decoders(bridge, tiny_sd15, tiny_kl_vae, lpips):
+    full = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
+    ckpt = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4,
+               loss_decoder="vae_checkpointed")
+    assert (ckpt - full).norm() / full.norm() < 1e-5  # same gradients, recomputed
+    half = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_half")
+    assert torch.isfinite(half).all() and (half - full).abs().max() > 0
+    # the decoder's modules are left unpatched
+    assert not any("forward" in m.__dict__ for m in tiny_kl_vae.first_stage_model.modules())
+
+
+def test_comfy_taesd_loss_decoder(bridge, comfy, tiny_sd15, lpips, tmp_path):
+    with pytest.raises(ValueError, match="taesd_decoder"):
+        run(bridge, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+    import comfy.taesd.taesd as taesd
+    import folder_paths
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    dec = taesd.TAESD().taesd_decoder
+    for p in dec.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(tmp_path / "taesd_decoder.safetensors"))
+    folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
+    try:
+        out = run(bridge, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+    finally:
+        folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
+    assert torch.isfinite(out).all()
+
+
+def test_comfy_bad_settings(bridge, tiny_sd15, tiny_kl_vae, lpips):
+    with pytest.raises(ValueError, match="loss_decoder"):
+        run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="nope")
+    with pytest.raises(ValueError, match="window_batch"):
+        run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=0)
