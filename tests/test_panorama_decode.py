@@ -335,3 +335,93 @@ class _CountingVAE:
 
     def __getattr__(self, name):
         return getattr(self._vae, name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SavePanorama360: the photo sphere (GPano XMP) metadata a 360° viewer reads, read back from the files
+# ------------------------------------------------------------------------------------------------------------
+
+GPANO = "{http://ns.google.com/photos/1.0/panorama/}"
+
+
+def _gpano_fields(xmp) -> dict[str, str]:
+    import xml.etree.ElementTree as ET
+
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8")
+    root = ET.fromstring(xmp[xmp.index("<x:xmpmeta"):xmp.index("</x:xmpmeta>") + len("</x:xmpmeta>")])
+    return {el.tag[len(GPANO):]: el.text for el in root.iter() if el.tag.startswith(GPANO)}
+
+
+def _image(height, width, seed=0):
+    """A smooth test picture (JPEG keeps it to a few grey levels), different in each batch item."""
+    y = torch.linspace(0, 1, height).reshape(1, height, 1, 1)
+    x = torch.linspace(0, 1, width).reshape(1, 1, width, 1)
+    phase = torch.rand(2, 1, 1, 3, generator=torch.Generator().manual_seed(seed))
+    return 0.5 + 0.4 * torch.sin(6.28 * (x + 0.5 * y + phase))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_save_panorama_360_writes_gpano_metadata(run_prompt, object_node, fmt):
+    from PIL import Image
+
+    images = _image(64, 256)  # 4:1, a cylindrical panorama: a band of the sphere around the horizon
+    prompt = {
+        "1": object_node(images, "IMAGE"),
+        "2": {"class_type": "SavePanorama360",
+              "inputs": {"images": ["1", 0], "filename_prefix": f"test360/{fmt}", "format": fmt,
+                         "jpeg_quality": 90}},
+    }
+    files = run_prompt(prompt).image_files("2")
+    assert len(files) == 2 and all(f.is_file() for f in files)
+    with Image.open(files[0]) as im:
+        assert im.size == (256, 64) and im.format == ("PNG" if fmt == "png" else "JPEG")
+        xmp = im.info["XML:com.adobe.xmp"] if fmt == "png" else im.info["xmp"]
+        if fmt == "png":  # the workflow is embedded too, as Save Image does
+            assert "prompt" in im.info and "SavePanorama360" in im.info["prompt"]
+        pixels = torch.from_numpy(__import__("numpy").array(im.convert("RGB"))).float() / 255
+    fields = _gpano_fields(xmp)
+    assert fields["ProjectionType"] == "equirectangular"
+    assert fields["UsePanoramaViewer"] == "True"
+    assert int(fields["FullPanoWidthPixels"]) == 256 and int(fields["FullPanoHeightPixels"]) == 128
+    assert int(fields["CroppedAreaImageWidthPixels"]) == 256 and int(fields["CroppedAreaImageHeightPixels"]) == 64
+    assert int(fields["CroppedAreaLeftPixels"]) == 0 and int(fields["CroppedAreaTopPixels"]) == 32
+    tolerance = 0.5 / 255 if fmt == "png" else 0.05  # PNG: exact to rounding; JPEG: lossy, a few grey levels
+    assert (pixels - images[0]).abs().max() <= tolerance + 1e-6
+
+
+@pytest.fixture(scope="module")
+def decode_nodes(comfy):
+    """The pack's decode_nodes module as ComfyUI loaded it (the pack is a package under ComfyUI)."""
+    node_cls = comfy.nodes.NODE_CLASS_MAPPINGS["SavePanorama360"]
+    return sys.modules[node_cls.__module__]
+
+
+def test_gpano_layout_of_a_full_sphere_and_too_tall_images(decode_nodes, run_prompt, object_node):
+    import comfy_harness
+
+    full = decode_nodes.gpano_layout(2048, 1024)  # 2:1 equirectangular: the whole sphere, no crop
+    assert full["FullPanoHeightPixels"] == 1024 and full["CroppedAreaTopPixels"] == 0
+    assert _gpano_fields(decode_nodes.gpano_xmp(2048, 1024))["CroppedAreaImageHeightPixels"] == "1024"
+    with pytest.raises(ValueError, match="at most half as tall"):
+        decode_nodes.gpano_layout(512, 300)
+    prompt = {"1": object_node(_image(80, 128), "IMAGE"),
+              "2": {"class_type": "SavePanorama360", "inputs": {"images": ["1", 0], "filename_prefix": "tall",
+                                                                "format": "png", "jpeg_quality": 95}}}
+    with pytest.raises(comfy_harness.PromptExecutionError, match="at most half as tall"):
+        run_prompt(prompt)
+
+
+def test_jpeg_xmp_segment_follows_jfif(decode_nodes):
+    import io as bytes_io
+
+    from PIL import Image
+
+    buffer = bytes_io.BytesIO()
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, format="JPEG")
+    data = decode_nodes.jpeg_with_xmp(buffer.getvalue(), decode_nodes.gpano_xmp(16, 8))
+    assert data[:4] == b"\xff\xd8\xff\xe0"  # SOI, then JFIF APP0 still first
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    assert data[app0_end:app0_end + 2] == b"\xff\xe1" and data[app0_end + 4:].startswith(b"http://ns.adobe.com/xap/1.0/\x00")
+    with Image.open(bytes_io.BytesIO(data)) as im:
+        assert im.size == (16, 8) and _gpano_fields(im.info["xmp"])["ProjectionType"] == "equirectangular"
