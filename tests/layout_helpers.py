@@ -1,0 +1,155 @@
+"""Shared by test_layout.py and test_controlnet_windows.py: a micro SD1.x-style UNet (and ControlNet) built
+through ComfyUI's own classes, prompts as conditioning tensors, the pack's modules as ComfyUI loaded them,
+and an independent per-window reference sampler made of stock ComfyUI parts.
+
+Why a micro model and not the harness's ``tiny_sd15``/``tiny_sd20``: those keep SD's width (model_channels
+320) so that checkpoint detection recognises them; one 3-step 64x256 px panorama costs ~15 s of a shared
+2-core CPU with them. The layout and ControlNet tests need a dozen panoramas, so they build the same
+architecture (``comfy.supported_models.SD15`` -> ``BaseModel`` -> ``ModelPatcher``, ``comfy.cldm.cldm.
+ControlNet`` -> ``comfy.controlnet.ControlNet``) at model_channels 32, about 100x cheaper. Nothing here
+depends on the weights' values except that different prompts give different predictions.
+
+The reference (``reference_panorama``) is what the windowed sampler should compute, written without the
+pack's cropping code: every window is denoised by a stock ``CFGGuider`` on its own crop of the canvas, with
+conditioning built for that window by ComfyUI's own nodes (``ConditioningSetArea``, ``ConditioningSetMask``,
+``ControlNetApplyAdvanced``) from the window's part of the user's input, then the windows are averaged
+(MultiDiffusion) as DESIGN.md §1 says.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+
+import torch
+
+CTX = 64  # context_dim of the micro UNet (the prompts' embedding width)
+CFG = 5.0
+
+MICRO_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "model_channels": 32, "num_res_blocks": [1], "channel_mult": [1],
+    "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "context_dim": CTX, "use_linear_in_transformer": False,
+}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread while the block runs. These tests' tensors are tiny: on a shared 2-core
+    machine a second OpenMP thread mostly waits for a busy core (a 32-channel conv measured 93 ms with two
+    threads under load, 1.3 ms with one)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def pack_modules(comfy) -> dict:
+    """The pack's modules as ComfyUI's ``load_custom_node`` imported them (never the repo as ``nodes``)."""
+    name = comfy.pack_module.__name__
+    return {m.rsplit(".", 1)[-1]: importlib.import_module(f"{name}.{m}") for m in (
+        "syncdiff_core.comfy_bridge", "syncdiff_core.regions", "syncdiff_core.sync", "syncdiff_core.windows",
+        "nodes.layout_nodes")}
+
+
+def build_micro_model(seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import tiny_models
+
+    mc = comfy.supported_models.SD15(dict(MICRO_UNET))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    tiny_models.init_weights_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_micro_controlnet(seed: int = 1):
+    """A random ControlNet for the micro UNet (its zero convs random too, so the hint changes the result)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+    import tiny_models
+
+    cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**cfg, num_heads=8, hint_channels=3, dtype=torch.float32,
+                                     operations=comfy.ops.disable_weight_init)
+    tiny_models.init_weights_(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
+
+
+def prompt(seed: int, tokens: int = 8, scale: float = 1.0) -> list:
+    """A CONDITIONING ``[[cond (1, tokens, CTX), {"pooled_output": ...}]]`` from random numbers."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CTX, generator=g) * scale, {"pooled_output": torch.randn(1, CTX, generator=g)}]]
+
+
+def stock_node(comfy, name: str):
+    return comfy.nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+# ----------------------------------------------------------------------------- reference
+
+class OneStep:
+    """A ``comfy.samplers.Sampler`` doing one DDIM (eta 0) step from ``noise`` (used as x itself) along
+    ``sigmas[0] -> sigmas[1]``; the new x is kept in ``self.x_next`` (no latent-format round trip)."""
+
+    def __new__(cls):
+        import comfy.samplers
+
+        class _OneStep(comfy.samplers.Sampler):
+            x_next = None
+
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+                       denoise_mask=None, disable_pbar=False):
+                s = sigmas[0].reshape(1).expand(noise.shape[0])
+                x0 = model_wrap(noise, s, **extra_args)
+                self.x_next = x0 + (sigmas[1] / sigmas[0]) * (noise - x0)
+                return self.x_next
+
+        return _OneStep()
+
+
+def reference_panorama(model, window_conds, shape, seed: int, sigmas: torch.Tensor, plan,
+                       cfg: float = CFG) -> torch.Tensor:
+    """What the pack's ``sample_panorama(...)["samples"]`` should be, computed window by window with stock
+    ComfyUI: ``window_conds(window) -> (positive, negative)`` gives each window its own conditioning.
+
+    Starts as the pack documents (ComfyUI's seeded noise times sqrt(1 + sigma0^2), DDIM along the
+    reference schedule, windows averaged each step, the final x scaled to x_VP and by the latent format)."""
+    import comfy.sample
+    import comfy.samplers
+
+    inner = model.model
+    noise = comfy.sample.prepare_noise(torch.zeros(shape), seed)
+    x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    conds = [window_conds(w) for w in plan]
+    for i in range(len(sigmas) - 1):
+        value, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
+        for w, (pos, neg) in zip(plan, conds):
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(pos, neg)
+            guider.set_cfg(cfg)
+            step = OneStep()
+            rows = slice(w.top, w.top + w.height)
+            cols = (torch.arange(w.width) + w.left) % w.canvas_width
+            xw = x[:, :, rows][..., cols]
+            guider.sample(xw, torch.zeros_like(xw), step, sigmas[i:i + 2], disable_pbar=True, seed=seed)
+            value[:, :, rows, cols] += step.x_next.to(x)
+            count[:, :, rows, cols] += 1
+        x = value / count
+    x = x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    return inner.process_latent_out(x)
+
+
+def window_columns_px(w, scale: int = 8) -> torch.Tensor:
+    """The canvas pixel columns a window covers, in window order (wrap-aware)."""
+    return (torch.arange(w.width * scale) + w.left * scale) % (w.canvas_width * scale)
