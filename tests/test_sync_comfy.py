@@ -25,6 +25,22 @@ def pack(comfy):
 
 
 @pytest.fixture(scope="module")
+def micro(comfy):
+    """A 32-channel SD1.x-shaped UNet (far cheaper than the checkpoint-sized one), built under inference mode
+    like a model a loader node returns, with random conditioning."""
+    import types
+
+    import tiny_models
+
+    with torch.inference_mode():
+        model = tiny_models.build_model("sd15", seed=5, model_channels=32)
+        pos = tiny_models.make_conditioning("sd15", seed=6)
+        neg = tiny_models.make_conditioning("sd15", seed=7)
+    assert next(model.model.diffusion_model.parameters()).is_inference()
+    return types.SimpleNamespace(model=model, positive=pos, negative=neg)
+
+
+@pytest.fixture(scope="module")
 def lpips(comfy, lpips_trunk, pack):
     return pack["syncdiff_core.comfy_bridge"].get_lpips(torch.device("cpu"))
 
@@ -78,20 +94,20 @@ def plain_windows():
     return [(0, l) for l in range(0, W - WIN + 1, STRIDE)]
 
 
-def test_reference_schedule(comfy, pack, tiny_sd15):
+def test_reference_schedule(comfy, pack, micro):
     br = pack["syncdiff_core.comfy_bridge"]
-    ms = tiny_sd15.model.get_model_object("model_sampling")
-    sig = br.reference_sigmas(tiny_sd15.model, 50)
+    ms = micro.model.get_model_object("model_sampling")
+    sig = br.reference_sigmas(micro.model, 50)
     t = ms.timestep(sig[:-1]).round().long().tolist()
     assert t == list(range(981, 0, -20))
     assert float(sig[-1]) == pytest.approx(float(ms.sigmas[0]))
 
 
-def test_single_window_equals_reference_ddim(comfy, pack, tiny_sd15):
+def test_single_window_equals_reference_ddim(comfy, pack, micro, tiny_kl_vae):
     """A canvas of one window is plain DDIM (eta 0) from unit-variance noise at t0, ending at alphabar_0."""
-    ind = Independent(tiny_sd15, tiny_sd15.vae)
-    got = run(pack, tiny_sd15, tiny_sd15.vae, job(pack, steps=3), width=WIN)
-    ms = tiny_sd15.model.get_model_object("model_sampling")
+    ind = Independent(micro, tiny_kl_vae)
+    got = run(pack, micro, tiny_kl_vae, job(pack, steps=3), width=WIN)
+    ms = micro.model.get_model_object("model_sampling")
     import comfy.sample
     noise = comfy.sample.prepare_noise(torch.zeros(1, 4, H, WIN), 3)
     acp = 1 / (1 + ms.sigmas.double() ** 2)  # alphabar_t from the model's sigma table
@@ -105,18 +121,18 @@ def test_single_window_equals_reference_ddim(comfy, pack, tiny_sd15):
             x0 = ind.x0((x / a.sqrt()).float(), sigma).double()
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    got = got.double() * tiny_sd15.model.model.latent_format.scale_factor  # LATENT holds the VAE's raw latent
+    got = got.double() * micro.model.model.latent_format.scale_factor  # LATENT holds the VAE's raw latent
     rel = (got - x).norm() / x.norm()
     assert rel < 1e-4, rel
 
 
-def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, micro, tiny_kl_vae, lpips):
     """One step, synchronized: the output equals a from-scratch computation of DESIGN §1 with autograd."""
     w = 20.0
-    got = run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1, w=w, sync_steps=1, window_batch=2), loss=lpips)
-    ind = Independent(tiny_sd15, tiny_kl_vae)
+    got = run(pack, micro, tiny_kl_vae, job(pack, steps=1, w=w, sync_steps=1, window_batch=2), loss=lpips)
+    ind = Independent(micro, tiny_kl_vae)
     br = pack["syncdiff_core.comfy_bridge"]
-    sig = br.reference_sigmas(tiny_sd15.model, 1)
+    sig = br.reference_sigmas(micro.model, 1)
     s0, s1 = float(sig[0]), float(sig[1])
     import comfy.sample
     x = comfy.sample.prepare_noise(torch.zeros(1, 4, H, W), 3) * math.sqrt(1 + s0**2)
@@ -146,49 +162,49 @@ def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, tiny_sd15, tin
     assert min(moved_by) > 1e-4, "the gradient step should move every non-anchor window"
     rel = (got - want).norm() / want.norm()
     assert rel < 1e-4, rel
-    no_sync = run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1))
+    no_sync = run(pack, micro, tiny_kl_vae, job(pack, steps=1))
     assert (got - no_sync).abs().max() > 1e-4
 
 
-def test_same_seed_same_panorama_and_w0_is_multidiffusion(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
-    synced = [run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips) for _ in range(2)]
+def test_same_seed_same_panorama_and_w0_is_multidiffusion(comfy, pack, micro, tiny_kl_vae, lpips):
+    synced = [run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips) for _ in range(2)]
     assert torch.equal(synced[0], synced[1])
-    md_w0 = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=0.0, sync_steps=2))
-    md_off = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=0))
+    md_w0 = run(pack, micro, tiny_kl_vae, job(pack, w=0.0, sync_steps=2))
+    md_off = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=0))
     assert torch.equal(md_w0, md_off)
     assert not torch.equal(md_w0, synced[0])
-    other_seed = run(pack, tiny_sd15, tiny_kl_vae, job(pack, seed=4))
+    other_seed = run(pack, micro, tiny_kl_vae, job(pack, seed=4))
     assert not torch.equal(other_seed, md_w0)
 
 
-def test_loaded_models_are_left_unaltered(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+def test_loaded_models_are_left_unaltered(comfy, pack, micro, tiny_kl_vae, lpips):
     before = {k: (p, p.is_inference(), p.detach().clone()) for k, p in
-              tiny_sd15.model.model.diffusion_model.named_parameters()}
+              micro.model.model.diffusion_model.named_parameters()}
     vae_before = {k: p for k, p in tiny_kl_vae.first_stage_model.named_parameters()}
-    run(pack, tiny_sd15, tiny_kl_vae, job(pack, steps=1, w=20.0, sync_steps=1), loss=lpips)
-    after = dict(tiny_sd15.model.model.diffusion_model.named_parameters())
+    run(pack, micro, tiny_kl_vae, job(pack, steps=1, w=20.0, sync_steps=1), loss=lpips)
+    after = dict(micro.model.model.diffusion_model.named_parameters())
     for k, (p, was_inference, value) in before.items():
         assert after[k] is p and p.is_inference() == was_inference and torch.equal(p, value), k
     for k, p in tiny_kl_vae.first_stage_model.named_parameters():
         assert vae_before[k] is p
 
 
-def test_image_anchor_runs_and_differs_from_window_anchor(comfy, pack, tiny_sd15, tiny_kl_vae, lpips):
+def test_image_anchor_runs_and_differs_from_window_anchor(comfy, pack, micro, tiny_kl_vae, lpips):
     sync = pack["syncdiff_core.sync"]
     img = torch.rand(1, 3, 40, 100) * 2 - 1  # any size: fitted to the window
-    by_image = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1,
+    by_image = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=1,
                                                      anchor=sync.Anchor(mode="image", image=img)), loss=lpips)
-    by_center = run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips)
+    by_center = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=lpips)
     assert torch.isfinite(by_image).all()
     assert (by_image - by_center).abs().max() > 1e-5
 
 
-def test_nan_gradient_stops_with_step_and_window(comfy, pack, tiny_sd15, tiny_kl_vae):
+def test_nan_gradient_stops_with_step_and_window(comfy, pack, micro, tiny_kl_vae):
     def nan_loss(images, targets):
         return (images - targets).pow(2).flatten(1).mean(1) * float("nan")
 
     with pytest.raises(FloatingPointError, match=r"step 1, window \d"):
-        run(pack, tiny_sd15, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=nan_loss)
+        run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=1), loss=nan_loss)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -201,7 +217,7 @@ def test_bad_sync_settings(pack, kw, match):
         job(pack, **kw)
 
 
-def test_bad_input_is_rejected_before_sampling(comfy, pack, tiny_sd15, tiny_kl_vae):
+def test_bad_input_is_rejected_before_sampling(comfy, pack, micro, tiny_kl_vae):
     sync = pack["syncdiff_core.sync"]
     calls = []
     loss = lambda a, b: calls.append(1)  # noqa: E731  (never reached)
@@ -214,7 +230,7 @@ def test_bad_input_is_rejected_before_sampling(comfy, pack, tiny_sd15, tiny_kl_v
     ]
     for j, match in cases:
         with pytest.raises(ValueError, match=match):
-            run(pack, tiny_sd15, tiny_kl_vae, j, loss=loss)
+            run(pack, micro, tiny_kl_vae, j, loss=loss)
     assert not calls
 
 
@@ -228,7 +244,7 @@ def test_anchor_selector_rejects_wrong_channels(comfy, pack):
     assert out.mode == "image" and out.image.shape == (1, 3, 32, 32) and out.image.min() >= -1
 
 
-def test_cancel_stops_within_one_window_batch(comfy, pack, tiny_sd15, tiny_kl_vae):
+def test_cancel_stops_within_one_window_batch(comfy, pack, micro, tiny_kl_vae):
     import comfy.model_management as mm
 
     seen = []
@@ -241,12 +257,12 @@ def test_cancel_stops_within_one_window_batch(comfy, pack, tiny_sd15, tiny_kl_va
             mm.interrupt_current_processing(True)
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    model = tiny_sd15.model.clone()
+    model = micro.model.clone()
     model.set_model_unet_function_wrapper(wrapper)
     latent = {"samples": torch.zeros(1, 4, H, W)}
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            br.sample_panorama(model, tiny_sd15.positive, tiny_sd15.negative, latent, j, vae=tiny_kl_vae)
+            br.sample_panorama(model, micro.positive, micro.negative, latent, j, vae=tiny_kl_vae)
     finally:
         mm.interrupt_current_processing(False)
     assert len(seen) == 3, f"the model ran {len(seen) - 3} more times after Cancel"
