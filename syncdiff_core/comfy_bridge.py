@@ -97,7 +97,11 @@ def _area_in_window(area, win: Window):
     for a, b, s in win.column_ranges():
         left, right = max(x, a), min(x + w, b)
         if right > left:
-            found.append((bottom - top, right - left, top - win.top, left - a + s))
+            piece = (bottom - top, right - left, top - win.top, left - a + s)
+            if found and found[-1][3] + found[-1][1] == piece[3]:  # contiguous across the wrap seam: one area
+                piece = (piece[0], found[-1][1] + piece[1], piece[2], found[-1][3])
+                found.pop()
+            found.append(piece)
     return found
 
 
