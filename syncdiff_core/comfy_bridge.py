@@ -141,6 +141,8 @@ class WindowConds:
                     if orig is None or id(node) in self.hints:
                         continue
                     s = int(getattr(node, "compression_ratio", 8))
+                    if getattr(node, "vae", None) is not None:  # the hint is VAE-encoded: it is in pixels
+                        s *= int(node.vae.spacial_compression_encode())
                     full = orig
                     if tuple(orig.shape[-2:]) != (h * s, w * s):
                         full = comfy.utils.common_upscale(
@@ -170,13 +172,15 @@ class WindowConds:
 
     def region_calls(self, windows):
         """For bootstrapping steps: one call per positive cond (each its own prompt, its mask removed and
-        returned as the fusion weight), sharing the cropped negatives. Yields ``(conds, mask, region spec)``."""
+        returned as the fusion weight), sharing the cropped negatives. Yields ``(conds, mask, strength, region
+        spec)``: the fusion weight is ``mask * strength``, as in ComfyUI's own fusion (mask_strength x strength)."""
         self._set_hints(windows)
         negatives = {k: [self._cond(c, windows) for c in cs] for k, cs in self.conds.items() if k != "positive"}
         for c in self.conds["positive"]:
             cc = self._cond(c, windows)
             mask = cc.pop("mask", None)
-            yield {"positive": [cc], **negatives}, None if mask is None else mask.unsqueeze(1), \
+            strength = float(cc.get("strength", 1.0)) * (1.0 if mask is None else float(cc.pop("mask_strength", 1.0)))
+            yield {"positive": [cc], **negatives}, None if mask is None else mask.unsqueeze(1), strength, \
                 c.get(core_regions.REGION_KEY)
 
     def _cond(self, c: dict, windows, area=None) -> dict:
@@ -474,9 +478,11 @@ class WindowedSampler(comfy.samplers.Sampler):
 # Layout-guided generation
 # --------------------------------------------------------------------------------------------------
 
-def prepare_layout(positive: list, latent: torch.Tensor) -> tuple[list, list]:
+def prepare_layout(positive: list, latent: torch.Tensor, negative: list = ()) -> tuple[list, list]:
     """Resolve LayoutMaskRegion conds before sampling: their masks at latent size (binarized unless soft),
-    empty ones dropped, and the background prompt(s) given the mask ``clip(1 - Σ m_fg, 0)``.
+    empty ones dropped, and the background prompt(s) given the mask ``clip(1 - Σ m_fg, 0)``. Bootstrapping
+    calls each prompt on whole windows, so it refuses area conditioning (positive or negative: ComfyUI copies
+    an area to the other side).
 
     Returns the new positive conditioning and the region specs of the kept foreground regions."""
     regions = [i for i, (_, d) in enumerate(positive) if core_regions.REGION_KEY in d]
@@ -489,6 +495,11 @@ def prepare_layout(positive: list, latent: torch.Tensor) -> tuple[list, list]:
         masks.append(core_regions.mask_to_canvas(positive[i][1]["mask"], h, w, spec.soft, f"region {k + 1}'s mask"))
     backgrounds = [i for i, (_, d) in enumerate(positive) if i not in regions and "mask" not in d and "area" not in d]
     keep, bg_mask = core_regions.layout_masks(masks, n, has_background=bool(backgrounds))
+    if any(positive[regions[k]][1][core_regions.REGION_KEY].bootstrap_fraction > 0 for k in keep) and any(
+            "area" in d for _, d in list(positive) + list(negative or [])):
+        raise ValueError("area conditioning (ConditioningSetArea, in a region, the positive or the negative "
+                         "prompt) cannot be combined with bootstrapping layout regions; set the regions' "
+                         "bootstrap_fraction to 0 or use masks (ConditioningSetMask)")
     out, specs = [], []
     for i, (emb, d) in enumerate(positive):
         if i in regions:
@@ -499,9 +510,6 @@ def prepare_layout(positive: list, latent: torch.Tensor) -> tuple[list, list]:
             specs.append(d[core_regions.REGION_KEY])
         elif i in backgrounds:
             d = {**d, "mask": bg_mask, "set_area_to_bounds": False, "mask_strength": 1.0}
-        elif any(bool(positive[r][1][core_regions.REGION_KEY].bootstrap_fraction) for r in regions) and "area" in d:
-            raise ValueError("area conditioning (ConditioningSetArea) cannot be combined with bootstrapping "
-                             "layout regions; set the regions' bootstrap_fraction to 0 or use masks")
         out.append([emb, d])
     return out, specs
 
@@ -531,13 +539,13 @@ class Bootstrap:
         background = self.latents[pick].to(x) + sig * _crop_stack(self.noise, windows, self.n).to(x)
         total = torch.zeros_like(x)
         weight = torch.zeros_like(x[:, :1])
-        for conds, mask, spec in window_conds.region_calls(windows):
+        for conds, mask, strength, spec in window_conds.region_calls(windows):
             inp = x
             if mask is not None and spec is not None and step < spec.bootstrap_steps(steps):
                 inp = core_regions.bootstrap_input(x, mask, background)
             guider.conds = conds
             x0 = guider(inp, sigma, model_options=model_options, seed=seed)
-            m = torch.ones_like(weight) if mask is None else mask.to(x)
+            m = (torch.ones_like(weight) if mask is None else mask.to(x)) * strength
             total = total + m * x0
             weight = weight + m
         return total / weight.clamp_min(1e-8)
@@ -560,7 +568,7 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     plan = plan_for(model, latent_image, job.window_px, job.stride_px, job.wrap)
     job.anchor.window_index(plan)  # validates an index anchor
-    positive, region_specs = prepare_layout(positive, latent_image)
+    positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:
         raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")

@@ -260,3 +260,47 @@ def test_the_hint_is_restored_when_sampling_fails(env):
         run(env, pos, neg, window_batch=2, model=model)
     assert n[0] == 2
     assert cnet.cond_hint_original is original
+
+
+# ----------------------------------------------------------------------------- WindowConds, directly
+
+def test_window_conds_crop_c_concat_masks_and_areas_across_the_seam(env):
+    import comfy.conds
+
+    seam = plan(env, True)[-1]  # latent cols 28..31 then 0..3
+    assert seam.wraps
+    cols = (torch.arange(WIN) + seam.left) % W
+    concat = torch.arange(W, dtype=torch.float32).expand(2, 5, H, W).clone()  # e.g. an inpainting model's
+    mask = torch.rand(1, H, W, generator=torch.Generator().manual_seed(1))
+    conds = {"positive": [{"model_conds": {"c_concat": comfy.conds.CONDNoiseShape(concat)}, "mask": mask},
+                          {"area": (4, W, 2, 0)},  # a full-width band: one area over the whole window
+                          {"area": (8, 4, 0, 8)}],  # latent cols 8..11: misses the seam window
+             "negative": [{}]}
+    wc = env.comfy_bridge.WindowConds(conds, (H, W), 2)
+    (rows, out), = list(wc.batches([seam]))
+    assert rows == slice(0, 2)
+    c0, band = out["positive"]  # the area that misses the window is skipped
+    assert torch.equal(c0["model_conds"]["c_concat"].cond, concat[..., cols])
+    assert torch.equal(c0["mask"], mask[..., cols].expand(2, H, WIN))
+    assert band["area"] == (4, WIN, 2, 0)
+    (_, out), = list(wc.batches([plan(env, True)[2]]))  # latent cols 8..15: both areas, the second cropped
+    assert [c.get("area") for c in out["positive"]] == [None, (4, WIN, 2, 0), (8, 4, 0, 0)]
+
+
+def test_hints_that_a_controlnet_vae_encodes_are_cropped_in_pixels(env):
+    import comfy.controlnet
+
+    class PixelVAE:  # what ComfyUI's get_control asks of the VAE of a latent-space ControlNet
+        def spacial_compression_encode(self):
+            return 8
+
+    control = comfy.controlnet.ControlBase()
+    hint = column_hint().movedim(-1, 1)
+    control.set_cond_hint(hint, 1.0, (0.0, 1.0))
+    control.compression_ratio, control.vae = 1, PixelVAE()  # as for SD3 / Flux ControlNets
+    wc = env.comfy_bridge.WindowConds({"positive": [{"control": control}], "negative": []}, (H, W), 1)
+    w = plan(env, False)[2]
+    list(wc.batches([w]))
+    assert torch.equal(control.cond_hint_original, hint[..., window_columns_px(w)])
+    wc.restore()
+    assert control.cond_hint_original is hint

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import comfy_harness as h
-from layout_helpers import CFG, build_micro_model, one_thread, pack_modules, prompt
+from layout_helpers import CFG, build_micro_model, one_thread, pack_modules, prompt, stock_node
 
 H, W = 8, 32           # latent px
 PX_H, PX_W = 64, 256   # pixels
@@ -34,7 +34,7 @@ SEED = 5
 @pytest.fixture(scope="module")
 def env(comfy, tiny_kl_vae):
     with one_thread():
-        yield SimpleNamespace(**pack_modules(comfy), model=build_micro_model(seed=11), vae=tiny_kl_vae,
+        yield SimpleNamespace(**pack_modules(comfy), model=build_micro_model(seed=11), vae=tiny_kl_vae, rt=comfy,
                               bg=prompt(1), a=prompt(2), b=prompt(3), neg=prompt(4), cache={})
 
 
@@ -45,19 +45,19 @@ def job(env, steps=3, wrap=False, window_batch=8):
                                         wrap=wrap, window_batch=window_batch)
 
 
-def run(env, positive, *, steps=3, wrap=False, batch=1, vae=None, model=None):
+def run(env, positive, *, steps=3, wrap=False, batch=1, vae=None, model=None, negative=None, j=None, loss=None):
     latent = {"samples": torch.zeros(batch, 4, H, W)}
     with torch.inference_mode():
-        out = env.comfy_bridge.sample_panorama(model or env.model, positive, env.neg, latent,
-                                               job(env, steps, wrap), vae=vae)
+        out = env.comfy_bridge.sample_panorama(model or env.model, positive, env.neg if negative is None else negative,
+                                               latent, j or job(env, steps, wrap), vae=vae, loss=loss)
     return out["samples"]
 
 
-def single(env, name: str, steps: int, wrap: bool = False) -> torch.Tensor:
+def single(env, name: str, steps: int, wrap: bool = False, batch: int = 1) -> torch.Tensor:
     """The panorama of one plain prompt (cached per module)."""
-    key = (name, steps, wrap)
+    key = (name, steps, wrap, batch)
     if key not in env.cache:
-        env.cache[key] = run(env, getattr(env, name), steps=steps, wrap=wrap)
+        env.cache[key] = run(env, getattr(env, name), steps=steps, wrap=wrap, batch=batch)
     return env.cache[key]
 
 
@@ -230,6 +230,15 @@ def test_background_and_two_regions(env):
     assert close(out, expected)
 
 
+def test_each_latent_of_a_batch_gets_its_own_mask(env):
+    masks = torch.cat([px_mask(cols=slice(0, 128)), px_mask(cols=slice(128, 256))])
+    out = run(env, region(env, env.a, masks, regions=env.bg), steps=1, batch=2)
+    m = torch.zeros(2, 1, H, W)
+    m[0, ..., :16] = 1
+    m[1, ..., 16:] = 1
+    assert close(out, m * single(env, "a", 1, batch=2) + (1 - m) * single(env, "bg", 1, batch=2))
+
+
 def test_a_mask_of_the_wrong_aspect_ratio_is_stretched_and_still_runs(env, caplog):
     square = px_mask(cols=slice(0, 32), shape=(64, 64))
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
@@ -304,6 +313,35 @@ def test_bootstrap_fraction_that_rounds_to_zero_steps_changes_nothing(env):
     assert far(one_step, plain, 1e-3)
 
 
+def test_bootstrapping_keeps_comfyuis_weights_of_other_masked_prompts(env):
+    # A ConditioningSetMask prompt at strength 0.5 next to a bootstrapping region: in the first step only the
+    # region's own input changes, so wherever the region's mask is 0 the result must equal the one without
+    # bootstrapping, where ComfyUI weighs that prompt by mask x strength.
+    half = torch.zeros(1, H, W)
+    half[..., :16] = 1
+    masked = stock_node(env.rt, "ConditioningSetMask").append(env.b, half, "default", 0.5)[0]
+    right = px_mask(cols=slice(192, 256))
+    on = run(env, region(env, env.a, right, fraction=1.0, regions=env.bg + masked), steps=1, vae=env.vae)
+    off = run(env, region(env, env.a, right, fraction=0.0, regions=env.bg + masked), steps=1)
+    assert close(on[..., :24], off[..., :24])
+    assert far(on[..., 24:], off[..., 24:], 1e-3)
+    assert far(off[..., :16], single(env, "bg", 1)[..., :16], 1e-3)  # the masked prompt matters where it is
+
+
+def test_synchronization_uses_the_fused_prediction_of_each_window(env, lpips_trunk):
+    # With a region covering everything the fused prediction is the region prompt's, in the sync gradient
+    # and in the denoising step alike: the synchronized panorama equals that of the region prompt alone.
+    sy = env.sync
+    j = env.comfy_bridge.PanoramaJob(seed=SEED, steps=2, cfg=CFG, window_px=WIN_PX, stride_px=STRIDE_PX,
+                                     sync=sy.SyncSettings(weight=20.0, steps=1), anchor=sy.Anchor())
+    loss = env.comfy_bridge.get_lpips(torch.device("cpu"))
+    synced = run(env, region(env, env.a, torch.ones(1, PX_H, PX_W), fraction=0.5, regions=env.bg), vae=env.vae,
+                 j=j, loss=loss)
+    alone = run(env, env.a, vae=env.vae, j=j, loss=loss)
+    assert far(alone, single(env, "a", 2), 1e-3), "synchronization must move this panorama"
+    assert close(synced, alone, 1e-3)
+
+
 # ----------------------------------------------------------------------------- bad input, before sampling
 
 def _no_model_call(env, positive, match, batch=1, vae=None):
@@ -326,6 +364,20 @@ def test_a_mask_batch_that_does_not_match_the_latent_batch_fails_before_sampling
 
 def test_bootstrapping_without_a_vae_fails_before_sampling(env):
     _no_model_call(env, region(env, env.a, px_mask(cols=slice(0, 128)), 0.2, regions=env.bg), "vae is required")
+
+
+@pytest.mark.parametrize("where", ["region", "positive", "negative"])
+def test_area_conditioning_with_bootstrapping_fails_before_sampling(env, where):
+    set_area = stock_node(env.rt, "ConditioningSetArea")
+    area = lambda c: set_area.append(c, 64, 64, 64, 0, 1.0)[0]  # noqa: E731
+    left = px_mask(cols=slice(0, 128))
+    positive = region(env, area(env.a) if where == "region" else env.a, left, 0.2,
+                      regions=env.bg + (area(env.b) if where == "positive" else []))
+    negative = env.neg + area(env.b) if where == "negative" else env.neg
+    model, calls = spied(env.model)
+    with pytest.raises(ValueError, match="area conditioning .* cannot be combined with bootstrapping"):
+        run(env, positive, model=model, vae=env.vae, negative=negative)
+    assert calls == []
 
 
 def test_a_bad_mask_fails_in_the_node(env):
