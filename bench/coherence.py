@@ -157,10 +157,11 @@ def generate(denoiser, seeds, setup: Setup, sync: SyncSettings, sync_loss) -> to
     return out.clamp(-1, 1)
 
 
-def measure(images: torch.Tensor, window: int, lpips_fn, style_fn) -> tuple[np.ndarray, np.ndarray]:
+def measure(images: torch.Tensor, window: int, lpips_fn, style_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intra-LPIPS (N,), Intra-Style-L (N,) and its per-layer terms (N, 5: relu1_1 ... relu5_1)."""
     with torch.no_grad():
-        return (perceptual.intra_lpips(images, window, lpips_fn).numpy(),
-                perceptual.intra_style_l(images, window, style_fn).numpy())
+        layers = perceptual.intra_style_l(images, window, style_fn, per_layer=True).numpy()
+        return perceptual.intra_lpips(images, window, lpips_fn).numpy(), layers.sum(axis=1), layers
 
 
 def step_size_report(denoiser, seeds, setup: Setup, weight: float, sync_loss, at_steps=(0, 4, 9, 19)) -> list[dict]:
@@ -217,10 +218,11 @@ def run_benchmark(seeds, sync_steps_list=(5, 10, 20, 50), weight: float = 20.0, 
     for label, sync in settings:
         t = time.perf_counter()
         images = generate(denoiser, seeds, setup, sync, sync_loss)
-        lp, st = measure(images, setup.window, metric_lpips, metric_style)
+        lp, st, layers = measure(images, setup.window, metric_lpips, metric_style)
         elapsed = time.perf_counter() - t
         results["settings"].append({"label": label, "weight": sync.weight, "sync_steps": sync.steps,
-                                    "intra_lpips": lp.tolist(), "intra_style_l": st.tolist(), "seconds": elapsed})
+                                    "intra_lpips": lp.tolist(), "intra_style_l": st.tolist(),
+                                    "intra_style_l_layers": layers.tolist(), "seconds": elapsed})
         results["images"][label] = images
         log(f"{label}: Intra-LPIPS {lp.mean():.4f} ± {lp.std(ddof=1) if len(lp) > 1 else 0:.4f}, "
             f"Intra-Style-L {st.mean():.4g} ± {st.std(ddof=1) if len(st) > 1 else 0:.3g} ({elapsed:.0f} s)")
@@ -247,6 +249,16 @@ def markdown_table(results: dict) -> str:
                  f"{ds.mean():+.3g} ± {sd(ds) / math.sqrt(n):.2g}", f"{int((ds < 0).sum())}/{n}")
         lines.append(f"| {s['label']} | {lp.mean():.4f} ± {sd(lp):.4f} | {st.mean():.4g} ± {sd(st):.3g} | "
                      f"{d[0]} | {d[1]} | {d[2]} | {d[3]} |")
+    return "\n".join(lines)
+
+
+def layer_table(results: dict) -> str:
+    """Intra-Style-L's per-layer terms, mean over seeds, per setting."""
+    names = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    lines = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in results["settings"]:
+        m = np.array(s["intra_style_l_layers"]).mean(axis=0)
+        lines.append(f"| {s['label']} | " + " | ".join(f"{v:.3g}" for v in m) + " |")
     return "\n".join(lines)
 
 
@@ -293,6 +305,9 @@ def main(argv=None) -> int:
     p.add_argument("--weight", type=float, default=20.0, help="sync weight w")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNG strip and the JSON")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every panorama (uint8, N x H x W x 3 per setting) to coherence_panoramas.npz")
+    p.add_argument("--no-scale-report", action="store_true", help="skip the report of what w means here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -300,10 +315,16 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     results = run_benchmark(seeds, args.sync_steps, args.weight, setup)
-    sync_loss = perceptual.build_lpips(random_trunk("vgg16", SYNC_TRUNK_SEED), "cpu")
-    scale = step_size_report(IdealDenoiser(load_crops(setup.window)), seeds[:4], setup, args.weight, sync_loss)
+    scale = []
+    if not args.no_scale_report:
+        sync_loss = perceptual.build_lpips(random_trunk("vgg16", SYNC_TRUNK_SEED), "cpu")
+        scale = step_size_report(IdealDenoiser(load_crops(setup.window)), seeds[:4], setup, args.weight, sync_loss)
     total = time.perf_counter() - t0
     save_strip(results, args.out / "coherence_examples.png")
+    if args.save_images:
+        np.savez_compressed(args.out / "coherence_panoramas.npz", **{
+            f"setting{i}": ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            for i, img in enumerate(results["images"].values())})
     record = {k: v for k, v in results.items() if k != "images"}
     record.update(step_scale=scale, total_seconds=total, date=time.strftime("%Y-%m-%d"),
                   machine=f"{machine_name()}, {torch.get_num_threads()} torch threads",
@@ -311,6 +332,8 @@ def main(argv=None) -> int:
     (args.out / "coherence_results.json").write_text(json.dumps(record, indent=1))
     print()
     print(markdown_table(results))
+    print()
+    print(layer_table(results))
     print()
     print("| step | σ | w_i | RMS move of x (VE) | same in VP | RMS of x (VE) | RMS change of x0 |")
     print("|---|---|---|---|---|---|---|")

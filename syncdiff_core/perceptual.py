@@ -496,7 +496,7 @@ def intra_lpips(panorama_image: torch.Tensor, window_px: int, lpips_fn: Callable
 
 
 def intra_style_l(panorama_image: torch.Tensor, window_px: int, vgg19_features: Callable, *,
-                  chunk: int = 16) -> torch.Tensor:
+                  chunk: int = 16, per_layer: bool = False) -> torch.Tensor:
     """Intra-Style-L: the Gram-matrix style loss between every unordered pair of the panorama's non-overlapping
     window-size crops (:func:`crop_grid`), averaged over pairs. Lower is more coherent.
 
@@ -508,7 +508,8 @@ def intra_style_l(panorama_image: torch.Tensor, window_px: int, vgg19_features: 
     - loss between crops a and b: ``Σ_layers mean((G_a − G_b)²)`` (mean over the C×C entries), layers weighted
       equally.
 
-    ``vgg19_features(images) -> list of (B, C, h, w)`` (as :class:`StyleFeatures`). Returns (N,), float32.
+    ``vgg19_features(images) -> list of (B, C, h, w)`` (as :class:`StyleFeatures`). Returns (N,), float32;
+    with ``per_layer`` the layers' terms (N, layers), whose sum over layers is the metric.
     """
     crops = crop_grid(panorama_image, window_px)
     n, m = crops.shape[:2]
@@ -517,8 +518,6 @@ def intra_style_l(panorama_image: torch.Tensor, window_px: int, vgg19_features: 
     for b in range(n):
         per_crop = _chunked(lambda x: [gram(f.float()) for f in vgg19_features(x)], crops[b], chunk)
         grams = [torch.cat(layer) for layer in zip(*per_crop)]
-        total = 0
-        for g in grams:
-            total = total + ((g[ii] - g[jj]) ** 2).mean(dim=(1, 2))
-        out.append(total.mean())
+        terms = torch.stack([((g[ii] - g[jj]) ** 2).mean(dim=(1, 2)).mean() for g in grams])
+        out.append(terms if per_layer else terms.sum())
     return torch.stack(out)

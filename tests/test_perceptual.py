@@ -240,6 +240,9 @@ def test_metrics_are_zero_for_one_repeated_crop_and_grow_as_crops_differ(trunks)
         with torch.no_grad():
             lpips_values.append(float(P.intra_lpips(pano, 32, lp)))
             style_values.append(float(P.intra_style_l(pano, 32, style)))
+    with torch.no_grad():
+        layers = P.intra_style_l(pano, 32, style, per_layer=True)
+    assert layers.shape == (1, 5) and float(layers.sum()) == pytest.approx(style_values[-1], rel=1e-5)
     assert lpips_values[0] == pytest.approx(0, abs=1e-7) and style_values[0] == pytest.approx(0, abs=1e-12)
     assert 0 < lpips_values[1] < lpips_values[2]
     assert 0 < style_values[1] < style_values[2]
