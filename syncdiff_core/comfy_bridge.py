@@ -474,6 +474,12 @@ class WindowedSampler(comfy.samplers.Sampler):
         return x
 
 
+def _native_size(conditioning: list, height: int, width: int) -> list:
+    """Size conditioning (SDXL's ``width``/``height``) describes one window, not the whole canvas, unless the
+    user set it (e.g. with CLIPTextEncodeSDXL)."""
+    return [[emb, {"width": width, "height": height, **d}] for emb, d in conditioning]
+
+
 # --------------------------------------------------------------------------------------------------
 # Layout-guided generation
 # --------------------------------------------------------------------------------------------------
@@ -567,6 +573,7 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     Every check on the inputs happens here, before any model is loaded."""
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     plan = plan_for(model, latent_image, job.window_px, job.stride_px, job.wrap)
+    s = latent_scale(model)
     job.anchor.window_index(plan)  # validates an index anchor
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
@@ -582,12 +589,12 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
         elif vae is None:
             raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0")
         if job.anchor.mode == "image":
-            s = latent_scale(model)
             fitted = fit_image(job.anchor.image, plan.window_height * s, plan.window_width * s)
             job = dataclasses.replace(job, anchor=Anchor(mode="image", image=fitted.clamp(-1, 1)))
         if loss is None:
             loss = get_lpips(model.load_device)
         model = gradient_ready_patcher(model)
+    positive, negative = (_native_size(c, plan.window_height * s, plan.window_width * s) for c in (positive, negative))
     noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
     sigmas = reference_sigmas(model, job.steps)
     guider = comfy.samplers.CFGGuider(model)
