@@ -206,6 +206,33 @@ class WindowConds:
             node.cond_hint_original = orig
             node.cond_hint = None
 
+    def control_modules(self) -> list:
+        """The ControlNets' networks: synchronization differentiates through them, so their inference-mode
+        weights need the same normal copies as the UNet's (see ``trainable_copies``)."""
+        found = {}
+        for node, *_ in self.hints.values():
+            net = getattr(node, "control_model", None)
+            if isinstance(net, torch.nn.Module):
+                found[id(net)] = net
+        return list(found.values())
+
+
+def clone_skips_for_gradients(model_options: dict) -> dict:
+    """``model_options`` plus a UNet patch that makes ControlNet residuals differentiable: ComfyUI's UNet adds
+    them to its stored skip connections in place (``hsp += ctrl``), after the next layer saved that tensor for
+    backward, which autograd refuses. With gradients on, the next input block gets a clone instead (the sanctioned
+    ``input_block_patch_after_skip`` hook); without, nothing changes."""
+    def patch(h, transformer_options):
+        return h.clone() if torch.is_grad_enabled() and h.requires_grad else h
+
+    options = dict(model_options)
+    to = dict(options.get("transformer_options", {}))
+    patches = dict(to.get("patches", {}))
+    patches["input_block_patch_after_skip"] = list(patches.get("input_block_patch_after_skip", [])) + [patch]
+    to["patches"] = patches
+    options["transformer_options"] = to
+    return options
+
 
 # --------------------------------------------------------------------------------------------------
 # Gradients through inference-mode weights
@@ -447,6 +474,9 @@ class WindowedSampler(comfy.samplers.Sampler):
             uses_vae = job.loss_decoder != "taesd"
             comfy.model_management.load_models_gpu([guider.model_patcher] + ([self.vae.patcher] if uses_vae else []))
             grad_modules = [guider.inner_model] + ([self.vae.first_stage_model] if uses_vae else [])
+            grad_modules += window_conds.control_modules()
+            if window_conds.hints:
+                model_options = clone_skips_for_gradients(model_options)
         try:
             with trainable_copies(*grad_modules), gradient_section():
                 x = core_sampler.sample(

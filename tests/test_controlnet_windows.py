@@ -304,3 +304,26 @@ def test_hints_that_a_controlnet_vae_encodes_are_cropped_in_pixels(env):
     assert torch.equal(control.cond_hint_original, hint[..., window_columns_px(w)])
     wc.restore()
     assert control.cond_hint_original is hint
+
+
+def test_synchronization_differentiates_through_a_controlnet_loaded_in_inference_mode(env, lpips_trunk, tiny_kl_vae):
+    # As in a graph: the loaders create the UNet's and the ControlNet's weights under inference mode, and
+    # the LPIPS gradient of a sync step runs through both.
+    with torch.inference_mode():
+        model, cnet = build_micro_model(seed=21), build_micro_controlnet(seed=22)
+    params = dict(cnet.control_model.named_parameters())
+    assert all(p.is_inference() for p in params.values())
+    pos, neg = apply_controlnet(env, env.bg, env.neg, column_hint(), cnet=cnet)
+    sy, cb = env.sync, env.comfy_bridge
+    loss = cb.get_lpips(torch.device("cpu"))
+
+    def sample(weight):
+        job = cb.PanoramaJob(seed=SEED, steps=2, cfg=CFG, window_px=WIN * 8, stride_px=STRIDE * 8,
+                             sync=sy.SyncSettings(weight=weight, steps=1), anchor=sy.Anchor())
+        with torch.inference_mode():
+            return cb.sample_panorama(model, pos, neg, {"samples": torch.zeros(1, 4, H, W)}, job, vae=tiny_kl_vae,
+                                      loss=loss)["samples"]
+
+    synced, plain = sample(20.0), sample(0.0)
+    assert torch.isfinite(synced).all() and far(synced, plain, 1e-3)
+    assert all(p is params[k] for k, p in cnet.control_model.named_parameters())  # the originals are back
