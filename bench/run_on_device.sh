@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run bench/gpu_bench.py on the GPU machine, from the repository root.
+#
+# The machine has torch and most of ComfyUI's needs but not torchsde, trampoline or lpips: they travel as
+# pure-python wheels in .whl/ (git-ignored; carried with the call, see docs/PERFORMANCE.md), and .comfyui/
+# (ComfyUI itself) is carried too. The commit is read from bench/.commit (git-ignored, carried), since .git
+# may not travel. Arguments go to gpu_bench.py; results land in $OUT (results.json, log.txt, nvidia-smi.txt).
+#
+#   here:   git rev-parse HEAD > bench/.commit   (add "+dirty" if bench/ or syncdiff_core/ has changes)
+#   device: bash bench/run_on_device.sh --plan explore
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing the carried wheels failed" >&2; exit 3; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit,memory.used,memory.total \
+    --format=csv > "$OUT/nvidia-smi.txt" 2>&1 || true
+cat "$OUT/nvidia-smi.txt"
+python3 - <<'EOF' || { echo "imports failed: see above" >&2; exit 4; }
+import sys
+sys.path[:0] = [".comfyui/ComfyUI", "."]
+import torch, torchsde, lpips  # noqa: F401
+import comfy.sd, comfy.samplers, comfy.supported_models  # noqa: F401
+import syncdiff_core.comfy_bridge  # noqa: F401
+print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available())
+EOF
+python3 bench/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"
