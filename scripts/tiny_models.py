@@ -61,8 +61,10 @@ def model_config(family: str):
 def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; biases: 0;
-    scalars: 0. Buffers are left alone (they hold computed things such as the sigma schedule).
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; other 1-D
+    parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a
+    meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and
+    so are buffers (they hold computed things such as the sigma schedule).
     """
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
@@ -72,8 +74,10 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) ->
             p.copy_(t.to(p.dtype))
         elif p.ndim == 1 and name.endswith("weight"):
             p.fill_(1.0)
-        else:
+        elif p.ndim == 1:
             p.zero_()
+        elif not torch.isfinite(p).all():
+            raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     return module
 
 
@@ -100,6 +104,8 @@ def build_taesd_vae(seed: int = 0):
     import comfy.taesd.taesd as taesd
     net = taesd.TAESD(latent_channels=4)
     init_weights_(net, seed)
+    with torch.no_grad():  # centre the decoder's output (0..1 images) so pictures are not clamped to black
+        net.taesd_decoder[-1].bias.fill_(0.7)
     return comfy.sd.VAE(sd=net.state_dict())
 
 
@@ -151,6 +157,29 @@ def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with
     tmp = path.with_name(path.name + ".partial")
     comfy.sd.save_checkpoint(str(tmp), model, clip=clip, vae=vae,
                              metadata={"syncdiffusion_tiny": f"{family} seed={seed} random weights"})
+    tmp.replace(path)
+    return path
+
+
+def write_controlnet(path: Path | str, family: str = "sd15", seed: int = 0) -> Path:
+    """Write a random ControlNet for the tiny UNet of ``family`` (``comfy.cldm.cldm.ControlNet``, 3-channel
+    hints) that ``ControlNetLoader`` / ``comfy.controlnet.load_controlnet`` detect and load. The format follows
+    the file name: ``.safetensors``, else a ``torch.save`` state dict (what ``.pth`` files hold)."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in unet_config(family).items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
+                                     operations=comfy.ops.disable_weight_init)
+    init_weights_(net, seed)
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, str(tmp))
     tmp.replace(path)
     return path
 

@@ -3,7 +3,8 @@ live node schemas and executed, converted to API format, through ComfyUI's Promp
 
 How the tiny model stands in: each checkpoint file a workflow names (any checkpoint combo, e.g.
 ``v1-5-pruned-emaonly.safetensors``) is provided in the temp checkpoints folder as a link to the tiny SD1.x
-checkpoint, so the workflow's own ``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged. A
+checkpoint, so the workflow's own ``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged; each
+ControlNet file a workflow names gets a tiny random ControlNet for that UNet (``tiny_models.write_controlnet``). A
 random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only, the executed copy
 is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride) divided by 8 (window 0 =
 native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema checks use the file as it is.
@@ -17,12 +18,14 @@ from pathlib import Path
 import pytest
 
 import comfy_harness as h
+import tiny_models
 import workflow_convert as wc
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CHECKPOINT_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"), ("CheckpointLoader", "ckpt_name"),
                      ("ImageOnlyCheckpointLoader", "ckpt_name")}
+CONTROLNET_INPUTS = {("ControlNetLoader", "control_net_name"), ("DiffControlNetLoader", "control_net_name")}
 
 
 def test_there_are_example_workflows():
@@ -30,18 +33,24 @@ def test_there_are_example_workflows():
 
 
 def _provide_named_files(workflow: dict, tiny) -> list[str]:
-    """Link the tiny checkpoint under every checkpoint name the workflow uses. Returns the names."""
+    """Link the tiny checkpoint under every checkpoint name the workflow uses, and write a tiny random
+    ControlNet (for the tiny UNet's family) under every ControlNet name. Returns the names."""
     names = []
     for n in workflow["nodes"]:
         if n.get("mode", 0) in (wc.MODE_MUTED,):
             continue
-        for (ntype, inp) in CHECKPOINT_INPUTS:
+        for (ntype, inp) in CHECKPOINT_INPUTS | CONTROLNET_INPUTS:
             if n.get("type") != ntype:
                 continue
             cls = h.runtime().nodes.NODE_CLASS_MAPPINGS[ntype]
             widgets = [s for s in wc.node_inputs(cls) if s.is_widget]
             assigned = wc.assign_widgets(n, widgets).values
-            if inp in assigned:
+            if inp in assigned and (ntype, inp) in CONTROLNET_INPUTS:
+                path = h.runtime().model_folder("controlnet") / assigned[inp]
+                if not path.exists():
+                    tiny_models.write_controlnet(path, family=tiny.family, seed=h.SEED + 5)
+                names.append(assigned[inp])
+            elif inp in assigned:
                 names.append(h.link_checkpoint(tiny.ckpt_path, assigned[inp]))
     return names
 
