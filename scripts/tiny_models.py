@@ -61,10 +61,8 @@ def model_config(family: str):
 def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; other 1-D
-    parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a
-    meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and
-    so are buffers (they hold computed things such as the sigma schedule).
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; biases: 0;
+    scalars: 0. Buffers are left alone (they hold computed things such as the sigma schedule).
     """
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
@@ -74,10 +72,8 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) ->
             p.copy_(t.to(p.dtype))
         elif p.ndim == 1 and name.endswith("weight"):
             p.fill_(1.0)
-        elif p.ndim == 1:
+        else:
             p.zero_()
-        elif not torch.isfinite(p).all():
-            raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     return module
 
 
@@ -104,8 +100,6 @@ def build_taesd_vae(seed: int = 0):
     import comfy.taesd.taesd as taesd
     net = taesd.TAESD(latent_channels=4)
     init_weights_(net, seed)
-    with torch.no_grad():  # centre the decoder's output (0..1 images) so pictures are not clamped to black
-        net.taesd_decoder[-1].bias.fill_(0.7)
     return comfy.sd.VAE(sd=net.state_dict())
 
 
