@@ -223,6 +223,8 @@ def run_benchmark(seeds, sync_steps_list=(5, 10, 20, 50), weight: float = 20.0, 
         results["settings"].append({"label": label, "weight": sync.weight, "sync_steps": sync.steps,
                                     "intra_lpips": lp.tolist(), "intra_style_l": st.tolist(),
                                     "intra_style_l_layers": layers.tolist(), "seconds": elapsed})
+        colour, contrast = crop_spreads(images, setup.window)
+        results["settings"][-1].update(colour_spread=colour.tolist(), contrast_spread=contrast.tolist())
         results["images"][label] = images
         log(f"{label}: Intra-LPIPS {lp.mean():.4f} ± {lp.std(ddof=1) if len(lp) > 1 else 0:.4f}, "
             f"Intra-Style-L {st.mean():.4g} ± {st.std(ddof=1) if len(st) > 1 else 0:.3g} ({elapsed:.0f} s)")
@@ -252,13 +254,31 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def crop_spreads(images: torch.Tensor, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per panorama, over all pairs of its non-overlapping crops: the mean squared difference of the crops'
+    mean RGB, and of their RGB standard deviations (colour and contrast spread). Two (N,) arrays."""
+    crops = perceptual.crop_grid(images.double(), window)  # N, M, 3, w, w
+    mean, std = crops.mean(dim=(3, 4)), crops.std(dim=(3, 4), unbiased=False)  # N, M, 3
+    m = crops.shape[1]
+    ii, jj = zip(*[(i, j) for i in range(m) for j in range(i + 1, m)])
+    spread = lambda t: ((t[:, list(ii)] - t[:, list(jj)]) ** 2).sum(-1).mean(-1).numpy()  # noqa: E731
+    return spread(mean), spread(std)
+
+
 def layer_table(results: dict) -> str:
     """Intra-Style-L's per-layer terms, mean over seeds, per setting."""
     names = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-    lines = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| setting | " + " | ".join(names) + " | colour spread | contrast spread | corr(Style-L, colour) "
+             "| corr(Style-L, contrast) | corr(Style-L, Intra-LPIPS) |",
+             "|---|" + "---|" * (len(names) + 5)]
     for s in results["settings"]:
         m = np.array(s["intra_style_l_layers"]).mean(axis=0)
-        lines.append(f"| {s['label']} | " + " | ".join(f"{v:.3g}" for v in m) + " |")
+        st, lp = np.array(s["intra_style_l"]), np.array(s["intra_lpips"])
+        colour, contrast = np.array(s["colour_spread"]), np.array(s["contrast_spread"])
+        corr = lambda a, b: float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 else float("nan")  # noqa: E731
+        lines.append(f"| {s['label']} | " + " | ".join(f"{v:.3g}" for v in m) + f" | {colour.mean():.3f} | "
+                     f"{contrast.mean():.3f} | {corr(st, colour):.2f} | {corr(st, contrast):.2f} | "
+                     f"{corr(st, lp):.2f} |")
     return "\n".join(lines)
 
 
@@ -334,12 +354,13 @@ def main(argv=None) -> int:
     print(markdown_table(results))
     print()
     print(layer_table(results))
-    print()
-    print("| step | σ | w_i | RMS move of x (VE) | same in VP | RMS of x (VE) | RMS change of x0 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in scale:
-        print(f"| {r['step']} | {r['sigma']:.3f} | {r['w_i']:.2f} | {r['rms_dx_ve']:.3g} | {r['rms_dx_vp']:.3g} | "
-              f"{r['rms_x_ve']:.3g} | {r['rms_dx0']:.3g} |")
+    if scale:
+        print()
+        print("| step | σ | w_i | RMS move of x (VE) | same in VP | RMS of x (VE) | RMS change of x0 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in scale:
+            print(f"| {r['step']} | {r['sigma']:.3f} | {r['w_i']:.2f} | {r['rms_dx_ve']:.3g} | {r['rms_dx_vp']:.3g} | "
+                  f"{r['rms_x_ve']:.3g} | {r['rms_dx0']:.3g} |")
     print(f"\ntotal {total:.0f} s")
     return 0
 

@@ -90,3 +90,16 @@ def test_benchmark_smoke_two_seeds_few_steps():
     assert not torch.allclose(a, b)  # synchronization changed the panoramas
     table = C.markdown_table(res)
     assert "MultiDiffusion" in table and "sync_steps = 2" in table
+    assert "relu1_1" in C.layer_table(res) and len(res["settings"][1]["colour_spread"]) == 2
+
+
+def test_crop_spreads_separate_colour_from_contrast():
+    g = torch.Generator().manual_seed(2)
+    crop = torch.rand(3, 8, 8, generator=g) - 0.5
+    shifted = torch.cat([crop, crop + 0.2, crop, crop], dim=-1)[None]  # one crop brighter by 0.2
+    colour, contrast = C.crop_spreads(shifted, 8)
+    # 3 of the 6 pairs differ by 0.2 in each of the 3 channel means: 3 * 3 * 0.04 / 6
+    assert colour[0] == pytest.approx(3 * 3 * 0.04 / 6) and contrast[0] == pytest.approx(0, abs=1e-12)
+    scaled = torch.cat([crop, crop * 2, crop, crop], dim=-1)[None]
+    colour, contrast = C.crop_spreads(scaled, 8)
+    assert contrast[0] > 0
