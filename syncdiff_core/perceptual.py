@@ -17,6 +17,7 @@ LPIPS's linear heads ship with the ``lpips`` package and are loaded from it.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import urllib.request
@@ -65,6 +66,8 @@ TRUNKS = {
 }
 
 _EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
+
+log = logging.getLogger("syncdiffusion")
 
 
 class TrunkWeightsNotFound(FileNotFoundError):
@@ -159,6 +162,8 @@ def resolve_trunk(name: str, search_paths=None, *, allow_download: bool = True, 
     if not allow_download:
         raise TrunkWeightsNotFound(_not_found_message(spec, search_paths, "Downloading was turned off."))
     dst = hub_checkpoint_path(name)
+    log.info("SyncDiffusion: %s trunk not found offline; downloading %s (%d MB) to %s",
+             spec.name.upper(), spec.url, spec.size_mb, dst)
     try:
         _download(spec.url, dst, spec.hash_prefix, timeout)
     except Exception as e:  # noqa: BLE001 - any network failure means "offline"
@@ -404,6 +409,7 @@ def _device_key(device) -> str:
 def _load_cached(kind: str, trunk: str, build: Callable, search_paths, device, allow_download, timeout):
     path = resolve_trunk(trunk, search_paths, allow_download=allow_download, timeout=timeout)
     st = path.stat()
+    log.debug("SyncDiffusion: %s trunk from %s", trunk.upper(), path)
     key = (kind, str(path.resolve()), st.st_mtime_ns, st.st_size, _device_key(device))
     with _LOCK:
         module = _CACHE.get(key)
