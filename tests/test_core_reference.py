@@ -8,7 +8,15 @@ from syncdiff_core import Anchor, SyncSettings, plan_windows, sample
 from syncdiff_core.sync import synchronize
 from syncdiff_core.windows import crop
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These tests compare in float64; the default dtype is restored for the rest of the session."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 class Toy:
