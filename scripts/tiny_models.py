@@ -61,8 +61,10 @@ def model_config(family: str):
 def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; biases: 0;
-    scalars: 0. Buffers are left alone (they hold computed things such as the sigma schedule).
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; other 1-D
+    parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a
+    meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and
+    so are buffers (they hold computed things such as the sigma schedule).
     """
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
@@ -72,8 +74,10 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) ->
             p.copy_(t.to(p.dtype))
         elif p.ndim == 1 and name.endswith("weight"):
             p.fill_(1.0)
-        else:
+        elif p.ndim == 1:
             p.zero_()
+        elif not torch.isfinite(p).all():
+            raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     return module
 
 
@@ -100,6 +104,17 @@ def build_taesd_vae(seed: int = 0):
     import comfy.taesd.taesd as taesd
     net = taesd.TAESD(latent_channels=4)
     init_weights_(net, seed)
+    with torch.no_grad():
+        # Calibrate the last conv on a fixed probe latent (std 2: sampled latents of a random model are
+        # larger than unit) so decoded pictures sit mid-range (per channel
+        # mean 0.5, std 0.2 before ComfyUI's clamp to 0..1) instead of being clamped to black or white.
+        probe = 2.0 * torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed + 12345))
+        last = net.taesd_decoder[-1]
+        last.bias.zero_()
+        out = net.taesd_decoder(probe)
+        std = out.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        last.weight.mul_((0.2 / std).view(-1, 1, 1, 1))
+        last.bias.copy_(0.5 - out.mean(dim=(0, 2, 3)) * 0.2 / std)
     return comfy.sd.VAE(sd=net.state_dict())
 
 

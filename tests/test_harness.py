@@ -55,6 +55,17 @@ def test_tiny_checkpoint_is_detected_as_its_family(request, family, ctx, cls_nam
         assert tiny.clip is None
 
 
+def test_tiny_vae_round_trip_is_finite(tiny_sd15):
+    fsm = tiny_sd15.vae.first_stage_model
+    assert float(fsm.vae_scale) == 1.0 and float(fsm.vae_shift) == 0.0
+    # the fixture's weights were loaded under inference mode, as in a graph: use them the same way
+    with torch.inference_mode():
+        img = tiny_sd15.vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+        lat = tiny_sd15.vae.encode(img)
+    assert img.shape == (1, 64, 64, 3) and 0.2 < img.mean() < 0.8 and img.std() > 0.05
+    assert lat.shape == (1, 4, 8, 8) and torch.isfinite(lat).all()
+
+
 def test_same_seed_gives_identical_weights(comfy, tmp_path):
     import tiny_models
     a = tiny_models.build_model("sd15", seed=3).model.diffusion_model.state_dict()
@@ -109,6 +120,9 @@ def test_stock_sampling_graph_writes_an_image(run_prompt, tiny_sd15):
     assert len(files) == 1 and files[0].is_file()
     with Image.open(files[0]) as im:
         assert im.size == (128, 64)
+        pixels = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32)
+    # a real picture of random content: neither clamped to black/white nor constant
+    assert 30 < pixels.mean() < 225 and pixels.std() > 5
     samples = result["ks"][0]["samples"]
     assert samples.shape == (1, 4, 8, 16) and torch.isfinite(samples).all() and samples.abs().sum() > 0
     # KSampler reported its steps through comfy.utils.ProgressBar
