@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--sync-batch", type=int, default=0, help="0 = the pack's default")
     p.add_argument("--loss-decoder", default="vae")
     p.add_argument("--widths", default="2048,3072,6144,12288")
-    p.add_argument("--window-batches", default="1,2,4,8,16")
+    p.add_argument("--window-batches", default="1,2,4,8,16", help="empty: skip the window_batch sweep")
     p.add_argument("--sweep-steps", type=int, default=3, help="steps of the short runs (median of all but the first)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -704,14 +704,18 @@ def main():
                 "step_s": round(rec["time_s"] / n, 4), "raw": {k: round(v, 4) for k, v in p.t.items()}}
             print("profile", name, prof[name], flush=True)
 
-    if ARGS.plan == "explore":
+    def levers():
         with section("levers"):
             lev = R["levers"] = []
-            variants = [(sb, "vae") for sb in (1, 2, 4, 8)] + [(sb, "vae_checkpointed") for sb in (2, 4, 8, 16)] + \
-                       [(4, "vae_half"), (8, "taesd"), (20, "taesd")]
+            if ARGS.plan == "explore":
+                variants = [(sb, "vae") for sb in (1, 2, 4, 8)] + [(sb, "vae_checkpointed") for sb in (2, 4, 8, 16)] \
+                    + [(4, "vae_half"), (8, "taesd"), (20, "taesd")]
+                variants.append((4, "vae", "lpips_repeat"))  # the anchor's LPIPS features per window, as before
+            else:
+                variants = [(1, "vae"), (2, "vae"), (1, "vae_checkpointed"), (4, "vae_checkpointed"),
+                            (2, "vae_half"), (2, "taesd")]
             if ARGS.tiny:
                 variants = [(2, "vae"), (4, "vae_checkpointed"), (4, "vae_half"), (4, "taesd")]
-            variants.append((4, "vae", "lpips_repeat"))  # the anchor's LPIPS features per window, as before
             for sb, dec, *flag in variants:
                 if not BUDGET.allow(f"lever {sb} {dec}", ns * est["pack_sync"] * 3 + 5):
                     continue
@@ -729,7 +733,18 @@ def main():
                 print("lever", {k: rec.get(k) for k in ("sync_batch", "loss_decoder", "sync_step_s", "peak_alloc_gib",
                                                           "peak_reserved_gib", "notes", "error")}, flush=True)
                 save()
-            if CUDA and BUDGET.allow("channels_last", 4 * ns * est["pack_sync"] + 10):
+            if CUDA and BUDGET.allow("cudnn.benchmark", 2 * ns * (est["pack_sync"] + est["pack_plain"]) + 20):
+                torch.backends.cudnn.benchmark = True  # what ComfyUI's --fast autotune sets
+                try:
+                    for tag, kw in (("plain", {}), ("sync", {"w": W, "sync_steps": ns})):
+                        rec = pack_run(models, steps=ns + 1, label=f"cudnn.benchmark {tag}", **kw)
+                        rec["step_median_s"] = statistics.median(rec["step_s"][2:])  # 2 steps to autotune
+                        lev.append(rec | {"loss_decoder": f"{rec['loss_decoder']} cudnn.benchmark {tag}"})
+                        print("lever cudnn.benchmark", tag, rec["step_median_s"], rec["peak_alloc_gib"], flush=True)
+                finally:
+                    torch.backends.cudnn.benchmark = False
+                    save()
+            if CUDA and ARGS.plan == "explore" and BUDGET.allow("channels_last", 4 * ns * est["pack_sync"] + 10):
                 unet, first = models[0].model.diffusion_model, models[1].first_stage_model
                 try:
                     with torch.inference_mode():
@@ -746,8 +761,11 @@ def main():
                         first.to(memory_format=torch.contiguous_format)
                     save()
 
+    if ARGS.plan == "explore":
+        levers()
+
     with section("window_batch"):
-        wbs = [int(v) for v in ARGS.window_batches.split(",")]
+        wbs = [int(v) for v in ARGS.window_batches.split(",") if v]
         R["window_batch"] = wb_rows = []
         for wb in wbs:
             row = {"window_batch": wb}
@@ -755,7 +773,11 @@ def main():
                 rec = pack_run(models, steps=ns, window_batch=wb, label=f"wb {wb}")
                 row.update(plain_step_s=per_step(rec), plain_peak_alloc_gib=rec["peak_alloc_gib"],
                            plain_peak_reserved_gib=rec["peak_reserved_gib"])
-            if BUDGET.allow(f"wb {wb} sync", ns * est["pack_sync"] * max(1, 4 / wb) + 5):
+            eff = ARGS.sync_batch or min(wb, bridge.SYNC_BATCH_AUTO)
+            same = next((r for r in wb_rows if r.get("sync_batch") == eff and "sync_step_s" in r), None)
+            if same is not None:  # the gradient pass is the same configuration as a row above
+                row.update({k: same[k] for k in same if k.startswith("sync_")}, notes=["sync: same as above"])
+            elif BUDGET.allow(f"wb {wb} sync", ns * est["pack_sync"] * max(1, 4 / wb) + 5):
                 try:
                     rec = pack_run(models, steps=ns, w=W, sync_steps=ns, window_batch=wb, sync_batch=0,
                                    label=f"wb {wb} sync")
@@ -797,6 +819,8 @@ def main():
         }
         print("host syncs", R["host_syncs"], flush=True)
 
+    if ARGS.plan == "final":
+        levers()
     summarize()
 
 
