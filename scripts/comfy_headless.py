@@ -327,12 +327,16 @@ def _prepare_sys_path(comfy_dir: Path) -> None:
 _BOOT: dict = {}
 
 
-def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True,
+def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True, pytorch_attention: bool = True,
               log_level: int | None = logging.WARNING) -> Path:
     """The cheap half of ``start``: ComfyUI first on ``sys.path``, ``args.cpu`` and
     ``args.base_directory`` set, before anything imports ``comfy.model_management`` or ``folder_paths``.
     Idempotent; returns the base directory. Call it as early as possible (the test harness calls it from
-    ``pytest_configure``) so that any later ``import comfy...`` sees these settings."""
+    ``pytest_configure``) so that any later ``import comfy...`` sees these settings.
+
+    ``pytorch_attention`` is ``--use-pytorch-cross-attention``: torch's scaled_dot_product_attention, which
+    ComfyUI uses by default on NVIDIA GPUs. With ``--cpu`` alone ComfyUI picks its chunked sub-quadratic
+    attention instead, 2-3x slower on a CPU (forward and backward); results agree to float tolerance."""
     if _BOOT:
         if base_dir is not None and Path(base_dir).resolve() != _BOOT["base_dir"]:
             raise RuntimeError(f"ComfyUI already bootstrapped in this process with base {_BOOT['base_dir']}")
@@ -353,13 +357,15 @@ def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True,
                                "the base directory; call bootstrap() first")
     from comfy.cli_args import args
     args.cpu = args.cpu or cpu
+    if pytorch_attention and not (args.use_split_cross_attention or args.use_quad_cross_attention):
+        args.use_pytorch_cross_attention = True
     args.base_directory = str(base_dir)
     _BOOT.update(base_dir=base_dir, comfy_dir=comfy_dir)
     return base_dir
 
 
 def start(base_dir: Path | str | None = None, *, cpu: bool = True, load_pack: bool = True,
-          log_level: int | None = logging.WARNING) -> ComfyRuntime:
+          pytorch_attention: bool = True, log_level: int | None = logging.WARNING) -> ComfyRuntime:
     """Start ComfyUI headless in this process (idempotent: later calls return the same runtime).
 
     ``base_dir``: ComfyUI's base directory (models/, input/, output/, temp/, user/, custom_nodes/ under
@@ -367,7 +373,7 @@ def start(base_dir: Path | str | None = None, *, cpu: bool = True, load_pack: bo
     a lot at INFO; this sets the root logger's level (None leaves it alone).
     """
     global _RUNTIME
-    base_dir = bootstrap(base_dir, cpu=cpu, log_level=log_level)
+    base_dir = bootstrap(base_dir, cpu=cpu, pytorch_attention=pytorch_attention, log_level=log_level)
     if _RUNTIME is not None:
         return _RUNTIME
     import comfy.model_management  # noqa: F401  (after args.cpu)

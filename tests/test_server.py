@@ -62,7 +62,7 @@ class Server:
             "    lpips: lpips\n")
         self.log_path = base / "server.log"
         self.cmd = [sys.executable, str(h.comfy_headless.comfyui_path() / "main.py"),
-                    "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                    "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--base-directory", str(base),
                     "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
                     "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
