@@ -250,10 +250,12 @@ def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, cap
     model.set_model_unet_function_wrapper(wrapper)
     want = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=2)
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
-        got = run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
+        got = run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, sync_batch=4)
     assert limit["failures"] == 2  # once in the denoise pass, once in the gradient pass
     assert (got - want).norm() / want.norm() < 1e-4
-    assert any("retrying with 2" in r.getMessage() for r in caplog.records)
+    notes = [r.getMessage() for r in caplog.records]
+    assert any("window_batch=4; retrying with 2" in m for m in notes)
+    assert any("sync_batch=4; retrying with 2" in m for m in notes)
     limit["rows"] = 0
     with pytest.raises(mm.OOM_EXCEPTION, match="window_batch"):
         run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
