@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--window-px", type=int, default=0, help="0 = the model's native window")
     p.add_argument("--window-batch", type=int, default=8)
     p.add_argument("--sync-batch", type=int, default=0, help="0 = the pack's default")
-    p.add_argument("--loss-decoder", default="vae")
+    p.add_argument("--loss-decoder", default="", help="empty: the pack's default")
     p.add_argument("--widths", default="2048,3072,6144,12288")
     p.add_argument("--window-batches", default="1,2,4,8,16", help="empty: skip the window_batch sweep")
     p.add_argument("--sweep-steps", type=int, default=3, help="steps of the short runs (median of all but the first)")
@@ -353,18 +353,43 @@ def profiling():
 
 
 class StepClock:
-    """Per-step wall times through ComfyUI's progress hook (the sampler reports once per step)."""
+    """Per-step times through ComfyUI's progress hook (the sampler reports once per step): CUDA events
+    recorded on the stream, so timing adds no host synchronization (on the CPU: host time)."""
+
+    active = False
 
     def __init__(self):
         self.marks = []
+        self.t0 = None
         comfy.utils.set_progress_bar_global_hook(self)
+
+    @staticmethod
+    def mark():
+        if CUDA:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return now()
 
     def __call__(self, value, total, preview=None, **kw):
         if self.active:
-            sync()
-            self.marks.append(now())
+            self.marks.append(self.mark())
 
-    active = False
+    def start(self):
+        self.marks = []
+        self.t0 = self.mark()
+        self.active = True
+
+    def stop(self):
+        self.active = False
+        return intervals(self.t0, self.marks)
+
+
+def intervals(t0, marks):
+    """Seconds between consecutive marks (events: after a synchronize)."""
+    sync()
+    pairs = zip([t0] + marks[:-1], marks)
+    return [a.elapsed_time(b) / 1e3 for a, b in pairs] if CUDA else [b - a for a, b in pairs]
 
 
 CLOCK = StepClock()
@@ -385,28 +410,27 @@ def pack_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, window_b
     loss = loss or default_loss
     width = width or ARGS.width
     steps = steps or ARGS.steps
+    dec = loss_decoder or ARGS.loss_decoder
     settings = SyncSettings(weight=w, decay=0.95, steps=ARGS.sync_steps if sync_steps is None else sync_steps)
     job = bridge.PanoramaJob(seed=ARGS.seed, steps=steps, cfg=7.5, window_px=ARGS.window_px, stride_px=ARGS.stride,
                              sync=settings, anchor=Anchor(), window_batch=window_batch or ARGS.window_batch,
                              sync_batch=ARGS.sync_batch if sync_batch is None else sync_batch,
-                             loss_decoder=loss_decoder or ARGS.loss_decoder)
+                             **({"loss_decoder": dec} if dec else {}))
     latent = {"samples": torch.zeros(1, 4, ARGS.height // 8, width // 8)}
     positive, negative = [[cond, {}]], [[uncond, {}]]
     fresh_memory(empty)
     NOTES.clear()
-    CLOCK.marks.clear()
-    CLOCK.active = True
     sync()
     t0 = now()
+    CLOCK.start()
     try:
         with torch.inference_mode():
             out = bridge.sample_panorama(model, positive, negative, latent, job, vae=vae, loss=loss)["samples"]
         sync()
         t1 = now()
     finally:
-        CLOCK.active = False
+        steps_s = CLOCK.stop()
     finite = bool(torch.isfinite(out).all())
-    steps_s = [b - a for a, b in zip([t0] + CLOCK.marks[:-1], CLOCK.marks)]
     rec = {"label": label, "width": width, "steps": steps, "w": w, "sync_steps": settings.steps,
            "window_batch": job.window_batch, "sync_batch": job.gradient_batch(), "loss_decoder": job.loss_decoder,
            "windows": len(plan_windows(ARGS.height // 8, width // 8, 64 if not ARGS.window_px else ARGS.window_px // 8,
@@ -464,6 +488,7 @@ def baseline_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, labe
     marks = []
     sync()
     t0 = now()
+    e0 = StepClock.mark()
     grad_ctx = bridge.trainable_copies(unet, first) if w > 0 else contextlib.nullcontext()
     with grad_ctx:
         for i, t in enumerate(ts[:max_steps]):
@@ -492,11 +517,11 @@ def baseline_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, labe
                     value[..., r:r + win, c:c + win] += a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
                     count[..., r:r + win, c:c + win] += 1
             x = torch.where(count > 0, value / count, x)
-            sync()
-            marks.append(now())
+            marks.append(StepClock.mark())
+    sync()
     t1 = now()
     finite = bool(torch.isfinite(x).all())
-    steps_s = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+    steps_s = intervals(e0, marks)
     rec = {"label": label, "width": width, "steps": len(steps_s), "w": w, "sync_steps": sync_steps,
            "windows": len(views), "time_s": round(t1 - t0, 4), "step_s": [round(s, 4) for s in steps_s],
            "finite": finite, **memory()}
@@ -736,7 +761,7 @@ def main():
             if CUDA and BUDGET.allow("cudnn.benchmark", 2 * ns * (est["pack_sync"] + est["pack_plain"]) + 20):
                 torch.backends.cudnn.benchmark = True  # what ComfyUI's --fast autotune sets
                 try:
-                    for tag, kw in (("plain", {}), ("sync", {"w": W, "sync_steps": ns})):
+                    for tag, kw in (("plain", {}), ("sync", {"w": W, "sync_steps": ns + 1})):
                         rec = pack_run(models, steps=ns + 1, label=f"cudnn.benchmark {tag}", **kw)
                         rec["step_median_s"] = statistics.median(rec["step_s"][2:])  # 2 steps to autotune
                         lev.append(rec | {"loss_decoder": f"{rec['loss_decoder']} cudnn.benchmark {tag}"})
