@@ -314,36 +314,44 @@ def decoder_for_gradients(vae, model, mode: str = "vae"):
         if mode == "vae_half":
             x0 = torch.nn.functional.interpolate(x0, scale_factor=0.5, mode="bilinear", antialias=True)
         z = inner.process_latent_out(x0).to(device=vae.device, dtype=vae.vae_dtype)
-        with _checkpoint_blocks(first_stage, enabled=checkpointed and torch.is_grad_enabled()):
-            return first_stage.decode(z).float().clamp(-1.0, 1.0)
+        if checkpointed and torch.is_grad_enabled() and _walkable(first_stage):
+            return _checkpointed_decode(first_stage, z).float().clamp(-1.0, 1.0)
+        return first_stage.decode(z).float().clamp(-1.0, 1.0)
 
     return decode
 
 
-_CHECKPOINT_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample")
+def _walkable(first_stage) -> bool:
+    """Whether the decoder has the SD/KL layout that ``_checkpointed_decode`` walks (else: plain decode)."""
+    dec = getattr(first_stage, "decoder", None)
+    return (type(dec).__name__ == "Decoder" and hasattr(first_stage, "post_quant_conv")
+            and getattr(first_stage, "bn", None) is None and getattr(first_stage, "max_batch_size", None) is None
+            and not getattr(dec, "give_pre_end", False) and not getattr(dec, "tanh_out", False)
+            and all(hasattr(dec, a) for a in ("conv_in", "mid", "up", "norm_out", "conv_out", "num_resolutions")))
 
 
-@contextlib.contextmanager
-def _checkpoint_blocks(module: torch.nn.Module, enabled: bool = True):
-    """Within the block, the decoder's residual/attention/upsampling blocks keep only their inputs for backward
-    and recompute the rest (``torch.utils.checkpoint``); the modules are left as they were afterwards."""
-    if not enabled:
-        yield
-        return
-    import torch.utils.checkpoint as ckpt
+def _checkpointed_decode(first_stage, z: torch.Tensor) -> torch.Tensor:
+    """The KL decoder's forward, block by block, each block under ``torch.utils.checkpoint``: backward keeps
+    only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window). The
+    modules are only called, never modified."""
+    from torch.utils.checkpoint import checkpoint
 
-    patched = []
-    for m in module.modules():
-        if type(m).__name__ in _CHECKPOINT_BLOCKS and "forward" not in m.__dict__:
-            def forward(*args, _f=m.forward, **kwargs):
-                return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
-            m.forward = forward
-            patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+    dec = first_stage.decoder
+    run = lambda block, *a: checkpoint(block, *a, use_reentrant=False)  # noqa: E731
+    h = dec.conv_in(first_stage.post_quant_conv(z))
+    h = run(dec.mid.block_1, h, None)
+    h = run(dec.mid.attn_1, h)
+    h = run(dec.mid.block_2, h, None)
+    for level in reversed(range(dec.num_resolutions)):
+        up = dec.up[level]
+        for i, block in enumerate(up.block):
+            h = run(block, h, None)
+            if len(up.attn) > 0:
+                h = run(up.attn[i], h)
+        if level != 0:
+            h = run(up.upsample, h)
+    h = dec.norm_out(h)
+    return dec.conv_out(torch.nn.functional.silu(h))
 
 
 _TAESD_CACHE: dict = {}

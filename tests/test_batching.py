@@ -262,6 +262,7 @@ def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, cap
 
 
 def test_comfy_checkpointed_and_half_decoders(bridge, tiny_sd15, tiny_kl_vae, lpips):
+    assert bridge._walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
     full = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
     ckpt = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4,
                loss_decoder="vae_checkpointed")
