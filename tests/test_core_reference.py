@@ -7,6 +7,7 @@ import torch
 from syncdiff_core import Anchor, SyncSettings, plan_windows, sample
 from syncdiff_core.sync import synchronize
 from syncdiff_core.windows import crop
+from toys import Toy
 
 
 
@@ -17,30 +18,6 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
-
-
-class Toy:
-    """Small differentiable stand-ins for the guided denoiser, the VAE decoder and LPIPS (float64)."""
-
-    def __init__(self, channels=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.w_den = torch.randn(channels, channels, 3, 3, generator=g) * 0.2
-        self.w_dec = torch.randn(3, channels, 3, 3, generator=g) * 0.3
-        self.w_feat = torch.randn(8, 3, 3, 3, generator=g) * 0.3
-
-    def denoise(self, x, sigma, windows=None, step=None):
-        s = sigma.reshape(-1, 1, 1, 1)
-        h = torch.nn.functional.conv2d(x / torch.sqrt(1 + s**2), self.w_den, padding=1)
-        return torch.tanh(h) * 2.0 + 0.1 * x / (1 + s)
-
-    def decode(self, x0):
-        up = torch.nn.functional.interpolate(x0, scale_factor=2, mode="nearest")
-        return torch.tanh(torch.nn.functional.conv2d(up, self.w_dec, padding=1))
-
-    def loss(self, images, targets):
-        fa = torch.relu(torch.nn.functional.conv2d(images, self.w_feat, padding=1))
-        fb = torch.relu(torch.nn.functional.conv2d(targets, self.w_feat, padding=1))
-        return ((fa - fb) ** 2).flatten(1).mean(1)
 
 
 def input_scale(sigma):
