@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--window-batches", default="1,2,4,8,16", help="empty: skip the window_batch sweep")
     p.add_argument("--sweep-steps", type=int, default=3, help="steps of the short runs (median of all but the first)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="bench/probe.py: skip the torch.compile variants")
     a = p.parse_args(argv)
     if a.tiny:
         a.height, a.width, a.window_px, a.stride = 32, 128, 32, 16
