@@ -8,6 +8,7 @@
 #
 #   here:   git rev-parse HEAD > bench/.commit   (add "+dirty" if bench/ or syncdiff_core/ has changes)
 #   device: bash bench/run_on_device.sh --plan explore
+#           BENCH_SCRIPT=bench/probe.py bash bench/run_on_device.sh --budget-s 520   (kernel split, torch.compile)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}
@@ -29,5 +30,5 @@ import comfy.sd, comfy.samplers, comfy.supported_models  # noqa: F401
 import syncdiff_core.comfy_bridge  # noqa: F401
 print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available())
 EOF
-python3 bench/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+python3 "${BENCH_SCRIPT:-bench/gpu_bench.py}" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"
