@@ -14,6 +14,9 @@ log = logging.getLogger("syncdiffusion")
 AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
 
 MAX_PX = 32768
+#: The sampler's loss_decoder choices (the bridge's LOSS_DECODERS; repeated here so the schema does not import
+#: ComfyUI internals at load time; a contract test checks that the two agree).
+LOSS_DECODER_CHOICES = ("vae_checkpointed", "vae", "vae_half", "taesd")
 
 
 def require_multiple_of_8(name: str, value: int) -> None:
@@ -133,6 +136,22 @@ class SyncDiffusionSampler(io.ComfyNode):
                 io.Int.Input("window_batch", default=8, min=1, max=256,
                              tooltip="Windows sent through the model together; lower it if you run out of "
                                      "memory. Results do not depend on it."),
+                io.Combo.Input("loss_decoder", options=list(LOSS_DECODER_CHOICES), default="vae_checkpointed",
+                               tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full "
+                                       "VAE as in the paper, recomputing its blocks in the backward pass (same "
+                                       "gradients as 'vae', about 2 GiB less per window, ~15 % slower). vae: "
+                                       "the full VAE, fastest, most memory. vae_half: the VAE on a half-size "
+                                       "latent (approximate, less memory). taesd: TAESD from "
+                                       "models/vae_approx (approximate, much cheaper)."),
+                io.Int.Input("sync_batch", default=0, min=0, max=256,
+                             tooltip="Windows per gradient pass while synchronizing; 0 = automatic "
+                                     "(min(window_batch, 2), about 10 GiB on SD-sized models). Each window "
+                                     "adds ~2.8 GiB with vae_checkpointed, ~4.9 GiB with vae."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="Run the UNet and the loss decoder through torch.compile (needs "
+                                         "Triton). The first run compiles for one to three minutes; later "
+                                         "runs with the same sizes are faster. Results match within float "
+                                         "rounding."),
                 AnchorOption.Input("anchor", optional=True,
                                    tooltip="What windows synchronize toward (SyncDiffusion Anchor node); "
                                            "default: the center window."),
@@ -142,11 +161,16 @@ class SyncDiffusionSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
-                sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch, anchor=None) -> io.NodeOutput:
+                sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
+                loss_decoder="vae_checkpointed", sync_batch=0, compile=False, anchor=None) -> io.NodeOutput:
         from ..syncdiff_core import comfy_bridge
 
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if loss_decoder not in LOSS_DECODER_CHOICES:
+            raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODER_CHOICES)}, got {loss_decoder!r}")
+        if sync_batch < 0:
+            raise ValueError(f"sync_batch must be >= 0 (0 = automatic), got {sync_batch}")
         if sync_steps > steps:
             log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps", sync_steps, steps, steps)
             sync_steps = steps
@@ -154,6 +178,7 @@ class SyncDiffusionSampler(io.ComfyNode):
         job = comfy_bridge.PanoramaJob(
             seed=seed, steps=steps, cfg=cfg, window_px=window_size, stride_px=stride, sync=sync,
             anchor=anchor if anchor is not None else Anchor(), wrap=wrap, window_batch=window_batch,
+            loss_decoder=loss_decoder, sync_batch=sync_batch, compile="inductor" if compile else "",
         )
         return io.NodeOutput(comfy_bridge.sample_panorama(model, positive, negative, latent_image, job, vae=vae))
 

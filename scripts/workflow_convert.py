@@ -21,6 +21,8 @@ Rules (as the frontend applies them):
   control widget's value (``fixed``/``increment``/``decrement``/``randomize``); combos with that control
   also get a filter value. Upload inputs (``image_upload``...) are followed by the upload button's value.
 * ``widgets_values`` may also be a dict ``{input name: value}``.
+* A list shorter than the widgets (a workflow saved before widgets were appended to the node) leaves the
+  missing trailing widgets at their schema defaults, as the frontend does; one without a default is a problem.
 * mode 2 (muted) nodes are left out, with the inputs they fed; mode 4 (bypassed) nodes pass an input of
   the same type through to each output (same slot index first, then the first input of that type).
 * Frontend-only nodes: ``Note``/``MarkdownNote`` are dropped, legacy ``Reroute`` nodes are followed to
@@ -135,6 +137,7 @@ class WidgetAssignment:
     values: dict[str, Any] = field(default_factory=dict)
     controls: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    defaulted: list[str] = field(default_factory=list)  # trailing widgets absent from widgets_values
 
 
 def assign_widgets(node: dict, specs: list[InputSpec]) -> WidgetAssignment:
@@ -157,8 +160,15 @@ def assign_widgets(node: dict, specs: list[InputSpec]) -> WidgetAssignment:
     i = 0
     for k, s in enumerate(widgets):
         if i >= len(values):
-            out.problems.append(f"{label}: widgets_values has {len(values)} values, too few for its widgets "
-                                f"{[w.name for w in widgets]} (missing '{s.name}')")
+            missing = widgets[k:]
+            no_default = [w.name for w in missing if "default" not in w.options]
+            if no_default:
+                out.problems.append(f"{label}: widgets_values has {len(values)} values, too few for its widgets "
+                                    f"{[w.name for w in widgets]} (missing {no_default}, which have no default)")
+                return out
+            for w in missing:  # saved before these widgets existed: the frontend shows their defaults
+                out.values[w.name] = w.options["default"]
+                out.defaulted.append(w.name)
             return out
         out.values[s.name] = values[i]
         i += 1

@@ -294,31 +294,104 @@ def gradient_ready_patcher(model):
     return model
 
 
+def check_compile_backend(backend: str, device) -> None:
+    """A clear error, before any model work, when ``torch.compile`` with ``backend`` cannot run here."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compile backend {backend!r} is not available in this torch; "
+                         f"choose one of {sorted(torch._dynamo.list_backends())}")
+    if backend == "inductor" and torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("compile needs Triton for the GPU (pip install triton; on Windows: triton-windows); "
+                             "turn compile off to sample without it")
+
+
+def compiled_patcher(model, backend: str):
+    """A clone of ``model`` whose diffusion model runs through ``torch.compile`` (static shapes), set with
+    ComfyUI's own ``set_torch_compile_wrapper`` (what its TorchCompileModel node does). A model that already
+    carries a compile wrapper (e.g. from TorchCompileModel) is returned unchanged."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
+
+    if TORCH_COMPILE_KWARGS in model.model_options:
+        return model
+    model = model.clone()
+    set_torch_compile_wrapper(model, backend=backend, dynamic=False)
+    return model
+
+
 #: What decodes x0 for the synchronization loss: the full VAE (as the paper), the full VAE with gradient
 #: checkpointing of its blocks (less memory, one more decoder forward), the full VAE on the latent downscaled
 #: 2x (a 4x smaller image for the loss), or TAESD from models/vae_approx (much cheaper, approximate).
 LOSS_DECODERS = ("vae", "vae_checkpointed", "vae_half", "taesd")
 
 
-def decoder_for_gradients(vae, model, mode: str = "vae"):
-    """``x0`` (model latent space) → image in [-1, 1] through the VAE decoder, differentiable (see LOSS_DECODERS)."""
+def decoder_for_gradients(vae, model, mode: str = "vae", compile_backend: str | None = None):
+    """``x0`` (model latent space) → image in [-1, 1] through the VAE decoder, differentiable (see LOSS_DECODERS).
+
+    With ``compile_backend`` (e.g. "inductor") the decoder's gradient pass runs through ``torch.compile``
+    (static shapes; compiled once per process and shape); the anchor's decode without gradient stays eager."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     if mode not in LOSS_DECODERS:
         raise ValueError(f"loss_decoder must be one of {LOSS_DECODERS}, got {mode!r}")
     first_stage = vae.first_stage_model
     inner = model.model
-    checkpointed = mode == "vae_checkpointed"
+    checkpointed = mode == "vae_checkpointed" and _walkable(first_stage)
+    compiled = _compiled_kl_decode(compile_backend) if compile_backend else None
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
             x0 = torch.nn.functional.interpolate(x0, scale_factor=0.5, mode="bilinear", antialias=True)
         z = inner.process_latent_out(x0).to(device=vae.device, dtype=vae.vae_dtype)
-        if checkpointed and torch.is_grad_enabled() and _walkable(first_stage):
-            return _checkpointed_decode(first_stage, z).float().clamp(-1.0, 1.0)
-        return first_stage.decode(z).float().clamp(-1.0, 1.0)
+        grad = torch.is_grad_enabled()
+        with loss_attention_backends():
+            if compiled is not None and grad:
+                return compiled(first_stage, z, checkpointed).float().clamp(-1.0, 1.0)
+            return _kl_decode(first_stage, z, checkpointed and grad).float().clamp(-1.0, 1.0)
 
     return decode
+
+
+def _kl_decode(first_stage, z: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    return _checkpointed_decode(first_stage, z) if checkpointed else first_stage.decode(z)
+
+
+_COMPILED_DECODERS: dict = {}
+
+
+def _compiled_kl_decode(backend: str):
+    """``_kl_decode`` through ``torch.compile`` with ``backend``, one compiled function per backend (dynamo
+    caches its graphs per code object and guards, so later runs and new weight copies reuse them)."""
+    fn = _COMPILED_DECODERS.get(backend)
+    if fn is None:
+        fn = _COMPILED_DECODERS[backend] = torch.compile(_kl_decode, backend=backend, dynamic=False)
+    return fn
+
+
+#: Whether the loss decoder's attention avoids PyTorch's memory-efficient SDPA kernel. The SD VAE's mid-block
+#: attention is one head of 512 channels over 4096 positions (64x64 latent): too wide for the flash kernels, so
+#: SDPA falls back to the memory-efficient kernel, whose backward took 9.5 ms per call of 2 windows on an H100
+#: (bench/probe.py, 2026-11-25); the math path's 4096x4096 score matrix is 32 MiB a window.
+LOSS_ATTENTION_AVOIDS_EFFICIENT = True
+
+
+def loss_attention_backends():
+    """A context selecting SDPA backends for the loss decoder (see ``LOSS_ATTENTION_AVOIDS_EFFICIENT``); a
+    no-op on a torch without ``torch.nn.attention`` or when the flag is off."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    if not LOSS_ATTENTION_AVOIDS_EFFICIENT:
+        return contextlib.nullcontext()
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        backends.insert(1, SDPBackend.CUDNN_ATTENTION)
+    return sdpa_kernel(backends)
 
 
 def _walkable(first_stage) -> bool:
@@ -415,6 +488,7 @@ class PanoramaJob:
     window_batch: int = 8
     sync_batch: int = 0  # windows per gradient batch; 0 = min(window_batch, SYNC_BATCH_AUTO)
     loss_decoder: str = "vae_checkpointed"  # one of LOSS_DECODERS; the same gradients as "vae", less memory
+    compile: str = ""  # "" = eager; else a torch.compile backend ("inductor") for the UNet and the loss decoder
 
     def gradient_batch(self) -> int:
         return self.sync_batch if self.sync_batch > 0 else min(self.window_batch, SYNC_BATCH_AUTO)
@@ -492,7 +566,8 @@ class WindowedSampler(comfy.samplers.Sampler):
                 x = core_sampler.sample(
                     denoise, x.clone(), sigmas, self.plan,
                     sync=job.sync,
-                    decode=(decoder_for_gradients(self.vae, guider.model_patcher, job.loss_decoder)
+                    decode=(decoder_for_gradients(self.vae, guider.model_patcher, job.loss_decoder,
+                                                  compile_backend=job.compile or None)
                             if job.sync.active else None),
                     loss=self.loss,
                     anchor=job.anchor,
@@ -619,6 +694,8 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:
         raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")
+    if job.compile:
+        check_compile_backend(job.compile, model.load_device)
     if job.window_batch < 1 or job.sync_batch < 0:
         raise ValueError(f"window_batch must be >= 1 and sync_batch >= 0, got {job.window_batch}, {job.sync_batch}")
     if job.sync.active:
@@ -634,6 +711,8 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
         if loss is None:
             loss = get_lpips(model.load_device)
         model = gradient_ready_patcher(model)
+    if job.compile:
+        model = compiled_patcher(model, job.compile)
     positive, negative = (_native_size(c, plan.window_height * s, plan.window_width * s) for c in (positive, negative))
     noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
     sigmas = reference_sigmas(model, job.steps)

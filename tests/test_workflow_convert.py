@@ -161,7 +161,6 @@ def test_optional_inputs_of_the_pack_sampler(classes):
 
 
 @pytest.mark.parametrize("mutate,expect", [
-    (lambda wf: wf["nodes"][3].__setitem__("widgets_values", [1024, 512]), "too few"),
     (lambda wf: wf["nodes"][3].__setitem__("widgets_values", [1024, 512, 1, 9]), "extra"),
     (lambda wf: wf["nodes"][3].__setitem__("widgets_values", [1024, 512, 0]), "below the minimum"),
     (lambda wf: wf["nodes"][3].__setitem__("widgets_values", [1020, 512, 1]), "multiple of the step"),
@@ -185,3 +184,17 @@ def test_subgraphs_are_refused(classes):
     wf["definitions"] = {"subgraphs": [{"id": "abc"}]}
     with pytest.raises(wc.WorkflowError, match="subgraph"):
         wc.convert(wf, classes)
+
+
+def test_missing_trailing_widgets_take_their_defaults():
+    """A workflow saved before widgets were appended keeps loading: the missing ones get their defaults (as the
+    frontend does); a missing widget without a default is a problem."""
+    specs = [wc.InputSpec("width", "INT", {"default": 2048}, False, None),
+             wc.InputSpec("height", "INT", {"default": 512}, False, None),
+             wc.InputSpec("mode", "COMBO", {"default": "a"}, False, ["a", "b"])]
+    got = wc.assign_widgets({"id": 1, "type": "T", "widgets_values": [1024]}, specs)
+    assert got.values == {"width": 1024, "height": 512, "mode": "a"}
+    assert got.defaulted == ["height", "mode"] and got.problems == []
+    specs[2] = wc.InputSpec("mode", "COMBO", {}, False, ["a", "b"])
+    got = wc.assign_widgets({"id": 1, "type": "T", "widgets_values": [1024]}, specs)
+    assert any("too few" in p and "'mode'" in p for p in got.problems), got.problems
