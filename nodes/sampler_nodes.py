@@ -137,17 +137,18 @@ class SyncDiffusionSampler(io.ComfyNode):
                              tooltip="Windows sent through the model together; lower it if you run out of "
                                      "memory. Results do not depend on it."),
                 io.Combo.Input("loss_decoder", options=list(LOSS_DECODER_CHOICES), default="vae_checkpointed",
+                               optional=True,
                                tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full "
                                        "VAE as in the paper, recomputing its blocks in the backward pass (same "
                                        "gradients as 'vae', about 2 GiB less per window, ~15 % slower). vae: "
                                        "the full VAE, fastest, most memory. vae_half: the VAE on a half-size "
                                        "latent (approximate, less memory). taesd: TAESD from "
                                        "models/vae_approx (approximate, much cheaper)."),
-                io.Int.Input("sync_batch", default=0, min=0, max=256,
+                io.Int.Input("sync_batch", default=0, min=0, max=256, optional=True,
                              tooltip="Windows per gradient pass while synchronizing; 0 = automatic "
                                      "(min(window_batch, 2), about 10 GiB on SD-sized models). Each window "
                                      "adds ~2.8 GiB with vae_checkpointed, ~4.9 GiB with vae."),
-                io.Boolean.Input("compile", default=False,
+                io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Run the UNet and the loss decoder through torch.compile (needs "
                                          "Triton). The first run compiles for one to three minutes; later "
                                          "runs with the same sizes are faster. Results match within float "

@@ -92,3 +92,14 @@ def test_workflows_saved_before_the_sampler_gained_widgets_still_convert(comfy):
     inputs = conv.prompt[str(sampler["id"])]["inputs"]
     assert (inputs["loss_decoder"], inputs["sync_batch"], inputs["compile"]) == ("vae_checkpointed", 0, False)
     assert [p for p in conv.problems if "SyncDiffusionSampler" in p] == []
+
+
+def test_sampler_inputs_added_later_are_optional(snapshot):
+    """API-format prompts written before loss_decoder/sync_batch/compile existed must still validate: inputs
+    added after the first release are optional (with defaults), never required."""
+    first_release = ["model", "positive", "negative", "vae", "latent_image", "seed", "steps", "cfg", "window_size",
+                     "stride", "sync_weight", "sync_decay", "sync_steps", "sync_every", "wrap", "window_batch"]
+    sampler = snapshot["SyncDiffusionSampler"]
+    assert sampler["input_order"]["required"] == first_release
+    for name in ("loss_decoder", "sync_batch", "compile"):
+        assert name in sampler["input"]["optional"], name
