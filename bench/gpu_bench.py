@@ -45,8 +45,9 @@ COMFY = Path(os.environ.get("COMFYUI_PATH", ROOT / ".comfyui" / "ComfyUI"))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models, small canvas: checks the script")
-    p.add_argument("--plan", default="explore", choices=["explore", "final"],
-                   help="explore: every section incl. lever variants and sweeps; final: headline numbers")
+    p.add_argument("--plan", default="explore", choices=["explore", "final", "compile"],
+                   help="explore: every section incl. lever variants and sweeps; final: headline numbers; "
+                        "compile: the headline with compile on and off, and the baseline, in one run")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for results.json")
     p.add_argument("--budget-s", type=float, default=500.0, help="skip sections that would end after this")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of (b) and (c) after a warm-up")
@@ -406,7 +407,7 @@ logging.getLogger("syncdiffusion").addHandler(NoteHandler())
 
 
 def pack_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, window_batch=None, sync_batch=None,
-             loss_decoder=None, empty=True, label="", loss=None):
+             loss_decoder=None, empty=True, label="", loss=None, compile=""):
     model, vae, default_loss, cond, uncond = models
     loss = loss or default_loss
     width = width or ARGS.width
@@ -416,7 +417,7 @@ def pack_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, window_b
     job = bridge.PanoramaJob(seed=ARGS.seed, steps=steps, cfg=7.5, window_px=ARGS.window_px, stride_px=ARGS.stride,
                              sync=settings, anchor=Anchor(), window_batch=window_batch or ARGS.window_batch,
                              sync_batch=ARGS.sync_batch if sync_batch is None else sync_batch,
-                             **({"loss_decoder": dec} if dec else {}))
+                             compile=compile, **({"loss_decoder": dec} if dec else {}))
     latent = {"samples": torch.zeros(1, 4, ARGS.height // 8, width // 8)}
     positive, negative = [[cond, {}]], [[uncond, {}]]
     fresh_memory(empty)
@@ -436,7 +437,7 @@ def pack_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, window_b
            "window_batch": job.window_batch, "sync_batch": job.gradient_batch(), "loss_decoder": job.loss_decoder,
            "windows": len(plan_windows(ARGS.height // 8, width // 8, 64 if not ARGS.window_px else ARGS.window_px // 8,
                                        ARGS.stride // 8)),
-           "time_s": round(t1 - t0, 4), "step_s": [round(s, 4) for s in steps_s], "finite": finite,
+           "compile": compile, "time_s": round(t1 - t0, 4), "step_s": [round(s, 4) for s in steps_s], "finite": finite,
            "notes": list(NOTES), **memory()}
     if not finite:
         RESULTS["errors"].append(f"non-finite output: {label}")
@@ -679,6 +680,11 @@ def main():
         save()
         return rec
 
+    if ARGS.plan == "compile":
+        compile_plan(models, add, runs)
+        summarize()
+        return
+
     # warm-up: kernels, allocator, cuDNN heuristics; also gives the per-step estimates for the budget
     with section("warmup"):
         add("warm_pack_sync", pack_run(models, steps=ns, w=W, sync_steps=ns, label="warm"))
@@ -850,6 +856,75 @@ def main():
     summarize()
 
 
+def compile_plan(models, add, runs):
+    """Headline numbers with ``compile`` off (eager, the default) and on (torch.compile, inductor), and the
+    baseline, in one run. Compiling happens in the warm-up runs (timed apart: what a user's first run costs)."""
+    R = RESULTS
+    ns, W, S, K = ARGS.sweep_steps, 20.0, ARGS.steps, ARGS.sync_steps
+    C = "aot_eager" if ARGS.tiny else "inductor"  # tiny: dynamo + AOTAutograd without inductor's compile time
+    with section("warmup"):
+        add("warm_pack_sync", pack_run(models, steps=ns, w=W, sync_steps=ns, label="warm"))
+        add("warm_pack_plain", pack_run(models, steps=ns, label="warm"))
+    est = {"pack_plain": per_step(runs["warm_pack_plain"][-1]) or 1.0,
+           "pack_sync": per_step(runs["warm_pack_sync"][-1]) or 1.0}
+    with section("attention_lever"):  # the loss decoder's SDPA backends, eager, default settings
+        lev = R["levers"] = []
+        for flag in (False, True):
+            bridge.LOSS_ATTENTION_AVOIDS_EFFICIENT = flag
+            try:
+                rec = pack_run(models, steps=ns, w=W, sync_steps=ns, label=f"loss attention avoids efficient={flag}")
+            finally:
+                bridge.LOSS_ATTENTION_AVOIDS_EFFICIENT = True
+            rec["sync_step_s"] = per_step(rec)
+            rec["loss_decoder"] = f"{rec['loss_decoder']} avoid-efficient-sdpa={flag}"
+            lev.append(rec)
+            print("lever", rec["loss_decoder"], rec["sync_step_s"], rec["peak_alloc_gib"], flush=True)
+    with section("compile_warmup"):  # every graph the headline runs need: plain batches, anchor, gradient
+        t0 = now()
+        add("warm_compiled_plain", pack_run(models, steps=ns, label="compile warm", compile=C))
+        add("warm_compiled_sync", pack_run(models, steps=ns, w=W, sync_steps=ns, label="compile warm", compile=C))
+        R["compile_warmup_s"] = round(now() - t0, 1)
+        add("warm_compiled_sync2", pack_run(models, steps=ns, w=W, sync_steps=ns, label="compiled short", compile=C))
+        add("warm_compiled_plain2", pack_run(models, steps=ns, label="compiled short", compile=C))
+    cest = {"plain": per_step(runs["warm_compiled_plain2"][-1]) or 1.0,
+            "sync": per_step(runs["warm_compiled_sync2"][-1]) or 1.0}
+    t_b, t_c = S * cest["plain"], K * cest["sync"] + (S - K) * cest["plain"]
+    with section("compiled_headline"):
+        for k in range(ARGS.repeats):
+            if BUDGET.allow("compiled b", t_b * 1.3 + 2):
+                add("b_md_compiled", pack_run(models, label="b compiled", empty=k == 0, compile=C))
+            if BUDGET.allow("compiled c", t_c * 1.3 + 2):
+                add("c_sync_compiled", pack_run(models, w=W, label="c compiled", empty=k == 0, compile=C))
+    with section("baseline"):
+        for k in range(ARGS.baseline_repeats):
+            if BUDGET.allow("a md", 50 * 0.9):
+                add("a_md", baseline_run(models, label="a md"))
+            if BUDGET.allow("a sync", 90):
+                add("a_sync", baseline_run(models, w=W, label="a sync"))
+    with section("eager_headline"):
+        for k in range(max(1, ARGS.repeats - 1)):
+            if BUDGET.allow("b", S * est["pack_plain"] * 1.3 + 2):
+                add("b_md", pack_run(models, label="b", empty=k == 0))
+            if BUDGET.allow("c", (K * est["pack_sync"] + (S - K) * est["pack_plain"]) * 1.3 + 2):
+                add("c_sync", pack_run(models, w=W, label="c", empty=k == 0))
+    with section("compiled_levers"):
+        for sb, dec in ((2, "vae"), (3, "vae_checkpointed")):
+            if not BUDGET.allow(f"compiled lever {sb} {dec}", 60):
+                continue
+            try:
+                rec = pack_run(models, steps=ns + 1, w=W, sync_steps=ns + 1, sync_batch=sb, loss_decoder=dec,
+                               label=f"compiled lever sb={sb} {dec}", compile=C)
+                rec["sync_step_s"] = statistics.median(rec["step_s"][2:])  # the first step compiles
+            except Exception as e:  # noqa: BLE001
+                rec = {"sync_batch": sb, "loss_decoder": dec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                fresh_memory()
+            rec["loss_decoder"] = f"{dec} compiled"
+            R["levers"].append(rec)
+            print("lever", rec.get("loss_decoder"), rec.get("sync_batch"), rec.get("sync_step_s"),
+                  rec.get("peak_alloc_gib"), rec.get("error", ""), flush=True)
+            save()
+
+
 def summarize():
     R = RESULTS
     runs = R.get("runs", {})
@@ -857,12 +932,16 @@ def summarize():
     fl = R.get("flops")
     tf = (R.get("matmul_tflops") or {})
     rate = tf.get("float16") or tf.get("float32")
-    windows = runs["b_md"][0]["windows"] if runs.get("b_md") else None
+    windows = next((runs[k][0]["windows"] for k in ("b_md", "b_md_compiled", "c_sync") if runs.get(k)), None)
     floor = floors(fl, rate, windows, ARGS.steps, ARGS.sync_steps) if fl and rate and windows else {}
     R["floor_s"] = floor
     rows = []
     for key, name, fkey in (("a_md", "(a) baseline, w=0", "b_unet"), ("a_sync", "(a) baseline, 10 sync", "c_all"),
-                            ("b_md", "(b) pack, w=0", "b_unet"), ("c_sync", "(c) pack, 10 sync", "c_all")):
+                            ("b_md", "(b) pack, w=0", "b_unet"), ("c_sync", "(c) pack, 10 sync", "c_all"),
+                            ("b_md_compiled", "(b) pack, w=0, compile", "b_unet"),
+                            ("c_sync_compiled", "(c) pack, 10 sync, compile", "c_all")):
+        if key.endswith("_compiled") and not runs.get(key):
+            continue
         recs = runs.get(key) or []
         if not recs:
             rows.append((name, "-", "-", "-", "-", "-"))
@@ -876,6 +955,8 @@ def summarize():
     print("\n" + "=" * 100)
     print(f"{env['device']}  {env['date_utc']} UTC  commit {env['commit']}  torch {env['torch']}")
     print(f"matmul TFLOP/s {tf}   floor (s) " + ", ".join(f"{k} {v:.2f}" for k, v in floor.items()))
+    if R.get("compile_warmup_s") is not None:
+        print(f"compile warm-up (first plain + first sync run, {ARGS.sweep_steps} steps each): {R['compile_warmup_s']} s")
     if fl:
         print("TFLOP: " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in fl.items() if is_count(v)))
     print(f"{'mode':28s} {'median s':>9s} {'runs':>5s} {'alloc GiB':>10s} {'resv GiB':>9s} {'x floor':>8s}")
