@@ -865,6 +865,9 @@ def compile_plan(models, add, runs):
     with section("warmup"):
         add("warm_pack_sync", pack_run(models, steps=ns, w=W, sync_steps=ns, label="warm"))
         add("warm_pack_plain", pack_run(models, steps=ns, label="warm"))
+    if not (runs.get("warm_pack_plain") and runs.get("warm_pack_sync")):
+        print("warm-up failed: see the errors above", flush=True)
+        return
     est = {"pack_plain": per_step(runs["warm_pack_plain"][-1]) or 1.0,
            "pack_sync": per_step(runs["warm_pack_sync"][-1]) or 1.0}
     with section("attention_lever"):  # the loss decoder's SDPA backends, eager, default settings

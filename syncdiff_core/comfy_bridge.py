@@ -351,13 +351,16 @@ def decoder_for_gradients(vae, model, mode: str = "vae", compile_backend: str | 
         with loss_attention_backends():
             if compiled is not None and grad:
                 return compiled(first_stage, z, checkpointed).float().clamp(-1.0, 1.0)
-            return _kl_decode(first_stage, z, checkpointed and grad).float().clamp(-1.0, 1.0)
+            # eager checkpointing recomputes the blocks during backward, outside this context: the recompute must
+            # pick the same attention kernels as the forward (else autograd finds other saved tensors)
+            recompute = (lambda: (loss_attention_backends(), loss_attention_backends())) if checkpointed else None
+            return _kl_decode(first_stage, z, checkpointed and grad, recompute).float().clamp(-1.0, 1.0)
 
     return decode
 
 
-def _kl_decode(first_stage, z: torch.Tensor, checkpointed: bool) -> torch.Tensor:
-    return _checkpointed_decode(first_stage, z) if checkpointed else first_stage.decode(z)
+def _kl_decode(first_stage, z: torch.Tensor, checkpointed: bool, context_fn=None) -> torch.Tensor:
+    return _checkpointed_decode(first_stage, z, context_fn) if checkpointed else first_stage.decode(z)
 
 
 _COMPILED_DECODERS: dict = {}
@@ -403,14 +406,15 @@ def _walkable(first_stage) -> bool:
             and all(hasattr(dec, a) for a in ("conv_in", "mid", "up", "norm_out", "conv_out", "num_resolutions")))
 
 
-def _checkpointed_decode(first_stage, z: torch.Tensor) -> torch.Tensor:
+def _checkpointed_decode(first_stage, z: torch.Tensor, context_fn=None) -> torch.Tensor:
     """The KL decoder's forward, block by block, each block under ``torch.utils.checkpoint``: backward keeps
     only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window). The
-    modules are only called, never modified."""
+    modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts."""
     from torch.utils.checkpoint import checkpoint
 
     dec = first_stage.decoder
-    run = lambda block, *a: checkpoint(block, *a, use_reentrant=False)  # noqa: E731
+    extra = {"context_fn": context_fn} if context_fn is not None else {}
+    run = lambda block, *a: checkpoint(block, *a, use_reentrant=False, **extra)  # noqa: E731
     h = dec.conv_in(first_stage.post_quant_conv(z))
     h = run(dec.mid.block_1, h, None)
     h = run(dec.mid.attn_1, h)

@@ -240,6 +240,25 @@ def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, cap
         run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
 
 
+@pytest.mark.parametrize("mode", ["vae", "vae_checkpointed"])
+def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(bridge, tiny_sd15, tiny_kl_vae, mode):
+    """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in
+    the checkpointed recompute during backward alike (a recompute under other kernels saves other tensors and
+    autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time."""
+    seen = []
+    attn = tiny_kl_vae.first_stage_model.decoder.mid.attn_1
+    handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))
+    try:
+        decode = bridge.decoder_for_gradients(tiny_kl_vae, tiny_sd15.model, mode)
+        with bridge.trainable_copies(tiny_kl_vae.first_stage_model), bridge.gradient_section():
+            z = torch.randn(1, 4, WIN, WIN, requires_grad=True)
+            torch.autograd.grad(decode(z).square().mean(), z)
+    finally:
+        handle.remove()
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()  # restored outside
+    assert seen == [False] * (2 if mode == "vae_checkpointed" else 1)
+
+
 def test_comfy_checkpointed_and_half_decoders(bridge, tiny_sd15, tiny_kl_vae, lpips):
     assert bridge._walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
     full = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
