@@ -44,9 +44,7 @@ class BatchSize:
         under torch.compile)."""
         start = 0
         while start < len(items):
-            rest = len(items) - start
-            groups = -(-rest // self.size)
-            group = items[start:start + -(-rest // groups)]
+            group = items[start:start + even_group_sizes(len(items) - start, self.size)[0]]
             outcome = None
             try:
                 result = fn(group)
@@ -85,6 +83,18 @@ class BatchSize:
 
     def __repr__(self) -> str:
         return f"BatchSize({self.size}, {self.setting!r}, halved={self.halved})"
+
+
+def even_group_sizes(count: int, size: int) -> list[int]:
+    """Sizes of the fewest groups of at most ``size`` covering ``count`` items, as even as possible,
+    larger groups first: ``even_group_sizes(21, 8) == [7, 7, 7]``, ``even_group_sizes(7, 3) == [3, 2, 2]``."""
+    if size < 1:
+        raise ValueError(f"group size must be at least 1, got {size}")
+    groups = -(-count // size)
+    if groups == 0:
+        return []
+    base, extra = divmod(count, groups)
+    return [base + 1] * extra + [base] * (groups - extra)
 
 
 class _Retry:

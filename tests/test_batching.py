@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from syncdiff_core import Anchor, SyncSettings, plan_windows, sample
-from syncdiff_core.batching import BatchSize
+from syncdiff_core.batching import BatchSize, even_group_sizes
 from syncdiff_core.windows import crop
 from toys import F64, Toy
 
@@ -296,3 +296,21 @@ def test_comfy_bad_settings(bridge, tiny_sd15, tiny_kl_vae, lpips):
         run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="nope")
     with pytest.raises(ValueError, match="window_batch"):
         run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=0)
+
+
+@pytest.mark.parametrize("count", range(0, 30))
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 40])
+def test_even_group_sizes_cover_every_item_in_the_fewest_groups(count, size):
+    sizes = even_group_sizes(count, size)
+    assert sum(sizes) == count
+    assert len(sizes) == math.ceil(count / size)
+    assert all(1 <= s <= size for s in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_batch_size_runs_groups_of_even_group_sizes():
+    seen = [len(g) for g, _ in BatchSize(8).run(list(range(21)), lambda g: None)]
+    assert seen == even_group_sizes(21, 8) == [7, 7, 7]
+    with pytest.raises(ValueError, match="at least 1"):
+        even_group_sizes(3, 0)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from syncdiff_core.batching import even_group_sizes
 from layout_helpers import (CFG, build_micro_controlnet, build_micro_model, one_thread, pack_modules, prompt,
                             reference_panorama, stock_node, window_columns_px)
 
@@ -217,7 +218,7 @@ def test_each_window_gets_the_hint_crop_at_its_own_position(env, case):
                 assert torch.equal(used[j], expected), f"step t={t:.0f}, ControlNet {k}, window {j} at {w.left}"
         assert max(len(call) for call in step_calls) == 2
     batches = [call[0].shape[0] for call in by_step[max(by_step)]]
-    assert batches == [min(window_batch, len(windows) - i) for i in range(0, len(windows), window_batch)]
+    assert batches == even_group_sizes(len(windows), window_batch)
     # the user's ControlNet objects are left as they were: their own hint, no cached crop
     assert first.cond_hint_original is originals[0] and second.cond_hint_original is originals[1]
     assert first.cond_hint is None and second.cond_hint is None
