@@ -310,17 +310,42 @@ def check_compile_backend(backend: str, device) -> None:
 
 
 def compiled_patcher(model, backend: str):
-    """A clone of ``model`` whose diffusion model runs through ``torch.compile`` (static shapes), set with
-    ComfyUI's own ``set_torch_compile_wrapper`` (what its TorchCompileModel node does). A model that already
-    carries a compile wrapper (e.g. from TorchCompileModel) is returned unchanged."""
+    """``model`` itself when ``backend`` is empty and nothing compiled it; else a clone of ``model`` whose
+    diffusion model runs through ``torch.compile`` (static shapes), set with ComfyUI's own ``set_torch_compile_wrapper`` (what its TorchCompileModel node does); a model that already
+    carries a compile wrapper (e.g. from TorchCompileModel) keeps it. Either way the clone's diffusion model
+    no longer sees the schedule's length (``_without_schedule``), so one compile serves every step count."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
 
-    if TORCH_COMPILE_KWARGS in model.model_options:
+    compiled_already = TORCH_COMPILE_KWARGS in model.model_options
+    if not (backend or compiled_already):
         return model
     model = model.clone()
-    set_torch_compile_wrapper(model, backend=backend, dynamic=False)
+    if not compiled_already:
+        set_torch_compile_wrapper(model, backend=backend, dynamic=False)
+    diffusion_model = model.get_model_object("diffusion_model")
+    if not type(diffusion_model).__module__.startswith(_READS_SAMPLE_SIGMAS):
+        from comfy.patcher_extension import WrappersMP
+
+        model.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, SCHEDULE_FREE_KEY)
+        model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, SCHEDULE_FREE_KEY, _without_schedule)
     return model
+
+
+#: The key of our APPLY_MODEL wrapper that keeps the whole schedule out of the compiled diffusion model.
+SCHEDULE_FREE_KEY = "syncdiffusion.schedule_free"
+#: Diffusion models that read ``transformer_options["sample_sigmas"]`` themselves keep it.
+_READS_SAMPLE_SIGMAS = ("comfy.ldm.hunyuan_video.",)
+
+
+def _without_schedule(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                      **kwargs):
+    """ComfyUI hands the diffusion model the whole sigma schedule (``transformer_options["sample_sigmas"]``,
+    steps + 1 long). Dynamo guards on its length, so a compiled UNet recompiled for every new step count (a
+    minute or more each with inductor, and after 8 recompiles dynamo silently runs it eagerly). UNets do not
+    read it; hooks and context windows read it before ``apply_model``, where it stays."""
+    options = {k: v for k, v in (transformer_options or {}).items() if k != "sample_sigmas"}
+    return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
 #: What decodes x0 for the synchronization loss: the full VAE (as the paper), the full VAE with gradient
@@ -715,8 +740,7 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
         if loss is None:
             loss = get_lpips(model.load_device)
         model = gradient_ready_patcher(model)
-    if job.compile:
-        model = compiled_patcher(model, job.compile)
+    model = compiled_patcher(model, job.compile)
     positive, negative = (_native_size(c, plan.window_height * s, plan.window_width * s) for c in (positive, negative))
     noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
     sigmas = reference_sigmas(model, job.steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,6 +211,33 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     assert micro.model.model_options.keys() == options_before.keys()
     assert "aot_eager" in br._COMPILED_DECODERS
     assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really traced, not a silent fallback
+
+
+def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lpips):
+    """ComfyUI passes the whole sigma schedule to the diffusion model; dynamo would guard on its length and
+    recompile the UNet for each new step count (minutes with inductor; eager after 8). The compiled clone
+    drops it before the UNet, whether the pack compiled it or the user did with TorchCompileModel."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    br = pack["syncdiff_core.comfy_bridge"]
+    user_compiled = micro.model.clone()
+    set_torch_compile_wrapper(user_compiled, backend="aot_eager", dynamic=False)
+    user = SimpleNamespace(model=user_compiled, positive=micro.positive, negative=micro.negative)
+    for tiny, backend in ((micro, "aot_eager"), (user, "")):
+        options_before = dict(tiny.model.model_options)
+        run(pack, tiny, tiny_kl_vae, job(pack, w=20.0, sync_steps=1, steps=2, compile=backend), loss=lpips)
+        graphs = counters["stats"]["unique_graphs"]
+        for steps in (3, 5):
+            out = run(pack, tiny, tiny_kl_vae, job(pack, w=20.0, sync_steps=1, steps=steps, compile=backend),
+                      loss=lpips)
+            assert torch.isfinite(out).all()
+        assert counters["stats"]["unique_graphs"] == graphs, f"recompiled for a new step count ({backend!r})"
+        assert tiny.model.model_options.keys() == options_before.keys()
+    patched = br.compiled_patcher(micro.model, "aot_eager")
+    assert patched is not micro.model and patched.get_wrappers(WrappersMP.APPLY_MODEL, br.SCHEDULE_FREE_KEY)
+    assert br.compiled_patcher(micro.model, "") is micro.model  # nothing compiled: the model as given
 
 
 def test_compile_backend_is_checked_before_sampling(comfy, pack, micro, tiny_kl_vae):
