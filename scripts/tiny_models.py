@@ -82,13 +82,14 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) ->
 
 
 def build_model(family: str = "sd15", seed: int = 0, model_channels: int | None = None,
-                num_heads: int | None = None):
+                num_heads: int | None = None, context_dim: int | None = None):
     """A tiny UNet as a ComfyUI ``ModelPatcher`` (built directly, not through a checkpoint).
 
     ``model_channels`` below 320 gives a much cheaper UNet for tests that do not load it from a checkpoint
     (ComfyUI's detection only knows real families' widths). ``num_heads`` sets the attention heads (head
     width = channels / heads); on a CPU one wide head is several times faster than SD1.x's 8 narrow ones
-    for 64x64-latent windows."""
+    for 64x64-latent windows. ``context_dim`` sets the prompt embedding width (tests with random
+    conditioning use narrow ones)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     mc = model_config(family)
@@ -96,6 +97,8 @@ def build_model(family: str = "sd15", seed: int = 0, model_channels: int | None 
         mc.unet_config["model_channels"] = model_channels
     if num_heads is not None:
         mc.unet_config["num_heads"], mc.unet_config["num_head_channels"] = num_heads, -1
+    if context_dim is not None:
+        mc.unet_config["context_dim"] = context_dim
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
     init_weights_(model.diffusion_model, seed)

@@ -21,19 +21,14 @@ import contextlib
 import importlib
 import math
 
+import tiny_models
 import torch
 
 CTX = 64  # context_dim of the micro UNet (the prompts' embedding width)
 CFG = 5.0
 
-MICRO_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-    "model_channels": 32, "num_res_blocks": [1], "channel_mult": [1],
-    "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-    "context_dim": CTX, "use_linear_in_transformer": False,
-}
+#: The harness's SD1.x one-level config at 32 channels and a CTX-wide context (see the module docstring).
+MICRO_UNET = {**tiny_models.unet_config("sd15"), "model_channels": 32, "context_dim": CTX}
 
 
 @contextlib.contextmanager
@@ -58,17 +53,7 @@ def pack_modules(comfy) -> dict:
 
 
 def build_micro_model(seed: int = 0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    import tiny_models
-
-    mc = comfy.supported_models.SD15(dict(MICRO_UNET))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    tiny_models.init_weights_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return tiny_models.build_model("sd15", seed, model_channels=MICRO_UNET["model_channels"], context_dim=CTX)
 
 
 def build_micro_controlnet(seed: int = 1):
@@ -77,10 +62,9 @@ def build_micro_controlnet(seed: int = 1):
     import comfy.controlnet
     import comfy.model_management as mm
     import comfy.ops
-    import tiny_models
 
     cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, num_heads=8, hint_channels=3, dtype=torch.float32,
+    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
                                      operations=comfy.ops.disable_weight_init)
     tiny_models.init_weights_(net, seed)
     return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
