@@ -190,6 +190,59 @@ def test_loaded_models_are_left_unaltered(comfy, pack, micro, tiny_kl_vae, lpips
         assert vae_before[k] is p
 
 
+def test_released_originals_leave_one_copy_and_come_back_as_inference_tensors(pack):
+    """On the GPU the pack does not keep the loaded weights next to their trainable copies (that cost 1.9 GiB
+    for SD 2): each original is dropped once copied, and inference tensors of the same values come back."""
+    import gc
+    import weakref
+
+    br = pack["syncdiff_core.comfy_bridge"]
+    with torch.inference_mode():
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        net[0].weight.requires_grad_(False)
+        net[0].bias.requires_grad_(False)
+    tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    values = {k: t.detach().clone() for k, t in tensors.items()}
+    was_param = {k: isinstance(t, torch.nn.Parameter) for k, t in tensors.items()}
+    grad_flag = {k: t.requires_grad for k, t in tensors.items()}  # ComfyUI's are False; BatchNorm's here True
+    refs = {k: weakref.ref(t) for k, t in tensors.items()}
+    del tensors
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    for fail in (False, True):
+        try:
+            with br.trainable_copies(net, release=lambda t: True), torch.enable_grad():
+                gc.collect()
+                assert all(r() is None for r in refs.values()), "an original outlived its copy"
+                inside = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+                assert all(not t.is_inference() and torch.equal(t, values[k]) for k, t in inside.items())
+                (grad,) = torch.autograd.grad(net(x).square().sum(), x)
+                assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+                del inside
+                if fail:
+                    raise KeyboardInterrupt  # Cancel in the middle of sampling
+        except KeyboardInterrupt:
+            assert fail
+        after = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+        assert after.keys() == values.keys()
+        for k, t in after.items():
+            assert t.is_inference() and t.requires_grad == grad_flag[k] and torch.equal(t, values[k]), k
+            assert isinstance(t, torch.nn.Parameter) == was_param[k], k
+        refs = {k: weakref.ref(t) for k, t in after.items()}
+        del after, t
+
+
+def test_released_originals_give_the_same_panorama(comfy, pack, micro, tiny_kl_vae, lpips, monkeypatch):
+    br = pack["syncdiff_core.comfy_bridge"]
+    kept = run(pack, micro, tiny_kl_vae, job(pack, steps=2, w=20.0, sync_steps=1), loss=lpips)
+    released = []
+    monkeypatch.setattr(br, "_releasable", lambda t: released.append(1) or True)
+    before = {k: p.detach().clone() for k, p in micro.model.model.diffusion_model.named_parameters()}
+    assert torch.equal(run(pack, micro, tiny_kl_vae, job(pack, steps=2, w=20.0, sync_steps=1), loss=lpips), kept)
+    assert released, "the release policy was consulted"
+    for k, p in micro.model.model.diffusion_model.named_parameters():
+        assert p.is_inference() and torch.equal(p, before[k]), k
+
+
 def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     """``compile`` runs the UNet (through ComfyUI's compile wrapper) and the loss decoder's gradient pass
     through torch.compile. With the ``aot_eager`` backend (dynamo's graphs and AOTAutograd's joint forward /
