@@ -68,8 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="bench/probe.py: skip the torch.compile variants")
     p.add_argument("--lean", action="store_true",
                    help="plan compile: eager headline and baseline first, then compile warm-up as full-length runs "
-                        "(the schedule's length is part of the compiled graphs' guards) and the compiled headline; "
-                        "no levers")
+                        "(what a user's first run costs) and the compiled headline; no levers")
     a = p.parse_args(argv)
     if a.tiny:
         a.height, a.width, a.window_px, a.stride = 32, 128, 32, 16
