@@ -494,7 +494,7 @@ def baseline_run(models, *, width=None, steps=None, w=0.0, sync_steps=None, labe
     sync()
     t0 = now()
     e0 = StepClock.mark()
-    grad_ctx = bridge.trainable_copies(unet, first) if w > 0 else contextlib.nullcontext()
+    grad_ctx = bridge.trainable_weights(unet, first) if w > 0 else contextlib.nullcontext()
     with grad_ctx:
         for i, t in enumerate(ts[:max_steps]):
             a = ac[t]
@@ -582,7 +582,7 @@ def count_flops(models):
     out["vae_fwd"] = fc.get_total_flops()
     out["vae_out_std"] = float(img.float().std())
     out["vae_finite"] = bool(torch.isfinite(img).all())
-    with bridge.trainable_copies(unet, first), torch.inference_mode(False):
+    with bridge.trainable_weights(unet, first), torch.inference_mode(False):
         lat = torch.randn(1, 4, win, win, device=DEVICE, requires_grad=True)
         with FlopCounterMode(display=False) as fc:
             e = unet(torch.cat([lat, lat]).to(DTYPE), timesteps=t, context=ctx)

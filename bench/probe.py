@@ -223,7 +223,7 @@ def micro(models):
     # eager first: it is what ships today
     record("unet_fwd16_eager", unet_fwd(unet, 16))
     record("unet_fwd10_eager", unet_fwd(unet, 10))
-    with bridge.trainable_copies(unet, first), bridge.gradient_section():
+    with bridge.trainable_weights(unet, first), bridge.gradient_section():
         record("unet_grad4_eager", unet_grad(unet, 4))
         record("unet_grad8_eager", unet_grad(unet, 8))
         record("vae_grad2_eager", vae_grad(plain_decode, 2))
@@ -234,7 +234,7 @@ def micro(models):
     torch._dynamo.reset()
     cu = torch.compile(unet)
     record("unet_fwd16_compiled", unet_fwd(cu, 16))
-    with bridge.trainable_copies(unet, first), bridge.gradient_section():
+    with bridge.trainable_weights(unet, first), bridge.gradient_section():
         if left() > 150:
             record("vae_grad2_compiled", vae_grad(torch.compile(plain_decode), 2))
         if left() > 200:

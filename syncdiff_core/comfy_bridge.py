@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from typing import Callable
 
 import torch
 
@@ -209,7 +208,7 @@ class WindowConds:
 
     def control_modules(self) -> list:
         """The ControlNets' networks: synchronization differentiates through them, so their inference-mode
-        weights need the same normal copies as the UNet's (see ``trainable_copies``)."""
+        weights need the same normal stand-ins as the UNet's (see ``trainable_weights``)."""
         found = {}
         for node, *_ in self.hints.values():
             net = getattr(node, "control_model", None)
@@ -239,46 +238,43 @@ def clone_skips_for_gradients(model_options: dict) -> dict:
 # Gradients through inference-mode weights
 # --------------------------------------------------------------------------------------------------
 
-def _releasable(t: torch.Tensor) -> bool:
-    """Whether ``trainable_copies`` may drop the original: accelerator memory is what the copies cost, and
-    ComfyUI pins CPU weights by their address (``pin_memory``/``unpin_memory``), so those keep their identity;
-    so do tensor subclasses (quantized weights), whose extra state a clone might not carry."""
-    return t.device.type != "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+def _normal_alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over ``t``'s storage (no copy): autograd can save it, which it refuses for inference
+    tensors, and it stays the same memory, pinned or not."""
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
 @contextlib.contextmanager
-def trainable_copies(*modules: torch.nn.Module, release: Callable[[torch.Tensor], bool] | None = None):
-    """Within the block, every inference-mode parameter/buffer of ``modules`` is replaced by a normal clone
-    (autograd refuses to save inference tensors for backward); afterwards the models loaded in ComfyUI hold
-    inference tensors of the same values, dtype and device again.
-
-    A tensor for which ``release(t)`` is true (by default: a plain tensor not on the CPU) is not kept next to its copy: its
-    copy replaces it, one tensor at a time, and a fresh inference clone replaces the copy at the end, so the
-    block costs one tensor's memory, not the models' (1.9 GiB for SD 2 in fp16). Other originals (CPU
-    weights, which ComfyUI may have pinned by address) are kept and put back as the same objects."""
-    release = release or _releasable
-    swapped = []  # (store, name, original or None, requires_grad, is_parameter)
+def trainable_weights(*modules: torch.nn.Module):
+    """Within the block every inference-mode parameter and buffer of ``modules`` is replaced in its module by
+    a normal tensor over the same storage, so autograd can save it for backward; the original objects are put
+    back afterwards, so the models loaded in ComfyUI are left exactly as they were. Nothing is copied (copies
+    cost 1.9 GiB for SD 2 in fp16), tied weights stay tied, and no restore needs memory. Tensor subclasses
+    (quantized weights), whose storage may not be their values, get a normal clone instead."""
+    swapped = []  # (store, name, original)
+    stand_ins = {}  # id(original) -> its stand-in (the originals are alive in ``swapped``)
     try:
         with torch.inference_mode(False):
             for module in modules:
                 for owner in module.modules():
-                    for store, is_param in ((owner._parameters, True), (owner._buffers, False)):
-                        for name in list(store):
-                            t = store[name]
+                    for store in (owner._parameters, owner._buffers):
+                        for name, t in list(store.items()):
                             if t is None or not t.is_inference():
                                 continue
-                            copy = t.detach().clone()  # no graph back to t
-                            store[name] = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
-                            swapped.append((store, name, None if release(t) else t, t.requires_grad, is_param))
-                            del t
+                            stand_in = stand_ins.get(id(t))
+                            if stand_in is None:
+                                plain = type(t) in (torch.Tensor, torch.nn.Parameter)
+                                data = _normal_alias(t) if plain else t.detach().clone()
+                                is_param = isinstance(t, torch.nn.Parameter)
+                                stand_in = torch.nn.Parameter(data, requires_grad=False) if is_param else data
+                                stand_ins[id(t)] = stand_in
+                            store[name] = stand_in
+                            swapped.append((store, name, t))
         yield
     finally:
-        with torch.inference_mode():
-            for store, name, original, requires_grad, is_param in reversed(swapped):
-                if original is None:
-                    again = store[name].detach().clone()
-                    original = torch.nn.Parameter(again, requires_grad=requires_grad) if is_param else again
-                store[name] = original
+        for store, name, original in reversed(swapped):
+            store[name] = original
 
 
 @contextlib.contextmanager
@@ -610,7 +606,7 @@ class WindowedSampler(comfy.samplers.Sampler):
             if window_conds.hints:
                 model_options = clone_skips_for_gradients(model_options)
         try:
-            with trainable_copies(*grad_modules), gradient_section():
+            with trainable_weights(*grad_modules), gradient_section():
                 x = core_sampler.sample(
                     denoise, x.clone(), sigmas, self.plan,
                     sync=job.sync,

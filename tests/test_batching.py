@@ -250,7 +250,7 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(bridge, t
     handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))
     try:
         decode = bridge.decoder_for_gradients(tiny_kl_vae, tiny_sd15.model, mode)
-        with bridge.trainable_copies(tiny_kl_vae.first_stage_model), bridge.gradient_section():
+        with bridge.trainable_weights(tiny_kl_vae.first_stage_model), bridge.gradient_section():
             z = torch.randn(1, 4, WIN, WIN, requires_grad=True)
             torch.autograd.grad(decode(z).square().mean(), z)
     finally:
