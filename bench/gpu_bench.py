@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="bench/probe.py: skip the torch.compile variants")
     p.add_argument("--lean", action="store_true",
                    help="plan compile: eager headline and baseline first, then compile warm-up as full-length runs "
-                        "(what a user's first run costs) and the compiled headline; no levers")
+                        "(what a user's first run costs), the compiled headline, then compiled sync_batch 3 and 4 "
+                        "if the budget allows")
     a = p.parse_args(argv)
     if a.tiny:
         a.height, a.width, a.window_px, a.stride = 32, 128, 32, 16
@@ -915,8 +916,16 @@ def compile_plan(models, add, runs):
                 add("b_md", pack_run(models, label="b", empty=k == 0))
             if BUDGET.allow("c", (K * est["pack_sync"] + (S - K) * est["pack_plain"]) * 1.3 + 2):
                 add("c_sync", pack_run(models, w=W, label="c", empty=k == 0))
+    compiled_levers(models, C, W, ((2, "vae"), (3, "vae_checkpointed")))
+
+
+def compiled_levers(models, C, W, variants):
+    """Short compiled runs, every step synchronized, one per (sync_batch, loss_decoder): sync step time (the
+    first step, which compiles, left out) and peak memory, appended to RESULTS["levers"]."""
+    ns = ARGS.sweep_steps
+    levers = RESULTS.setdefault("levers", [])
     with section("compiled_levers"):
-        for sb, dec in ((2, "vae"), (3, "vae_checkpointed")):
+        for sb, dec in variants:
             if not BUDGET.allow(f"compiled lever {sb} {dec}", 60):
                 continue
             try:
@@ -927,7 +936,7 @@ def compile_plan(models, add, runs):
                 rec = {"sync_batch": sb, "loss_decoder": dec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 fresh_memory()
             rec["loss_decoder"] = f"{dec} compiled"
-            R["levers"].append(rec)
+            levers.append(rec)
             print("lever", rec.get("loss_decoder"), rec.get("sync_batch"), rec.get("sync_step_s"),
                   rec.get("peak_alloc_gib"), rec.get("error", ""), flush=True)
             save()
@@ -954,6 +963,8 @@ def lean_compile_plan(add, models, C, W):
         for k in range(ARGS.repeats):
             add("b_md_compiled", pack_run(models, label="b compiled", empty=k == 0, compile=C))
             add("c_sync_compiled", pack_run(models, w=W, label="c compiled", empty=k == 0, compile=C))
+    # with the gradient pass's weight copies gone (1ed6f51): does a larger gradient batch fit 10 GiB, and pay?
+    compiled_levers(models, C, W, ((3, "vae_checkpointed"), (4, "vae_checkpointed")))
 
 
 def summarize():
