@@ -326,9 +326,10 @@ def check_compile_backend(backend: str, device) -> None:
 
 def compiled_patcher(model, backend: str):
     """``model`` itself when ``backend`` is empty and nothing compiled it; else a clone of ``model`` whose
-    diffusion model runs through ``torch.compile`` (static shapes), set with ComfyUI's own ``set_torch_compile_wrapper`` (what its TorchCompileModel node does); a model that already
-    carries a compile wrapper (e.g. from TorchCompileModel) keeps it. Either way the clone's diffusion model
-    no longer sees the schedule's length (``_without_schedule``), so one compile serves every step count."""
+    diffusion model runs through ``torch.compile`` (static shapes), set with ComfyUI's own
+    ``set_torch_compile_wrapper`` (what its TorchCompileModel node does); a model that already carries a
+    compile wrapper (e.g. from TorchCompileModel) keeps it. Either way the clone's diffusion model no longer
+    sees the schedule's length (``_without_schedule``), so one compile serves every step count."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
 

@@ -79,11 +79,10 @@ def test_batched_equals_one_at_a_time(w, window_batch, sync_batch):
     assert (got - base).abs().max() < 1e-12
     # clamped to the grid, and split into as few and as even groups as the batch size allows (15 windows at 9:
     # 8 + 7); the gradient pass covers the 14 windows that are not the anchor
-    even = lambda n, b: -(-n // -(-n // min(b, n)))  # noqa: E731 - the largest of ceil(n / b) even groups
     n = len(plan)
-    want = even(n, window_batch)
+    want = even_group_sizes(n, window_batch)[0]  # the largest group
     if w:
-        want = max(want, even(n - 1, min(sync_batch or window_batch, n)))
+        want = max(want, even_group_sizes(n - 1, min(sync_batch or window_batch, n))[0])
     assert max(toy.batches) == want
 
 
