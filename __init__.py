@@ -10,4 +10,7 @@ class SyncDiffusionExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> SyncDiffusionExtension:
+    from .syncdiff_core.comfy.assets import register_lpips_folder
+
+    register_lpips_folder()  # models/lpips, where the LPIPS trunk files go
     return SyncDiffusionExtension()

@@ -31,10 +31,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "scripts", ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from syncdiff_core import Anchor, SyncSettings, plan_windows, sample  # noqa: E402
+from reference import input_scale as vp_input_scale  # noqa: E402  (the tests' reference: SD's 1/sqrt(1+σ²))
+from tiny_models import random_trunk_state_dict as random_trunk  # noqa: E402
+from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
 from syncdiff_core import perceptual  # noqa: E402
 from syncdiff_core.sync import synchronize  # noqa: E402
 from syncdiff_core.windows import crop  # noqa: E402
@@ -111,21 +114,6 @@ def ddim_sigmas(steps: int = 50) -> torch.Tensor:
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
-def vp_input_scale(sigma) -> float:
-    """SD's model input scaling 1/sqrt(1+σ²): the gradient step is taken in the variance-preserving space."""
-    return float(1.0 / math.sqrt(1.0 + float(sigma) ** 2))
-
-
-def random_trunk(name: str, seed: int) -> dict[str, torch.Tensor]:
-    """A VGG ``features`` state dict with torchvision's initialisation, seeded."""
-    g_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return perceptual.vgg_features(name).state_dict()
-    finally:
-        torch.random.set_rng_state(g_state)
-
-
 def initial_noise(seeds, shape) -> torch.Tensor:
     """One unit-variance noise image per seed (each from its own generator, so a seed means the same in any
     batch): (len(seeds), *shape)."""
@@ -152,8 +140,7 @@ def generate(denoiser, seeds, setup: Setup, sync: SyncSettings, sync_loss) -> to
     sigmas = ddim_sigmas(setup.steps)
     x = initial_noise(seeds, (3, setup.height, setup.width)) * math.sqrt(1 + float(sigmas[0]) ** 2)
     out = sample(denoiser, x, sigmas, plan, sync=sync, decode=lambda x0: x0, loss=sync_loss,
-                 anchor=Anchor("center"), input_scale=vp_input_scale, window_batch=len(plan),
-                 sync_batch=len(plan))
+                 anchor=Anchor("center"), input_scale=vp_input_scale, batching=BatchPolicy(len(plan)))
     return out.clamp(-1, 1)
 
 
@@ -178,7 +165,7 @@ def step_size_report(denoiser, seeds, setup: Setup, weight: float, sync_loss, at
     def keep(i, xi, x0i):
         states[i + 1] = xi.clone()
 
-    sample(denoiser, x, sigmas, plan, window_batch=len(plan), callback=keep)
+    sample(denoiser, x, sigmas, plan, batching=BatchPolicy(len(plan)), callback=keep)
     for i in sorted(wanted):
         xi, sigma = states[i], sigmas[i]
         w_i = weight * setup.decay**i

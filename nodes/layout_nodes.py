@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..syncdiff_core.regions import REGION_KEY, RegionSpec
+from ..syncdiff_core.regions import REGION_KEY, RegionSpec, as_mask
 from .common import CATEGORY
 
 
@@ -42,12 +42,7 @@ class LayoutMaskRegion(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, mask: torch.Tensor, bootstrap_fraction: float, soft_mask: bool,
                 regions=None) -> io.NodeOutput:
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim != 3 or mask.shape[-1] < 1 or mask.shape[-2] < 1:
-            raise ValueError(f"mask must be a MASK of shape (batch, height, width), got {tuple(mask.shape)}")
-        if not 0.0 <= bootstrap_fraction <= 1.0:
-            raise ValueError(f"bootstrap_fraction must be between 0 and 1, got {bootstrap_fraction}")
+        mask = as_mask(mask)
         spec = RegionSpec(bootstrap_fraction=bootstrap_fraction, soft=soft_mask)
         region = [[emb, {**opts, "mask": mask, "set_area_to_bounds": False, "mask_strength": 1.0, REGION_KEY: spec}]
                   for emb, opts in conditioning]

@@ -6,12 +6,8 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
-from ..syncdiff_core import comfy_bridge, perceptual
+from ..syncdiff_core import perceptual
 from .common import CATEGORY
-
-
-def _crop_counts(height: int, width: int, window: int) -> tuple[int, int]:
-    return height // window, width // window
 
 
 class PanoramaCoherence(io.ComfyNode):
@@ -53,23 +49,16 @@ class PanoramaCoherence(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor, window_size: int) -> io.NodeOutput:
+        from ..syncdiff_core.comfy import assets
+
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise ValueError(f"image: expected a ComfyUI IMAGE (batch, height, width, channels), got {shape}")
-        if window_size < 16:
-            raise ValueError(f"window_size must be at least 16 px (VGG pools four times), got {window_size}")
         _, height, width, channels = image.shape
-        rows, cols = _crop_counts(height, width, window_size)
-        if rows * cols < 2:
-            raise ValueError(
-                f"image: a {width}x{height} px image holds {rows * cols} non-overlapping {window_size} px crop(s); "
-                f"Panorama Coherence compares pairs of crops, so the image must be at least {2 * window_size}x"
-                f"{window_size} px (two windows wide, or tall), or window_size must be at most "
-                f"{max(width, height) // 2} px"
-            )
-        device = comfy_bridge.perceptual_device()
-        lpips_fn = comfy_bridge.get_lpips(device)
-        style_fn = comfy_bridge.get_style_features(device)
+        rows, cols = perceptual.crop_counts(height, width, window_size)  # before any network is loaded
+        device = assets.perceptual_device()
+        lpips_fn = assets.get_lpips(device)
+        style_fn = assets.get_style_features(device)
         rgb = image[..., :3] if channels >= 3 else image.expand(-1, -1, -1, 3)
         x = rgb.movedim(-1, 1).to(device=device, dtype=torch.float32) * 2 - 1
         with torch.no_grad():

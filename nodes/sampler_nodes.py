@@ -1,27 +1,18 @@
 """Panorama latent, the SyncDiffusion sampler, and its anchor option."""
 from __future__ import annotations
 
-import logging
-
 import torch
 from comfy_api.latest import io
 
+from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob,
+                                 require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
-log = logging.getLogger("syncdiffusion")
-
 AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
 
-MAX_PX = 32768
-#: The sampler's loss_decoder choices (the bridge's LOSS_DECODERS; repeated here so the schema does not import
-#: ComfyUI internals at load time; a contract test checks that the two agree).
-LOSS_DECODER_CHOICES = ("vae_checkpointed", "vae", "vae_half", "taesd")
-
-
-def require_multiple_of_8(name: str, value: int) -> None:
-    if value <= 0 or value % 8:
-        raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {value}")
+#: Pixels per latent pixel of the empty canvas PanoramaLatent makes (as ComfyUI's EmptyLatentImage).
+LATENT_PX = 8
 
 
 class PanoramaLatent(io.ComfyNode):
@@ -46,11 +37,9 @@ class PanoramaLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
-        require_multiple_of_8("width", width)
-        require_multiple_of_8("height", height)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        samples = torch.zeros([batch_size, 4, height // 8, width // 8])
+        require_multiple("width", width, LATENT_PX)
+        require_multiple("height", height, LATENT_PX)
+        samples = torch.zeros([batch_size, 4, height // LATENT_PX, width // LATENT_PX])
         return io.NodeOutput({"samples": samples})
 
 
@@ -82,12 +71,7 @@ class AnchorSelector(io.ComfyNode):
         if mode == "reference image":
             if image is None:
                 raise ValueError("mode 'reference image' needs an image connected to the image input")
-            if image.ndim != 4 or image.shape[-1] != 3:
-                raise ValueError(f"image must be an RGB IMAGE with 3 channels, got shape {tuple(image.shape)} "
-                                 f"({image.shape[-1]} channels); convert RGBA or grayscale to RGB first")
             return io.NodeOutput(Anchor(mode="image", image=image.movedim(-1, 1) * 2.0 - 1.0))
-        if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
         return io.NodeOutput(Anchor(mode=mode, index=index))
 
 
@@ -133,10 +117,10 @@ class SyncDiffusionSampler(io.ComfyNode):
                                  tooltip="Close the loop horizontally for 360° panoramas: windows continue "
                                          "across the right/left border. The width must be a multiple of the "
                                          "stride and at least two windows."),
-                io.Int.Input("window_batch", default=8, min=1, max=256,
+                io.Int.Input("window_batch", default=8, min=1, max=MAX_WINDOW_BATCH,
                              tooltip="Windows sent through the model together; lower it if you run out of "
                                      "memory. Results do not depend on it."),
-                io.Combo.Input("loss_decoder", options=list(LOSS_DECODER_CHOICES), default="vae_checkpointed",
+                io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0],
                                optional=True,
                                tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full "
                                        "VAE as in the paper, recomputing its blocks in the backward pass (same "
@@ -144,7 +128,7 @@ class SyncDiffusionSampler(io.ComfyNode):
                                        "the full VAE, fastest, most memory. vae_half: the VAE on a half-size "
                                        "latent (approximate, less memory). taesd: TAESD from "
                                        "models/vae_approx (approximate, much cheaper)."),
-                io.Int.Input("sync_batch", default=0, min=0, max=256, optional=True,
+                io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
                              tooltip="Windows per gradient pass while synchronizing; 0 = automatic "
                                      "(min(window_batch, 2), about 10 GiB on SD-sized models). Each window "
                                      "adds ~2.8 GiB with vae_checkpointed, ~4.9 GiB with vae."),
@@ -163,25 +147,16 @@ class SyncDiffusionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
                 sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                loss_decoder="vae_checkpointed", sync_batch=0, compile=False, anchor=None) -> io.NodeOutput:
-        from ..syncdiff_core import comfy_bridge
+                loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, anchor=None) -> io.NodeOutput:
+        from ..syncdiff_core.comfy.sampling import sample_panorama
 
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if loss_decoder not in LOSS_DECODER_CHOICES:
-            raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODER_CHOICES)}, got {loss_decoder!r}")
-        if sync_batch < 0:
-            raise ValueError(f"sync_batch must be >= 0 (0 = automatic), got {sync_batch}")
-        if sync_steps > steps:
-            log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps", sync_steps, steps, steps)
-            sync_steps = steps
-        sync = SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every)
-        job = comfy_bridge.PanoramaJob(
-            seed=seed, steps=steps, cfg=cfg, window_px=window_size, stride_px=stride, sync=sync,
+        job = PanoramaJob(
+            seed=seed, steps=steps, cfg=cfg, window_px=window_size, stride_px=stride,
+            sync=SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every),
             anchor=anchor if anchor is not None else Anchor(), wrap=wrap, window_batch=window_batch,
-            loss_decoder=loss_decoder, sync_batch=sync_batch, compile="inductor" if compile else "",
+            loss_decoder=loss_decoder, sync_batch=sync_batch, compile=COMPILE_BACKEND if compile else "",
         )
-        return io.NodeOutput(comfy_bridge.sample_panorama(model, positive, negative, latent_image, job, vae=vae))
+        return io.NodeOutput(sample_panorama(model, positive, negative, latent_image, job, vae=vae))
 
 
 NODES = [PanoramaLatent, SyncDiffusionSampler, AnchorSelector]

@@ -209,15 +209,9 @@ def _has_trunk(rt) -> bool:
 
 
 def _write_random_trunk(rt) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from syncdiff_core import perceptual
+    import tiny_models
     folder = rt.models_dir / "lpips"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    feats = perceptual.vgg_features("vgg16")
-    save_file({f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()},
-              str(folder / "vgg16-random-demo.safetensors"))
+    tiny_models.write_random_trunk(folder / "vgg16-random-demo.safetensors", "vgg16", seed=0)
     rt.add_model_folder("lpips", folder)
 
 

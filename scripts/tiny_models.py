@@ -220,3 +220,28 @@ def load_checkpoint(path: Path | str):
     out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
                                                 embedding_directory=None)
     return out[0], out[1], out[2]
+
+
+def random_trunk_state_dict(name: str = "vgg16", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random VGG trunk (torchvision's initialisation, ``features.*`` key names as in torchvision's file), drawn
+    from ``seed`` without touching the global random state."""
+    from syncdiff_core import perceptual  # plain torch; nothing ComfyUI
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        feats = perceptual.vgg_features(name)
+    return {f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}
+
+
+def write_random_trunk(path: Path | str, name: str = "vgg16", seed: int = 0) -> Path:
+    """:func:`random_trunk_state_dict` written to ``path`` (safetensors, or torch's format for other suffixes), so
+    the pack's LPIPS / style networks load offline (tests, the demo, benchmarks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = random_trunk_state_dict(name, seed)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return path

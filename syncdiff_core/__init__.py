@@ -1,10 +1,12 @@
-"""SyncDiffusion's method in plain torch. Nothing in this package imports ComfyUI except ``comfy_bridge``."""
+"""SyncDiffusion's method in plain torch. Nothing in this package imports ComfyUI except the ``comfy`` package."""
+from .batching import BatchPolicy
 from .fusion import Fusion
+from .job import PanoramaJob
 from .sampler import NO_SYNC, sample
 from .sync import Anchor, SyncSettings
-from .windows import Window, WindowPlan, crop, crop_many, paste_add, plan_windows
+from .windows import Window, WindowPlan, crop, paste_add, plan_windows
 
 __all__ = [
-    "Anchor", "Fusion", "NO_SYNC", "SyncSettings", "Window", "WindowPlan",
-    "crop", "crop_many", "paste_add", "plan_windows", "sample",
+    "Anchor", "BatchPolicy", "Fusion", "NO_SYNC", "PanoramaJob", "SyncSettings", "Window", "WindowPlan",
+    "crop", "paste_add", "plan_windows", "sample",
 ]

@@ -6,9 +6,41 @@ ComfyUI's ``OOM_EXCEPTION``) and what to call to release cached memory before th
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 log = logging.getLogger("syncdiffusion")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How windows are grouped for the model, and what happens when the device runs out of memory.
+
+    ``window_batch`` windows go through the model together in the plain pass, ``sync_batch`` (None: the same)
+    in the gradient pass. An error of a type in ``oom_errors`` halves a pass's batch size once (``release()`` is
+    called before the retry); a second one fails with a message naming the setting to lower (``sync_setting``
+    for the gradient pass: the node's ``sync_batch`` when the user set it, else ``window_batch``) and ``advice``.
+    """
+
+    window_batch: int = 8
+    sync_batch: int | None = None
+    sync_setting: str = "window_batch"
+    oom_errors: tuple = ()
+    release: Callable[[], None] | None = None
+    advice: str = ""
+
+    def __post_init__(self):
+        if self.window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
+        if self.sync_batch is not None and self.sync_batch < 1:
+            raise ValueError(f"{self.sync_setting} must be >= 1, got {self.sync_batch}")
+
+    def sizes(self, count: int) -> tuple["BatchSize", "BatchSize"]:
+        """Fresh batch sizes for a run over ``count`` windows: (plain pass, gradient pass)."""
+        kw = dict(oom_errors=self.oom_errors, release=self.release, advice=self.advice)
+        plain = min(self.window_batch, count)
+        grad = min(self.sync_batch or self.window_batch, count)
+        return BatchSize(plain, "window_batch", **kw), BatchSize(grad, self.sync_setting, **kw)
 
 
 class OutOfMemory(RuntimeError):

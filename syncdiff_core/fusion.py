@@ -1,4 +1,4 @@
-"""MultiDiffusion fusion: every canvas pixel becomes the (weighted) average of the windows covering it."""
+"""MultiDiffusion fusion: every canvas pixel becomes the average of the windows covering it."""
 from __future__ import annotations
 
 import torch
@@ -7,23 +7,15 @@ from .windows import Window, paste_add
 
 
 class Fusion:
-    """Accumulates ``value += weight * x`` and ``count += weight`` over windows, then averages.
-
-    With no weights this is MultiDiffusion's plain average; with region masks as weights it is the
-    region-based fusion ``value += Σ m_r x_r, count += Σ m_r``.
-    """
+    """Accumulates ``value += x`` and ``count += 1`` over windows, then averages (MultiDiffusion)."""
 
     def __init__(self, like: torch.Tensor):
         self.value = torch.zeros_like(like)
         self.count = torch.zeros_like(like[:, :1])
 
-    def add(self, win: Window, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        if weight is None:
-            paste_add(self.value, win, x)
-            paste_add(self.count, win, torch.ones_like(x[:, :1]))
-        else:
-            paste_add(self.value, win, x * weight)
-            paste_add(self.count, win, weight.expand_as(x[:, :1]))
+    def add(self, win: Window, x: torch.Tensor) -> None:
+        paste_add(self.value, win, x)
+        paste_add(self.count, win, torch.ones_like(x[:, :1]))
 
     def result(self, fallback: torch.Tensor) -> torch.Tensor:
         """The average where any window contributed; ``fallback`` where none did."""

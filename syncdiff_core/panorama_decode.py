@@ -64,7 +64,8 @@ class Tile:
 
 
 def plan_tiles(
-    width: int, tile_width: int = 0, tile_overlap: int = 0, padding: int = 0, wrap: bool = True
+    width: int, tile_width: int = 0, tile_overlap: int = 0, padding: int = 0, wrap: bool = True,
+    px_per_unit: int = 1,
 ) -> list[Tile]:
     """Tiles covering a latent canvas ``width`` columns wide (all sizes in latent px).
 
@@ -72,21 +73,24 @@ def plan_tiles(
     circular context under wrap (none without wrap: there is nothing beyond the borders). Otherwise tiles of
     ``tile_width`` columns overlap their neighbours by at least ``tile_overlap`` columns; without wrap the first and
     last tiles are flush with the borders, under wrap the tiles are spread evenly around the loop.
+    ``px_per_unit``: pixels per latent px; error messages give tile sizes in pixels when it is above 1.
     """
+    size = (lambda v: f"{v * px_per_unit} px") if px_per_unit > 1 else (lambda v: f"{v} latent px")  # noqa: E731
     if width < 1:
         raise ValueError(f"the latent must be at least 1 column wide, got {width}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0 latent px, got {padding}")
     if tile_width < 0:
-        raise ValueError(f"tile_width must be >= 0 (0 = no tiling), got {tile_width} latent px")
+        raise ValueError(f"tile_width must be >= 0 (0 = no tiling), got {size(tile_width)}")
     if tile_overlap < 0:
-        raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap} latent px")
+        raise ValueError(f"tile_overlap must be >= 0, got {size(tile_overlap)}")
     if tile_width == 0 or tile_width >= width:
         pad = padding if wrap else 0
         return [Tile(0, width, pad, pad, False, False)]
     if tile_overlap >= tile_width:
-        raise ValueError(
-            f"tile_overlap ({tile_overlap} latent px) must be smaller than tile_width ({tile_width} latent px)")
+        rounded = f" (both rounded to whole latent px of {px_per_unit} px)" if px_per_unit > 1 else ""
+        raise ValueError(f"tile_overlap ({size(tile_overlap)}) must be smaller than tile_width "
+                         f"({size(tile_width)}){rounded}; tiles would not advance")
     step = tile_width - tile_overlap
     if wrap:
         count = max(2, math.ceil(width / step))
@@ -100,6 +104,18 @@ def plan_tiles(
         right = min(padding, width - s - tile_width)
         tiles.append(Tile(s, tile_width, left, right, i > 0, i < count - 1))
     return tiles
+
+
+def tiles_from_pixels(tile_width_px: int, tile_overlap_px: int, scale: int) -> tuple[int, int]:
+    """Tile width and overlap typed in pixels, in whole latent px of a decoder with ``scale`` pixels per latent px:
+    the width rounded down, the overlap up (0, 0 without tiling)."""
+    if tile_width_px <= 0:
+        return 0, 0
+    tile, overlap = tile_width_px // scale, -(-tile_overlap_px // scale)
+    if tile == 0:
+        raise ValueError(f"tile_width ({tile_width_px} px) is smaller than one latent pixel of this VAE "
+                         f"({scale} px); use 0 for no tiling or at least {scale * 2} px")
+    return tile, overlap
 
 
 def _ramp_weights(tile: Tile, ramp: int, scale: int) -> torch.Tensor:

@@ -29,12 +29,18 @@ class RegionSpec:
         return int(round(self.bootstrap_fraction * steps))
 
 
-def mask_to_canvas(mask: torch.Tensor, height: int, width: int, soft: bool, name: str = "mask") -> torch.Tensor:
-    """A MASK of any size → (B, height, width) at latent resolution, binarized at 0.5 unless ``soft``."""
+def as_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """A MASK as (batch, height, width) (a single (height, width) mask gets a batch of 1), or a clear error."""
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
+    if mask.ndim != 3 or mask.shape[-1] < 1 or mask.shape[-2] < 1:
         raise ValueError(f"{name} must be a MASK of shape (batch, height, width), got {tuple(mask.shape)}")
+    return mask
+
+
+def mask_to_canvas(mask: torch.Tensor, height: int, width: int, soft: bool, name: str = "mask") -> torch.Tensor:
+    """A MASK of any size → (B, height, width) at latent resolution, binarized at 0.5 unless ``soft``."""
+    mask = as_mask(mask, name)
     mh, mw = mask.shape[-2:]
     if abs(mw / mh - width / height) > 0.01 * (width / height):
         log.warning("SyncDiffusion: %s is %dx%d but the canvas is %dx%d (latent px): its aspect ratio differs, "

@@ -1,13 +1,13 @@
 """The SyncDiffusion synchronization step: settings, weight schedule, anchors, and the gradient step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from .batching import BatchSize
-from .windows import Window, WindowPlan
+from .windows import WindowPlan
 
 ANCHOR_MODES = ("center", "index", "image")
 
@@ -61,8 +61,16 @@ class Anchor:
         if self.mode == "image":
             img = self.image
             if img is None or img.ndim != 4 or img.shape[1] != 3:
-                shape = None if img is None else tuple(img.shape)
-                raise ValueError(f"anchor image must be a (batch, 3, height, width) image, got {shape}")
+                what = "nothing" if img is None else f"shape {tuple(img.shape)}"
+                raise ValueError(f"the anchor image must be an RGB image (3 channels), got {what}; convert "
+                                 "RGBA or grayscale images to RGB first")
+
+    def fitted(self, height: int, width: int) -> "Anchor":
+        """This anchor with its image resized to cover ``height`` x ``width`` px (aspect kept), center-cropped to
+        it and clamped to [-1, 1]; an index or center anchor is returned unchanged."""
+        if self.mode != "image":
+            return self
+        return replace(self, image=fit_image(self.image, height, width).clamp(-1, 1))
 
     def window_index(self, plan: WindowPlan) -> int | None:
         """The anchor window's index in ``plan``, or None for an image anchor."""
@@ -76,11 +84,6 @@ class Anchor:
                 f"(0 to {len(plan) - 1})"
             )
         return self.index
-
-
-def chunks(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def synchronize(
@@ -139,7 +142,7 @@ def synchronize(
             j = movers[int(bad.nonzero()[0]) // n]
             raise FloatingPointError(
                 f"SyncDiffusion: the LPIPS gradient is NaN or Inf at step {step + 1}, window {j} "
-                f"({plan[j].top * 8},{plan[j].left * 8} px); lower sync_weight or use float32"
+                f"({plan.describe(plan[j])}); lower sync_weight or use float32"
             )
     return out
 
@@ -157,3 +160,13 @@ def _against_fixed_target(loss: Callable, target: torch.Tensor) -> Callable:
     n = target.shape[0]
     return lambda images, k: loss.distance(loss.features(images), [f if n == 1 else f.repeat(k, 1, 1, 1)
                                                                     for f in feats])
+
+
+def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (B, C, h, w) to cover ``height`` x ``width`` keeping its aspect, then center-crop to it."""
+    h, w = image.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return image[..., top:top + height, left:left + width]

@@ -36,6 +36,31 @@ class Window:
             pieces.append((0, self.width - first, first))
         return pieces
 
+    def scaled(self, s: int) -> "Window":
+        """The same window on a canvas ``s`` times finer (e.g. in pixels instead of latent px)."""
+        return Window(self.top * s, self.left * s, self.height * s, self.width * s, self.canvas_width * s)
+
+    def area_pieces(self, area) -> list[tuple[int, int, int, int]]:
+        """A 2-D conditioning area ``(h, w, y, x)`` in canvas units intersected with the window: the pieces in
+        window coordinates, as ``(h, w, y, x)``; none when the area misses the window. An area that runs across
+        the wrap seam inside the window stays one piece."""
+        if len(area) != 4:
+            raise ValueError(f"SyncDiffusion supports 2-D conditioning areas only, got area {tuple(area)}")
+        h, w, y, x = area
+        top, bottom = max(y, self.top), min(y + h, self.top + self.height)
+        if bottom <= top:
+            return []
+        found = []
+        for a, b, s in self.column_ranges():
+            left, right = max(x, a), min(x + w, b)
+            if right > left:
+                piece = (bottom - top, right - left, top - self.top, left - a + s)
+                if found and found[-1][3] + found[-1][1] == piece[3]:  # contiguous across the seam: one area
+                    piece = (piece[0], found[-1][1] + piece[1], piece[2], found[-1][3])
+                    found.pop()
+                found.append(piece)
+        return found
+
 
 @dataclass(frozen=True)
 class WindowPlan:
@@ -46,6 +71,12 @@ class WindowPlan:
     stride: int
     wrap: bool
     windows: tuple[Window, ...]
+    px_per_unit: int = 1  # pixels per latent px, for messages in the user's units
+
+    def describe(self, window: Window) -> str:
+        """Where ``window`` is, in pixels when the plan knows the pixel scale (for messages)."""
+        unit = "px" if self.px_per_unit > 1 else "latent px"
+        return f"top {window.top * self.px_per_unit}, left {window.left * self.px_per_unit} {unit}"
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -80,43 +111,47 @@ def plan_windows(
     window: int | tuple[int, int],
     stride: int,
     wrap: bool = False,
+    px_per_unit: int = 1,
 ) -> WindowPlan:
     """Plan square (or rectangular) windows over a latent canvas, in raster order (row by row).
 
     ``wrap`` closes the loop horizontally: window starts run every ``stride`` over the whole width, so every
     column is covered as often as an interior column is, and the canvas width must be a multiple of the stride.
+    ``px_per_unit``: pixels per latent px; error messages give sizes in pixels when it is above 1 (the units of
+    the widgets the user typed), in latent px otherwise.
     """
+    size = (lambda v: f"{v * px_per_unit} px") if px_per_unit > 1 else (lambda v: f"{v} latent px")  # noqa: E731
     wh, ww = (window, window) if isinstance(window, int) else window
     if wh <= 0 or ww <= 0:
-        raise ValueError(f"window size must be positive, got {wh}x{ww} latent px")
+        raise ValueError(f"window size must be positive, got {size(wh)} x {size(ww)}")
     if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride} latent px")
+        raise ValueError(f"stride must be positive, got {size(stride)}")
     if stride > min(wh, ww):
         raise ValueError(
-            f"stride ({stride} latent px) must not exceed the window size ({min(wh, ww)} latent px): "
-            "windows would leave gaps"
+            f"stride ({size(stride)}) must not exceed the window size ({size(min(wh, ww))}): windows would "
+            "leave gaps; lower stride or raise window_size"
         )
     if canvas_height < wh or canvas_width < ww:
         raise ValueError(
-            f"the latent ({canvas_height}x{canvas_width} latent px) is smaller than one window "
-            f"({wh}x{ww} latent px); make the image at least {wh * 8}x{ww * 8} px or lower window_size"
+            f"the canvas ({size(canvas_width)} wide, {size(canvas_height)} tall) is smaller than one window "
+            f"({size(ww)} x {size(wh)}); make the image at least that large or lower window_size"
         )
     rows = _positions(canvas_height, wh, stride)
     if wrap:
         if canvas_width < 2 * ww:
             raise ValueError(
-                f"wrap needs a canvas at least two windows wide: width {canvas_width * 8} px < 2 x {ww * 8} px"
+                f"wrap needs a canvas at least two windows wide: width {size(canvas_width)} < 2 x {size(ww)}"
             )
         if canvas_width % stride:
             raise ValueError(
-                f"under wrap the stride must divide the canvas width: {canvas_width * 8} px is not a multiple "
-                f"of stride {stride * 8} px"
+                f"under wrap the stride must divide the canvas width: {size(canvas_width)} is not a multiple "
+                f"of stride {size(stride)}"
             )
         cols = list(range(0, canvas_width, stride))
     else:
         cols = _positions(canvas_width, ww, stride)
     windows = tuple(Window(t, l, wh, ww, canvas_width) for t in rows for l in cols)
-    return WindowPlan(canvas_height, canvas_width, wh, ww, stride, wrap, windows)
+    return WindowPlan(canvas_height, canvas_width, wh, ww, stride, wrap, windows, px_per_unit)
 
 
 def crop(x: torch.Tensor, win: Window) -> torch.Tensor:
@@ -134,6 +169,13 @@ def paste_add(canvas: torch.Tensor, win: Window, values: torch.Tensor) -> None:
         rows[..., a:b] += values[..., s : s + (b - a)]
 
 
-def crop_many(x: torch.Tensor, windows) -> torch.Tensor:
-    """Stack the crops of ``x`` (N, C, H, W) for several windows, window-major: (len(windows) * N, C, h, w)."""
-    return torch.cat([crop(x, w) for w in windows], dim=0)
+def crop_stack(t: torch.Tensor, windows, n: int) -> torch.Tensor:
+    """Crops of a canvas-shaped tensor (B, ..., H, W) for each window, window-major, each window's batch made
+    ``n`` long (a batch of 1 is expanded): (len(windows) * n, ..., h, w)."""
+    parts = []
+    for w in windows:
+        part = crop(t, w)
+        if part.shape[0] != n:
+            part = part[:1].expand(n, *part.shape[1:]) if part.shape[0] == 1 else part[:n]
+        parts.append(part)
+    return torch.cat(parts)

@@ -87,6 +87,51 @@ def object_node(value, io_type: str) -> dict:
     return {"class_type": name, "inputs": {"key": key}}
 
 
+class Pack:
+    """The pack's modules as ComfyUI's ``load_custom_node`` imported them (never the repository as ``nodes``):
+    ``pack.sampling`` is ``<pack>.syncdiff_core.comfy.sampling``, ``pack.job`` is ``<pack>.syncdiff_core.job``,
+    ``pack.sampler_nodes`` is ``<pack>.nodes.sampler_nodes``; ``pack.module("a.b")`` takes any dotted path."""
+
+    BRIDGE = ("assets", "compile", "conds", "decode", "layout", "loss_decoders", "model", "output", "sampling")
+    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "sampler_nodes")
+
+    def __init__(self, package: str):
+        self.package = package
+
+    def module(self, dotted: str):
+        import importlib
+        return importlib.import_module(f"{self.package}.{dotted}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.BRIDGE:
+            return self.module(f"syncdiff_core.comfy.{name}")
+        if name in self.NODES:
+            return self.module(f"nodes.{name}")
+        return self.module(f"syncdiff_core.{name}")
+
+
+def pack() -> Pack:
+    return Pack(runtime().pack_module.__name__)
+
+
+def make_job(pack: Pack, *, w: float = 0.0, decay: float = 0.95, sync_steps: int = 10, every: int = 1,
+             anchor=None, **kw):
+    """A ``PanoramaJob`` of the pack's own classes; ``w``, ``decay``, ``sync_steps``, ``every`` make its
+    ``SyncSettings``, the rest are the job's fields."""
+    sync = pack.sync
+    return pack.job.PanoramaJob(sync=sync.SyncSettings(weight=w, decay=decay, steps=sync_steps, every=every),
+                                anchor=anchor if anchor is not None else sync.Anchor(), **kw)
+
+
+def sample(pack: Pack, model, positive, negative, latent_shape, job, *, vae=None, loss=None) -> torch.Tensor:
+    """``sample_panorama`` on a zero LATENT of ``latent_shape``, under inference mode as a node runs: the samples."""
+    with torch.inference_mode():
+        return pack.sampling.sample_panorama(model, positive, negative, {"samples": torch.zeros(latent_shape)}, job,
+                                             vae=vae, loss=loss)["samples"]
+
+
 def run_prompt(prompt: dict, **kw) -> PromptResult:
     return runtime().run_prompt(prompt, **kw)
 
@@ -134,18 +179,11 @@ def link_checkpoint(existing: Path, name: str) -> str:
 
 
 def write_random_lpips_trunk(seed: int = SEED) -> Path:
-    """A random VGG16 trunk (torchvision key names, ``features.*`` only) in ComfyUI's ``models/lpips``,
-    where the pack looks first, so synchronization runs offline in tests. Random weights: the loss is
-    meaningless as a perception measure but has the real architecture, shapes and gradients."""
-    from safetensors.torch import save_file
-    rt = runtime()
-    folder = rt.models_dir / "lpips"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "vgg16-random-test.safetensors"
+    """A random VGG16 trunk in ComfyUI's ``models/lpips``, where the pack looks first, so synchronization runs
+    offline in tests. Random weights: the loss is meaningless as a perception measure but has the real
+    architecture, shapes and gradients."""
+    import tiny_models as tm
+    path = runtime().models_dir / "lpips" / "vgg16-random-test.safetensors"
     if not path.exists():
-        from syncdiff_core import perceptual  # plain torch; nothing ComfyUI
-        torch.manual_seed(seed)
-        feats = perceptual.vgg_features("vgg16")
-        sd = {f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}
-        save_file(sd, str(path))
+        tm.write_random_trunk(path, "vgg16", seed)
     return path

@@ -18,6 +18,11 @@ Fixtures (see ``comfy_harness.py`` for the helpers behind them):
                                   (``.clip is None``), conditioning from random tensors
 ``tiny_kl_vae``        session    a small KL VAE (SD's VAE architecture, 32 channels) as comfy.sd.VAE
 ``lpips_trunk``        session    path of a random VGG16 trunk in ``models/lpips`` (sync runs offline)
+``pack``               session    ``comfy_harness.Pack``: the pack's modules as ComfyUI loaded them
+                                  (``pack.sampling``, ``pack.job``, ``pack.sampler_nodes``, ...)
+``lpips``              session    the pack's LPIPS on the CPU, from ``lpips_trunk``
+``micro``              session    a 32-channel SD1.x UNet (``layout_helpers.build_micro_model``) built
+                                  under inference mode like a loader's, with random prompts
 =====================  =========  ===============================================================
 
 Seeds are fixed (``comfy_harness.SEED``), so every run builds bit-identical weights.
@@ -107,3 +112,27 @@ def tiny_kl_vae(comfy):
 def lpips_trunk(comfy):
     import comfy_harness
     return comfy_harness.write_random_lpips_trunk()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    import comfy_harness
+    return comfy_harness.pack()
+
+
+@pytest.fixture(scope="session")
+def lpips(pack, lpips_trunk):
+    import torch
+    return pack.assets.get_lpips(torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def micro(comfy):
+    import types
+
+    import torch
+    from layout_helpers import build_micro_model, prompt
+
+    with torch.inference_mode():
+        model = build_micro_model(seed=5)
+    return types.SimpleNamespace(model=model, positive=prompt(6), negative=prompt(7))

@@ -1,6 +1,5 @@
 """Shared by test_layout.py and test_controlnet_windows.py: a micro SD1.x-style UNet (and ControlNet) built
-through ComfyUI's own classes, prompts as conditioning tensors, the pack's modules as ComfyUI loaded them,
-and an independent per-window reference sampler made of stock ComfyUI parts.
+through ComfyUI's own classes, prompts as conditioning tensors, and an independent per-window reference sampler made of stock ComfyUI parts.
 
 Why a micro model and not the harness's ``tiny_sd15``/``tiny_sd20``: those keep SD's width (model_channels
 320) so that checkpoint detection recognises them; one 3-step 64x256 px panorama costs ~15 s of a shared
@@ -18,7 +17,6 @@ conditioning built for that window by ComfyUI's own nodes (``ConditioningSetArea
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 
 import tiny_models
@@ -42,14 +40,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-def pack_modules(comfy) -> dict:
-    """The pack's modules as ComfyUI's ``load_custom_node`` imported them (never the repo as ``nodes``)."""
-    name = comfy.pack_module.__name__
-    return {m.rsplit(".", 1)[-1]: importlib.import_module(f"{name}.{m}") for m in (
-        "syncdiff_core.comfy_bridge", "syncdiff_core.regions", "syncdiff_core.sync", "syncdiff_core.windows",
-        "nodes.layout_nodes")}
 
 
 def build_micro_model(seed: int = 0):

@@ -4,49 +4,20 @@ Core tests use small float64 toy callables (no ComfyUI); the ComfyUI tests run t
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
 import pytest
 import torch
 
-from syncdiff_core import Anchor, SyncSettings, plan_windows, sample
+import comfy_harness as h
+from reference import F64, Toy, input_scale, reference_loop
+from syncdiff_core import BatchPolicy, SyncSettings, plan_windows, sample
 from syncdiff_core.batching import BatchSize, even_group_sizes
-from syncdiff_core.windows import crop
-from toys import F64, Toy
 
 
-def scale(sigma):
-    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
-
-
-def one_at_a_time(toy, x, sigmas, plan, w, sync_steps):
-    """DESIGN §1 with one window per call, written without the core's helpers: the baseline."""
-    a = plan.center_index
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        views = [crop(x, win) for win in plan]
-        if w > 0 and i < sync_steps:
-            with torch.no_grad():
-                target = toy.decode(toy.denoise(views[a], s.reshape(1)))
-            for j in range(len(plan)):
-                if j == a:
-                    continue
-                c = scale(s)
-                u = (views[j] * c).detach().requires_grad_(True)
-                loss = toy.loss(toy.decode(toy.denoise(u / c, s.reshape(1))), target.repeat(1, 1, 1, 1)).sum()
-                (g,) = torch.autograd.grad(loss, u)
-                views[j] = (u.detach() - w * 0.95**i * g) / c
-        value, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-        for win, v in zip(plan, views):
-            with torch.no_grad():
-                x0 = toy.denoise(v, s.reshape(1))
-            x_prev = x0 + (s_next / s) * (v - x0)
-            value[..., win.top:win.top + win.height, win.left:win.left + win.width] += x_prev
-            count[..., win.top:win.top + win.height, win.left:win.left + win.width] += 1
-        x = torch.where(count > 0, value / count.clamp_min(1e-12), x)
-    return x
+def views(plan):
+    return [(w.top, w.left, w.height, w.width) for w in plan]
 
 
 SIGMAS = torch.tensor([12.0, 5.0, 2.0, 0.7, 0.029], dtype=F64)
@@ -61,9 +32,9 @@ def test_window_batch_1_reproduces_the_one_at_a_time_baseline_exactly(w):
     toy = Toy()
     plan = plan_windows(8, 40, 8, 4)
     x = canvas()
-    want = one_at_a_time(toy, x.clone(), SIGMAS, plan, w, sync_steps=2)
+    want = reference_loop(x.clone(), SIGMAS, views(plan), toy, w=w, sync_steps=2)
     got = sample(toy.denoise, x.clone(), SIGMAS, plan, sync=SyncSettings(weight=w, steps=2), decode=toy.decode,
-                 loss=toy.loss, input_scale=scale, window_batch=1)
+                 loss=toy.loss, input_scale=input_scale, batching=BatchPolicy(window_batch=1))
     assert torch.equal(got, want)
 
 
@@ -73,9 +44,9 @@ def test_batched_equals_one_at_a_time(w, window_batch, sync_batch):
     toy = Toy(seed=1)
     plan = plan_windows(16, 24, 8, 4)  # several rows: 3 x 5 windows
     x = canvas(1, 16, 24)
-    kw = dict(sync=SyncSettings(weight=w, steps=3), decode=toy.decode, loss=toy.loss, input_scale=scale)
-    base = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=1, **kw)
-    got = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=window_batch, sync_batch=sync_batch, **kw)
+    kw = dict(sync=SyncSettings(weight=w, steps=3), decode=toy.decode, loss=toy.loss, input_scale=input_scale)
+    base = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch=1), **kw)
+    got = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch, sync_batch), **kw)
     assert (got - base).abs().max() < 1e-12
     # clamped to the grid, and split into as few and as even groups as the batch size allows (15 windows at 9:
     # 8 + 7); the gradient pass covers the 14 windows that are not the anchor
@@ -109,12 +80,13 @@ def test_out_of_memory_halves_the_batch_once_and_retries(w, caplog):
     plan = plan_windows(8, 40, 8, 4)  # 9 windows
     x = canvas(2)
     released = []
-    kw = dict(sync=SyncSettings(weight=w, steps=2), input_scale=scale)
-    want = sample(Toy().denoise, x.clone(), SIGMAS, plan, window_batch=1, decode=Toy().decode, loss=Toy().loss, **kw)
+    kw = dict(sync=SyncSettings(weight=w, steps=2), input_scale=input_scale)
+    want = sample(Toy().denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch=1), decode=Toy().decode,
+                  loss=Toy().loss, **kw)
     toy = Limited(limit=4)
+    policy = BatchPolicy(window_batch=8, oom_errors=(OOM,), release=lambda: released.append(1))
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
-        got = sample(toy.denoise, x.clone(), SIGMAS, plan, window_batch=8, decode=toy.decode, loss=toy.loss,
-                     oom_errors=(OOM,), release_memory=lambda: released.append(1), **kw)
+        got = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=policy, decode=toy.decode, loss=toy.loss, **kw)
     assert (got - want).abs().max() < 1e-12
     # once per BatchSize (the denoise pass; with sync also the gradient pass, which defaults to window_batch)
     assert toy.failures == len(released) == (2 if w else 1)
@@ -126,7 +98,8 @@ def test_out_of_memory_halves_the_batch_once_and_retries(w, caplog):
 def test_out_of_memory_twice_fails_naming_the_setting():
     toy = Limited(limit=1)
     with pytest.raises(OOM, match=r"window_batch=4 \(halved from 8\)\. Lower window_batch") as info:
-        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=8, oom_errors=(OOM,))
+        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
+               batching=BatchPolicy(window_batch=8, oom_errors=(OOM,)))
     assert isinstance(info.value.__cause__, OOM)
     assert toy.failures == 2
 
@@ -134,8 +107,8 @@ def test_out_of_memory_twice_fails_naming_the_setting():
 def test_out_of_memory_at_one_window_says_so():
     toy = Limited(limit=0)
     with pytest.raises(OOM, match="Even one window at a time does not fit: free memory"):
-        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=1, oom_errors=(OOM,),
-               oom_advice="free memory")
+        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
+               batching=BatchPolicy(window_batch=1, oom_errors=(OOM,), advice="free memory"))
 
 
 def test_other_errors_are_not_retried():
@@ -152,16 +125,16 @@ def test_other_errors_are_not_retried():
 
 def test_bad_window_batch():
     with pytest.raises(ValueError, match="window_batch must be >= 1"):
-        sample(Toy().denoise, canvas(), SIGMAS, plan_windows(8, 40, 8, 4), window_batch=0)
+        BatchPolicy(window_batch=0)
 
 
 def test_lpips_target_features_once_equal_repeated_targets():
     """The sync step computes the anchor's LPIPS features once; the loss is the one with repeated targets."""
+    import tiny_models
     from syncdiff_core import perceptual
     from syncdiff_core.sync import _against_fixed_target
 
-    torch.manual_seed(0)
-    lp = perceptual.build_lpips(perceptual.vgg_features("vgg16").state_dict())
+    lp = perceptual.build_lpips(tiny_models.random_trunk_state_dict("vgg16", seed=0))
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     for target in (torch.rand(1, 3, 32, 32) * 2 - 1,):
         want = lp(images, target.repeat(3, 1, 1, 1))
@@ -179,40 +152,25 @@ def test_lpips_target_features_once_equal_repeated_targets():
 H, W, WIN, STRIDE = 8, 32, 8, 4  # latent px: 7 windows
 
 
-@pytest.fixture(scope="module")
-def bridge(comfy):
-    return importlib.import_module(f"{comfy.pack_module.__name__}.syncdiff_core.comfy_bridge")
-
-
-@pytest.fixture(scope="module")
-def lpips(comfy, lpips_trunk, bridge):
-    return bridge.get_lpips(torch.device("cpu"))
-
-
-def run(bridge, model, tiny, vae, loss, *, w, window_batch, sync_batch=0, loss_decoder="vae", steps=3):
-    sync = importlib.import_module(bridge.__name__.rsplit(".", 1)[0] + ".sync")  # the pack's own classes
-    job = bridge.PanoramaJob(seed=5, steps=steps, cfg=5.0, window_px=WIN * 8, stride_px=STRIDE * 8,
-                             sync=sync.SyncSettings(weight=w, steps=2), anchor=sync.Anchor(),
-                             window_batch=window_batch, sync_batch=sync_batch, loss_decoder=loss_decoder)
-    latent = {"samples": torch.zeros(1, 4, H, W)}
-    with torch.inference_mode():
-        return bridge.sample_panorama(model, tiny.positive, tiny.negative, latent, job, vae=vae,
-                                      loss=loss)["samples"]
+def run(pack, model, tiny, vae, loss, *, w, window_batch, sync_batch=0, loss_decoder="vae", steps=3):
+    job = h.make_job(pack, w=w, sync_steps=2, seed=5, steps=steps, cfg=5.0, window_px=WIN * 8,
+                     stride_px=STRIDE * 8, window_batch=window_batch, sync_batch=sync_batch, loss_decoder=loss_decoder)
+    return h.sample(pack, model, tiny.positive, tiny.negative, (1, 4, H, W), job, vae=vae, loss=loss)
 
 
 @pytest.mark.parametrize("w", [0.0, 20.0])
-def test_comfy_batched_equals_one_window_at_a_time(bridge, tiny_sd15, tiny_kl_vae, lpips, w):
-    one = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=1)
-    many = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=5, sync_batch=3)
+def test_comfy_batched_equals_one_window_at_a_time(pack, tiny_sd15, tiny_kl_vae, lpips, w):
+    one = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=1)
+    many = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=5, sync_batch=3)
     assert torch.isfinite(one).all()
     rel = (many - one).norm() / one.norm()
     assert rel < 1e-4, rel
     if w:
-        free = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=5)
+        free = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=5)
         assert (free - one).abs().max() > 1e-4  # sync did something
 
 
-def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, caplog):
+def test_comfy_out_of_memory_fallback(pack, tiny_sd15, tiny_kl_vae, lpips, caplog):
     """A model wrapper raising ComfyUI's OOM exception for more than 2 windows (CFG doubles the rows)."""
     import comfy.model_management as mm
 
@@ -226,9 +184,9 @@ def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, cap
 
     model = tiny_sd15.model.clone()
     model.set_model_unet_function_wrapper(wrapper)
-    want = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=2)
+    want = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=2)
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
-        got = run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, sync_batch=4)
+        got = run(pack, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, sync_batch=4)
     assert limit["failures"] == 2  # once in the denoise pass, once in the gradient pass
     assert (got - want).norm() / want.norm() < 1e-4
     notes = [r.getMessage() for r in caplog.records]
@@ -236,11 +194,11 @@ def test_comfy_out_of_memory_fallback(bridge, tiny_sd15, tiny_kl_vae, lpips, cap
     assert any("sync_batch=4; retrying with 2" in m for m in notes)
     limit["rows"] = 0
     with pytest.raises(mm.OOM_EXCEPTION, match="window_batch"):
-        run(bridge, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
+        run(pack, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
 
 
 @pytest.mark.parametrize("mode", ["vae", "vae_checkpointed"])
-def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(bridge, tiny_sd15, tiny_kl_vae, mode):
+def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, tiny_sd15, tiny_kl_vae, mode):
     """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in
     the checkpointed recompute during backward alike (a recompute under other kernels saves other tensors and
     autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time."""
@@ -248,8 +206,8 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(bridge, t
     attn = tiny_kl_vae.first_stage_model.decoder.mid.attn_1
     handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))
     try:
-        decode = bridge.decoder_for_gradients(tiny_kl_vae, tiny_sd15.model, mode)
-        with bridge.trainable_weights(tiny_kl_vae.first_stage_model), bridge.gradient_section():
+        decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, tiny_sd15.model, mode)
+        with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
             z = torch.randn(1, 4, WIN, WIN, requires_grad=True)
             torch.autograd.grad(decode(z).square().mean(), z)
     finally:
@@ -258,21 +216,21 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(bridge, t
     assert seen == [False] * (2 if mode == "vae_checkpointed" else 1)
 
 
-def test_comfy_checkpointed_and_half_decoders(bridge, tiny_sd15, tiny_kl_vae, lpips):
-    assert bridge._walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
-    full = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
-    ckpt = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4,
+def test_comfy_checkpointed_and_half_decoders(pack, tiny_sd15, tiny_kl_vae, lpips):
+    assert pack.decoders.is_walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
+    full = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
+    ckpt = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4,
                loss_decoder="vae_checkpointed")
     assert (ckpt - full).norm() / full.norm() < 1e-5  # same gradients, recomputed
-    half = run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_half")
+    half = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_half")
     assert torch.isfinite(half).all() and (half - full).abs().max() > 0
     # the decoder's modules are left unpatched
     assert not any("forward" in m.__dict__ for m in tiny_kl_vae.first_stage_model.modules())
 
 
-def test_comfy_taesd_loss_decoder(bridge, comfy, tiny_sd15, lpips, tmp_path):
+def test_comfy_taesd_loss_decoder(pack, comfy, tiny_sd15, lpips, tmp_path):
     with pytest.raises(ValueError, match="taesd_decoder"):
-        run(bridge, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+        run(pack, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     import comfy.taesd.taesd as taesd
     import folder_paths
     from safetensors.torch import save_file
@@ -284,17 +242,17 @@ def test_comfy_taesd_loss_decoder(bridge, comfy, tiny_sd15, lpips, tmp_path):
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(tmp_path / "taesd_decoder.safetensors"))
     folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
     try:
-        out = run(bridge, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+        out = run(pack, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     finally:
         folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
     assert torch.isfinite(out).all()
 
 
-def test_comfy_bad_settings(bridge, tiny_sd15, tiny_kl_vae, lpips):
+def test_comfy_bad_settings(pack):
     with pytest.raises(ValueError, match="loss_decoder"):
-        run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="nope")
+        h.make_job(pack, seed=0, steps=1, cfg=1.0, window_px=64, stride_px=32, loss_decoder="nope")
     with pytest.raises(ValueError, match="window_batch"):
-        run(bridge, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=0)
+        h.make_job(pack, seed=0, steps=1, cfg=1.0, window_px=64, stride_px=32, window_batch=0)
 
 
 @pytest.mark.parametrize("count", range(0, 30))

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from syncdiff_core.batching import even_group_sizes
-from layout_helpers import (CFG, build_micro_controlnet, build_micro_model, one_thread, pack_modules, prompt,
-                            reference_panorama, stock_node, window_columns_px)
+import comfy_harness as h
+from layout_helpers import (CFG, build_micro_controlnet, build_micro_model, one_thread, prompt, reference_panorama,
+                            stock_node, window_columns_px)
 
 H, W = 8, 32           # latent px
 PX_H, PX_W = 64, 256   # pixels
@@ -30,28 +31,25 @@ SEED = 9
 
 
 @pytest.fixture(scope="module")
-def env(comfy):
+def env(comfy, pack):
     with one_thread():
-        yield SimpleNamespace(**pack_modules(comfy), rt=comfy, model=build_micro_model(seed=21),
+        yield SimpleNamespace(pack=pack, rt=comfy, model=build_micro_model(seed=21),
                               cnet=build_micro_controlnet(seed=22), bg=prompt(31), a=prompt(32), neg=prompt(33))
 
 
 def plan(env, wrap):
-    return env.windows.plan_windows(H, W, WIN, STRIDE, wrap=wrap)
+    return env.pack.windows.plan_windows(H, W, WIN, STRIDE, wrap=wrap)
 
 
 def run(env, positive, negative=None, *, steps=2, wrap=False, window_batch=8, model=None):
-    sy = env.sync
-    job = env.comfy_bridge.PanoramaJob(seed=SEED, steps=steps, cfg=CFG, window_px=WIN * 8, stride_px=STRIDE * 8,
-                                       sync=sy.SyncSettings(weight=0.0, steps=0), anchor=sy.Anchor(), wrap=wrap,
-                                       window_batch=window_batch)
-    with torch.inference_mode():
-        return env.comfy_bridge.sample_panorama(model or env.model, positive, env.neg if negative is None else negative,
-                                                {"samples": torch.zeros(1, 4, H, W)}, job)["samples"]
+    job = h.make_job(env.pack, sync_steps=0, seed=SEED, steps=steps, cfg=CFG, window_px=WIN * 8,
+                     stride_px=STRIDE * 8, wrap=wrap, window_batch=window_batch)
+    return h.sample(env.pack, model or env.model, positive, env.neg if negative is None else negative,
+                    (1, 4, H, W), job)
 
 
 def reference(env, window_conds, *, steps=2, wrap=False):
-    sigmas = env.comfy_bridge.reference_sigmas(env.model, steps)
+    sigmas = env.pack.model.reference_sigmas(env.model, steps)
     with torch.inference_mode():
         return reference_panorama(env.model, window_conds, (1, 4, H, W), SEED, sigmas, plan(env, wrap))
 
@@ -277,7 +275,7 @@ def test_window_conds_crop_c_concat_masks_and_areas_across_the_seam(env):
                           {"area": (4, W, 2, 0)},  # a full-width band: one area over the whole window
                           {"area": (8, 4, 0, 8)}],  # latent cols 8..11: misses the seam window
              "negative": [{}]}
-    wc = env.comfy_bridge.WindowConds(conds, (H, W), 2)
+    wc = env.pack.conds.WindowConds(conds, (H, W), 2)
     (rows, out), = list(wc.batches([seam]))
     assert rows == slice(0, 2)
     c0, band = out["positive"]  # the area that misses the window is skipped
@@ -299,7 +297,7 @@ def test_hints_that_a_controlnet_vae_encodes_are_cropped_in_pixels(env):
     hint = column_hint().movedim(-1, 1)
     control.set_cond_hint(hint, 1.0, (0.0, 1.0))
     control.compression_ratio, control.vae = 1, PixelVAE()  # as for SD3 / Flux ControlNets
-    wc = env.comfy_bridge.WindowConds({"positive": [{"control": control}], "negative": []}, (H, W), 1)
+    wc = env.pack.conds.WindowConds({"positive": [{"control": control}], "negative": []}, (H, W), 1)
     w = plan(env, False)[2]
     list(wc.batches([w]))
     assert torch.equal(control.cond_hint_original, hint[..., window_columns_px(w)])
@@ -315,15 +313,12 @@ def test_synchronization_differentiates_through_a_controlnet_loaded_in_inference
     params = dict(cnet.control_model.named_parameters())
     assert all(p.is_inference() for p in params.values())
     pos, neg = apply_controlnet(env, env.bg, env.neg, column_hint(), cnet=cnet)
-    sy, cb = env.sync, env.comfy_bridge
-    loss = cb.get_lpips(torch.device("cpu"))
+    loss = env.pack.assets.get_lpips(torch.device("cpu"))
 
     def sample(weight):
-        job = cb.PanoramaJob(seed=SEED, steps=2, cfg=CFG, window_px=WIN * 8, stride_px=STRIDE * 8,
-                             sync=sy.SyncSettings(weight=weight, steps=1), anchor=sy.Anchor())
-        with torch.inference_mode():
-            return cb.sample_panorama(model, pos, neg, {"samples": torch.zeros(1, 4, H, W)}, job, vae=tiny_kl_vae,
-                                      loss=loss)["samples"]
+        job = h.make_job(env.pack, w=weight, sync_steps=1, seed=SEED, steps=2, cfg=CFG, window_px=WIN * 8,
+                         stride_px=STRIDE * 8)
+        return h.sample(env.pack, model, pos, neg, (1, 4, H, W), job, vae=tiny_kl_vae, loss=loss)
 
     synced, plain = sample(20.0), sample(0.0)
     assert torch.isfinite(synced).all() and far(synced, plain, 1e-3)

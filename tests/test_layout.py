@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import comfy_harness as h
-from layout_helpers import CFG, build_micro_model, one_thread, pack_modules, prompt, stock_node
+from layout_helpers import CFG, build_micro_model, one_thread, prompt, stock_node
 
 H, W = 8, 32           # latent px
 PX_H, PX_W = 64, 256   # pixels
@@ -32,25 +32,20 @@ SEED = 5
 
 
 @pytest.fixture(scope="module")
-def env(comfy, tiny_kl_vae):
+def env(comfy, pack, tiny_kl_vae):
     with one_thread():
-        yield SimpleNamespace(**pack_modules(comfy), model=build_micro_model(seed=11), vae=tiny_kl_vae, rt=comfy,
+        yield SimpleNamespace(pack=pack, model=build_micro_model(seed=11), vae=tiny_kl_vae, rt=comfy,
                               bg=prompt(1), a=prompt(2), b=prompt(3), neg=prompt(4), cache={})
 
 
-def job(env, steps=3, wrap=False, window_batch=8):
-    sy = env.sync
-    return env.comfy_bridge.PanoramaJob(seed=SEED, steps=steps, cfg=CFG, window_px=WIN_PX, stride_px=STRIDE_PX,
-                                        sync=sy.SyncSettings(weight=0.0, steps=0), anchor=sy.Anchor(),
-                                        wrap=wrap, window_batch=window_batch)
+def job(env, steps=3, wrap=False, window_batch=8, w=0.0, sync_steps=0):
+    return h.make_job(env.pack, w=w, sync_steps=sync_steps, seed=SEED, steps=steps, cfg=CFG, window_px=WIN_PX,
+                      stride_px=STRIDE_PX, wrap=wrap, window_batch=window_batch)
 
 
 def run(env, positive, *, steps=3, wrap=False, batch=1, vae=None, model=None, negative=None, j=None, loss=None):
-    latent = {"samples": torch.zeros(batch, 4, H, W)}
-    with torch.inference_mode():
-        out = env.comfy_bridge.sample_panorama(model or env.model, positive, env.neg if negative is None else negative,
-                                               latent, j or job(env, steps, wrap), vae=vae, loss=loss)
-    return out["samples"]
+    return h.sample(env.pack, model or env.model, positive, env.neg if negative is None else negative,
+                    (batch, 4, H, W), j or job(env, steps, wrap), vae=vae, loss=loss)
 
 
 def single(env, name: str, steps: int, wrap: bool = False, batch: int = 1) -> torch.Tensor:
@@ -63,7 +58,7 @@ def single(env, name: str, steps: int, wrap: bool = False, batch: int = 1) -> to
 
 def region(env, cond, mask, fraction=0.0, soft=False, regions=None):
     """LayoutMaskRegion's own execute (the node's logic, as a graph would call it)."""
-    out = env.layout_nodes.LayoutMaskRegion.execute(cond, mask, fraction, soft, regions)
+    out = env.pack.layout_nodes.LayoutMaskRegion.execute(cond, mask, fraction, soft, regions)
     return out.result[0]
 
 
@@ -101,7 +96,7 @@ def far(a, b, rel=0.05):
 # ----------------------------------------------------------------------------- masks, no sampling
 
 def test_masks_are_resized_to_the_latent_and_binarized_at_half_unless_soft(env):
-    R = env.regions
+    R = env.pack.regions
     m = px_mask(cols=slice(0, 128), value=0.6) + px_mask(cols=slice(128, 256), value=0.4)
     hard = R.mask_to_canvas(m, H, W, soft=False)
     assert hard.shape == (1, H, W)
@@ -115,7 +110,7 @@ def test_masks_are_resized_to_the_latent_and_binarized_at_half_unless_soft(env):
 
 
 def test_a_mask_of_another_aspect_ratio_is_stretched_with_a_warning(env, caplog):
-    R = env.regions
+    R = env.pack.regions
     square = px_mask(cols=slice(0, 32), shape=(64, 64))  # the left half of a square mask
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
         m = R.mask_to_canvas(square, H, W, soft=False, name="region 1's mask")
@@ -128,7 +123,7 @@ def test_a_mask_of_another_aspect_ratio_is_stretched_with_a_warning(env, caplog)
 
 
 def test_background_is_what_the_foregrounds_leave_and_coverage_is_checked(env, caplog):
-    R = env.regions
+    R = env.pack.regions
     a = torch.zeros(1, H, W)
     a[..., :20] = 1
     b = torch.zeros(1, H, W)
@@ -152,10 +147,10 @@ def test_background_is_what_the_foregrounds_leave_and_coverage_is_checked(env, c
 
 
 def test_bootstrap_is_active_only_for_its_fraction_of_the_steps(env, comfy):
-    R, cb = env.regions, env.comfy_bridge
+    R, cb = env.pack.regions, env.pack.layout
     specs = [R.RegionSpec(bootstrap_fraction=0.5), R.RegionSpec(bootstrap_fraction=0.25)]
     assert [s.bootstrap_steps(4) for s in specs] == [2, 1]
-    plan = env.windows.plan_windows(H, W, 8, 4)
+    plan = env.pack.windows.plan_windows(H, W, 8, 4)
     with torch.inference_mode():
         b = cb.Bootstrap(env.model, env.vae, specs, plan, n=1, seed=SEED)
     assert [b.active(i, 4) for i in range(4)] == [True, True, False, False]
@@ -211,7 +206,7 @@ def test_after_one_step_the_result_is_the_mask_weighted_mix_of_the_prompts(env, 
     mask, soft, wrap = _one_step_cases()[case]
     positive = region(env, env.a, mask, soft=soft, regions=env.bg)
     out = run(env, positive, steps=1, wrap=wrap)
-    m = env.regions.mask_to_canvas(mask, H, W, soft=soft).unsqueeze(1)
+    m = env.pack.regions.mask_to_canvas(mask, H, W, soft=soft).unsqueeze(1)
     if not soft:  # the binarized mask is what we meant: pixel blocks of 8 -> latent px
         assert m.sum() == mask.sum() / 64
     expected = m * single(env, "a", 1, wrap) + (1 - m) * single(env, "bg", 1, wrap)
@@ -273,8 +268,8 @@ def test_bootstrapping_replaces_the_surroundings_only_in_its_steps(env):
     run(env, region(env, env.a, left, fraction=0.5, regions=env.bg), steps=steps, model=model, vae=vae)
     assert vae.encodes == 1  # the flat colours are encoded once per run, not per step
 
-    plan = env.windows.plan_windows(H, W, 8, 4)
-    inside = torch.cat([env.windows.crop(_left_half(), w) for w in plan]).bool()
+    plan = env.pack.windows.plan_windows(H, W, 8, 4)
+    inside = torch.cat([env.pack.windows.crop(_left_half(), w) for w in plan]).bool()
     chunks: dict[float, list] = {}  # timestep -> [(prompt, input)] for each positive chunk of each call
     for c in calls:
         rows = c.input.shape[0] // len(c.cond_or_uncond)
@@ -331,10 +326,8 @@ def test_bootstrapping_keeps_comfyuis_weights_of_other_masked_prompts(env):
 def test_synchronization_uses_the_fused_prediction_of_each_window(env, lpips_trunk):
     # With a region covering everything the fused prediction is the region prompt's, in the sync gradient
     # and in the denoising step alike: the synchronized panorama equals that of the region prompt alone.
-    sy = env.sync
-    j = env.comfy_bridge.PanoramaJob(seed=SEED, steps=2, cfg=CFG, window_px=WIN_PX, stride_px=STRIDE_PX,
-                                     sync=sy.SyncSettings(weight=20.0, steps=1), anchor=sy.Anchor())
-    loss = env.comfy_bridge.get_lpips(torch.device("cpu"))
+    j = job(env, steps=2, w=20.0, sync_steps=1)
+    loss = env.pack.assets.get_lpips(torch.device("cpu"))
     synced = run(env, region(env, env.a, torch.ones(1, PX_H, PX_W), fraction=0.5, regions=env.bg), vae=env.vae,
                  j=j, loss=loss)
     alone = run(env, env.a, vae=env.vae, j=j, loss=loss)

@@ -17,17 +17,11 @@ def mn(comfy):
 @pytest.fixture(scope="module")
 def trunks(comfy, lpips_trunk, mn):
     """The harness's random VGG16 in models/lpips, plus a random VGG19 written next to it."""
-    from safetensors.torch import save_file
+    import tiny_models
 
-    P = mn.perceptual
     path = lpips_trunk.parent / "vgg19-random-test.safetensors"
     if not path.exists():
-        state = torch.random.get_rng_state()
-        torch.manual_seed(5)
-        with torch.device("cpu"):
-            feats = P.vgg_features("vgg19").float()
-        torch.random.set_rng_state(state)
-        save_file({f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}, str(path))
+        tiny_models.write_random_trunk(path, "vgg19", seed=5)
     return lpips_trunk, path
 
 
@@ -76,11 +70,11 @@ def test_graph_repeated_crop_scores_zero_and_different_crops_score_higher(run_pr
     assert "image 1" in text2
 
 
-def test_an_image_smaller_than_two_windows_is_refused_before_loading(mn, monkeypatch):
+def test_an_image_smaller_than_two_windows_is_refused_before_loading(mn, pack, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("LPIPS was loaded for an image that cannot be measured")
 
-    monkeypatch.setattr(mn.comfy_bridge, "get_lpips", must_not_load)
+    monkeypatch.setattr(pack.assets, "get_lpips", must_not_load)
     with pytest.raises(ValueError, match="image") as info:
         mn.PanoramaCoherence.execute(image=torch.rand(1, 512, 1000, 3), window_size=512)
     assert "1024x512" in str(info.value) and "window_size" in str(info.value)
@@ -100,7 +94,7 @@ def test_missing_trunk_names_the_file_and_the_models_lpips_folder(comfy, mn, tmp
     empty_models = tmp_path / "models"
     monkeypatch.setattr(fp, "models_dir", str(empty_models))
     monkeypatch.setitem(fp.folder_names_and_paths, "lpips", ([str(empty_models / "lpips")], {".pth"}))
-    monkeypatch.setattr(P, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline (simulated)")))
+    monkeypatch.setattr(P.trunks, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline (simulated)")))
     old_hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
@@ -112,8 +106,8 @@ def test_missing_trunk_names_the_file_and_the_models_lpips_folder(comfy, mn, tmp
     assert "vgg16-397923af.pth" in msg and str(empty_models / "lpips") in msg and "offline (simulated)" in msg
 
 
-def test_lpips_search_paths_include_models_lpips(comfy, mn):
+def test_lpips_search_paths_include_models_lpips(comfy, pack):
     import os
 
-    paths = mn.comfy_bridge.lpips_search_paths()
+    paths = pack.assets.lpips_search_paths()
     assert paths[0] == os.path.join(comfy.folder_paths.models_dir, "lpips")

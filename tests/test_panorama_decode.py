@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from syncdiff_core import gpano  # noqa: E402
 from syncdiff_core import panorama_decode as PD  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
@@ -205,12 +206,10 @@ def _latent(seed=0, smooth=False):
 
 
 @pytest.fixture(scope="module")
-def vae_decode(tiny_kl_vae):
-    from syncdiff_core import comfy_bridge
-
+def vae_decode(tiny_kl_vae, pack):
     def run(z, **kw):
         with torch.inference_mode():
-            return comfy_bridge.decode_panorama_image(tiny_kl_vae, z, **kw)
+            return pack.decode.decode_panorama_image(tiny_kl_vae, z, **kw)
 
     return run
 
@@ -227,10 +226,8 @@ def _roll_error_profile(vae_decode, k=ROLL, **kw):
     return cols, near, err.max().item()
 
 
-def test_comfy_vae_scale_and_plain_decode_match_vae_decode(tiny_kl_vae, vae_decode):
-    from syncdiff_core import comfy_bridge
-
-    assert comfy_bridge.vae_spatial_scale(tiny_kl_vae) == 8
+def test_comfy_vae_scale_and_plain_decode_match_vae_decode(tiny_kl_vae, vae_decode, pack):
+    assert pack.decode.vae_spatial_scale(tiny_kl_vae) == 8
     z = _latent()
     with torch.inference_mode():
         ref = tiny_kl_vae.decode(z)
@@ -390,21 +387,14 @@ def test_save_panorama_360_writes_gpano_metadata(run_prompt, object_node, fmt):
     assert (pixels - images[0]).abs().max() <= tolerance + 1e-6
 
 
-@pytest.fixture(scope="module")
-def decode_nodes(comfy):
-    """The pack's decode_nodes module as ComfyUI loaded it (the pack is a package under ComfyUI)."""
-    node_cls = comfy.nodes.NODE_CLASS_MAPPINGS["SavePanorama360"]
-    return sys.modules[node_cls.__module__]
-
-
-def test_gpano_layout_of_a_full_sphere_and_too_tall_images(decode_nodes, run_prompt, object_node):
+def test_gpano_layout_of_a_full_sphere_and_too_tall_images(run_prompt, object_node):
     import comfy_harness
 
-    full = decode_nodes.gpano_layout(2048, 1024)  # 2:1 equirectangular: the whole sphere, no crop
+    full = gpano.gpano_layout(2048, 1024)  # 2:1 equirectangular: the whole sphere, no crop
     assert full["FullPanoHeightPixels"] == 1024 and full["CroppedAreaTopPixels"] == 0
-    assert _gpano_fields(decode_nodes.gpano_xmp(2048, 1024))["CroppedAreaImageHeightPixels"] == "1024"
+    assert _gpano_fields(gpano.gpano_xmp(2048, 1024))["CroppedAreaImageHeightPixels"] == "1024"
     with pytest.raises(ValueError, match="at most half as tall"):
-        decode_nodes.gpano_layout(512, 300)
+        gpano.gpano_layout(512, 300)
     prompt = {"1": object_node(_image(80, 128), "IMAGE"),
               "2": {"class_type": "SavePanorama360", "inputs": {"images": ["1", 0], "filename_prefix": "tall",
                                                                 "format": "png", "jpeg_quality": 95}}}
@@ -412,14 +402,14 @@ def test_gpano_layout_of_a_full_sphere_and_too_tall_images(decode_nodes, run_pro
         run_prompt(prompt)
 
 
-def test_jpeg_xmp_segment_follows_jfif(decode_nodes):
+def test_jpeg_xmp_segment_follows_jfif():
     import io as bytes_io
 
     from PIL import Image
 
     buffer = bytes_io.BytesIO()
     Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, format="JPEG")
-    data = decode_nodes.jpeg_with_xmp(buffer.getvalue(), decode_nodes.gpano_xmp(16, 8))
+    data = gpano.jpeg_with_xmp(buffer.getvalue(), gpano.gpano_xmp(16, 8))
     assert data[:4] == b"\xff\xd8\xff\xe0"  # SOI, then JFIF APP0 still first
     app0_end = 4 + int.from_bytes(data[4:6], "big")
     assert data[app0_end:app0_end + 2] == b"\xff\xe1" and data[app0_end + 4:].startswith(b"http://ns.adobe.com/xap/1.0/\x00")

@@ -57,7 +57,7 @@ def isolated(tmp_path, monkeypatch):
         tried.append((url, Path(dst)))
         raise OSError("network is unreachable (simulated)")
 
-    monkeypatch.setattr(P, "_download", offline)
+    monkeypatch.setattr(P.trunks, "_download", offline)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     old = torch.hub.get_dir()
@@ -125,7 +125,7 @@ def test_download_lands_in_the_hub_cache_and_is_loaded(trunks, tmp_path, monkeyp
         dst.parent.mkdir(parents=True, exist_ok=True)
         torch.save({f"features.{k}": v for k, v in P.vgg_features("vgg16").state_dict().items()}, dst)
 
-    monkeypatch.setattr(P, "_download", online)
+    monkeypatch.setattr(P.trunks, "_download", online)
     loss = P.load_lpips([tmp_path], "cpu")
     assert calls == [(P.TRUNKS["vgg16"].url, "397923af")]
     assert Path(loss.source) == Path(torch.hub.get_dir()) / "checkpoints" / V16

@@ -64,18 +64,6 @@ def test_diff_is_readable():
     assert ss.diff(new, new) == []
 
 
-def test_sampler_loss_decoder_choices_are_the_bridges(comfy):
-    """The sampler's loss_decoder combo (kept in the node module so the schema loads without the bridge) offers
-    exactly the decoders the bridge implements, the default first."""
-    import importlib
-
-    name = comfy.pack_module.__name__
-    nodes = importlib.import_module(f"{name}.nodes.sampler_nodes")
-    bridge = importlib.import_module(f"{name}.syncdiff_core.comfy_bridge")
-    assert sorted(nodes.LOSS_DECODER_CHOICES) == sorted(bridge.LOSS_DECODERS)
-    assert nodes.LOSS_DECODER_CHOICES[0] == bridge.PanoramaJob.loss_decoder == "vae_checkpointed"
-
-
 def test_workflows_saved_before_the_sampler_gained_widgets_still_convert(comfy):
     """Widgets are only ever appended to the sampler: a workflow saved with the first 12 widget values converts,
     the newer widgets taking their defaults (the behaviour of the pack before they existed)."""

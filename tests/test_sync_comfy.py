@@ -6,7 +6,6 @@ with cloned weights through ``torch.func.functional_call``, the CFG and DDIM ari
 """
 from __future__ import annotations
 
-import importlib
 import math
 from types import SimpleNamespace
 
@@ -14,53 +13,19 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import comfy_harness as h
+
 H, W, WIN, STRIDE = 8, 24, 8, 4  # latent px: 64x192 px canvas, 64 px windows, 32 px stride -> 5 windows
 CFG = 5.0
 
 
-@pytest.fixture(scope="module")
-def pack(comfy):
-    name = comfy.pack_module.__name__
-    return {m: importlib.import_module(f"{name}.{m}") for m in
-            ("syncdiff_core.comfy_bridge", "syncdiff_core.sync", "syncdiff_core.windows", "nodes.sampler_nodes")}
-
-
-@pytest.fixture(scope="module")
-def micro(comfy):
-    """A 32-channel SD1.x-shaped UNet (far cheaper than the checkpoint-sized one), built under inference mode
-    like a model a loader node returns, with random conditioning."""
-    import types
-
-    import tiny_models
-
-    with torch.inference_mode():
-        model = tiny_models.build_model("sd15", seed=5, model_channels=32)
-        pos = tiny_models.make_conditioning("sd15", seed=6)
-        neg = tiny_models.make_conditioning("sd15", seed=7)
-    assert next(model.model.diffusion_model.parameters()).is_inference()
-    return types.SimpleNamespace(model=model, positive=pos, negative=neg)
-
-
-@pytest.fixture(scope="module")
-def lpips(comfy, lpips_trunk, pack):
-    return pack["syncdiff_core.comfy_bridge"].get_lpips(torch.device("cpu"))
-
-
 def job(pack, **kw):
-    sync = pack["syncdiff_core.sync"]
-    args = dict(seed=3, steps=2, cfg=CFG, window_px=WIN * 8, stride_px=STRIDE * 8,
-                sync=sync.SyncSettings(weight=kw.pop("w", 0.0), decay=kw.pop("decay", 0.95),
-                                       steps=kw.pop("sync_steps", 10), every=1),
-                anchor=kw.pop("anchor", sync.Anchor()), window_batch=kw.pop("window_batch", 8))
-    args.update(kw)
-    return pack["syncdiff_core.comfy_bridge"].PanoramaJob(**args)
+    return h.make_job(pack, **{"seed": 3, "steps": 2, "cfg": CFG, "window_px": WIN * 8, "stride_px": STRIDE * 8,
+                               "window_batch": 8, **kw})
 
 
 def run(pack, tiny, vae, j, loss=None, width=W):
-    latent = {"samples": torch.zeros(1, 4, H, width)}
-    with torch.inference_mode():
-        return pack["syncdiff_core.comfy_bridge"].sample_panorama(
-            tiny.model, tiny.positive, tiny.negative, latent, j, vae=vae, loss=loss)["samples"]
+    return h.sample(pack, tiny.model, tiny.positive, tiny.negative, (1, 4, H, width), j, vae=vae, loss=loss)
 
 
 class Independent:
@@ -96,9 +61,8 @@ def plain_windows():
 
 
 def test_reference_schedule(comfy, pack, micro):
-    br = pack["syncdiff_core.comfy_bridge"]
     ms = micro.model.get_model_object("model_sampling")
-    sig = br.reference_sigmas(micro.model, 50)
+    sig = pack.model.reference_sigmas(micro.model, 50)
     t = ms.timestep(sig[:-1]).round().long().tolist()
     assert t == list(range(981, 0, -20))
     assert float(sig[-1]) == pytest.approx(float(ms.sigmas[0]))
@@ -132,8 +96,7 @@ def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, micro, tiny_kl
     w = 20.0
     got = run(pack, micro, tiny_kl_vae, job(pack, steps=1, w=w, sync_steps=1, window_batch=2), loss=lpips)
     ind = Independent(micro, tiny_kl_vae)
-    br = pack["syncdiff_core.comfy_bridge"]
-    sig = br.reference_sigmas(micro.model, 1)
+    sig = pack.model.reference_sigmas(micro.model, 1)
     s0, s1 = float(sig[0]), float(sig[1])
     import comfy.sample
     x = comfy.sample.prepare_noise(torch.zeros(1, 4, H, W), 3) * math.sqrt(1 + s0**2)
@@ -198,7 +161,6 @@ def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
     """Within the block the weights are normal tensors (autograd can save them) over the loaded weights' own
     storage: no copy (that cost 1.9 GiB for SD 2), the same memory whether pinned or not, tied weights tied.
     Afterwards, also after Cancel, the modules hold the very objects they held before."""
-    br = pack["syncdiff_core.comfy_bridge"]
     with torch.inference_mode():
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                                   torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)).eval()
@@ -212,7 +174,7 @@ def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
     x = torch.randn(1, 3, 6, 6, requires_grad=True)
     for cancel in (False, True):
         try:
-            with br.trainable_weights(net), torch.enable_grad():
+            with pack.weights.trainable_weights(net), torch.enable_grad():
                 inside = state()
                 for k, t in inside.items():
                     assert not t.is_inference() and torch.equal(t, values[k]), k
@@ -238,7 +200,6 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     the eager one within float rounding, and the model the user passed in carries no compile wrapper after."""
     from torch._dynamo.utils import counters
 
-    br = pack["syncdiff_core.comfy_bridge"]
     options_before = dict(micro.model.model_options)
     graphs_before = counters["stats"]["unique_graphs"]
     for decoder in ("vae", "vae_checkpointed"):
@@ -250,7 +211,7 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
         assert rel < 1e-4, (decoder, rel)
         assert not torch.equal(eager, run(pack, micro, tiny_kl_vae, job(pack, w=0.0)))  # sync did move it
     assert micro.model.model_options.keys() == options_before.keys()
-    assert "aot_eager" in br._COMPILED_DECODERS
+    assert "aot_eager" in pack.decoders._COMPILED
     assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really traced, not a silent fallback
 
 
@@ -262,7 +223,6 @@ def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lp
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
-    br = pack["syncdiff_core.comfy_bridge"]
     user_compiled = micro.model.clone()
     set_torch_compile_wrapper(user_compiled, backend="aot_eager", dynamic=False)
     user = SimpleNamespace(model=user_compiled, positive=micro.positive, negative=micro.negative)
@@ -276,9 +236,9 @@ def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lp
             assert torch.isfinite(out).all()
         assert counters["stats"]["unique_graphs"] == graphs, f"recompiled for a new step count ({backend!r})"
         assert tiny.model.model_options.keys() == options_before.keys()
-    patched = br.compiled_patcher(micro.model, "aot_eager")
-    assert patched is not micro.model and patched.get_wrappers(WrappersMP.APPLY_MODEL, br.SCHEDULE_FREE_KEY)
-    assert br.compiled_patcher(micro.model, "") is micro.model  # nothing compiled: the model as given
+    patched = pack.compile.compiled_patcher(micro.model, "aot_eager")
+    assert patched is not micro.model and patched.get_wrappers(WrappersMP.APPLY_MODEL, pack.compile.SCHEDULE_FREE_KEY)
+    assert pack.compile.compiled_patcher(micro.model, "") is micro.model  # nothing compiled: the model as given
 
 
 def test_compile_backend_is_checked_before_sampling(comfy, pack, micro, tiny_kl_vae):
@@ -290,7 +250,7 @@ def test_compile_backend_is_checked_before_sampling(comfy, pack, micro, tiny_kl_
 
 
 def test_image_anchor_runs_and_differs_from_window_anchor(comfy, pack, micro, tiny_kl_vae, lpips):
-    sync = pack["syncdiff_core.sync"]
+    sync = pack.sync
     img = torch.rand(1, 3, 40, 100) * 2 - 1  # any size: fitted to the window
     by_image = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=1,
                                                      anchor=sync.Anchor(mode="image", image=img)), loss=lpips)
@@ -318,7 +278,7 @@ def test_bad_sync_settings(pack, kw, match):
 
 
 def test_bad_input_is_rejected_before_sampling(comfy, pack, micro, tiny_kl_vae):
-    sync = pack["syncdiff_core.sync"]
+    sync = pack.sync
     calls = []
     loss = lambda a, b: calls.append(1)  # noqa: E731  (never reached)
     cases = [
@@ -335,7 +295,7 @@ def test_bad_input_is_rejected_before_sampling(comfy, pack, micro, tiny_kl_vae):
 
 
 def test_anchor_selector_rejects_wrong_channels(comfy, pack):
-    node = pack["nodes.sampler_nodes"].AnchorSelector
+    node = pack.sampler_nodes.AnchorSelector
     with pytest.raises(ValueError, match="3 channels"):
         node.execute(mode="reference image", index=0, image=torch.rand(1, 32, 32, 4))
     with pytest.raises(ValueError, match="needs an image"):
@@ -349,7 +309,6 @@ def test_cancel_stops_within_one_window_batch(comfy, pack, micro, tiny_kl_vae):
 
     seen = []
     j = job(pack, steps=4, window_batch=1)
-    br = pack["syncdiff_core.comfy_bridge"]
 
     def wrapper(apply_model, args):
         seen.append(1)
@@ -362,7 +321,7 @@ def test_cancel_stops_within_one_window_batch(comfy, pack, micro, tiny_kl_vae):
     latent = {"samples": torch.zeros(1, 4, H, W)}
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            br.sample_panorama(model, micro.positive, micro.negative, latent, j, vae=tiny_kl_vae)
+            pack.sampling.sample_panorama(model, micro.positive, micro.negative, latent, j, vae=tiny_kl_vae)
     finally:
         mm.interrupt_current_processing(False)
     assert len(seen) == 3, f"the model ran {len(seen) - 3} more times after Cancel"

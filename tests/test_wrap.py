@@ -16,56 +16,36 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from syncdiff_core import Anchor, SyncSettings, plan_windows, sample  # noqa: E402
+from reference import F64, Toy  # noqa: E402
+from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Part 1: the core loop, toy callables
 # ------------------------------------------------------------------------------------------------------------
 
 WINDOW, STRIDE = 8, 4
-SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])
-
-
-class ToyDenoiser:
-    """A translation-equivariant local x0 predictor: a fixed 3x3 convolution (zero padding inside the window),
-    a nonlinearity, and the sigma-dependent shrinkage an x0 prediction has. It knows nothing of the window's
-    position, like a UNet given the same prompt everywhere."""
-
-    def __init__(self, channels=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.kernel = torch.randn(channels, channels, 3, 3, generator=g) / 6
-
-    def __call__(self, x, sigma, windows, step):
-        s = sigma.reshape(-1, 1, 1, 1)
-        return torch.tanh(F.conv2d(x / (1 + s**2).sqrt(), self.kernel, padding=1))
-
-
-def toy_decode(x0):
-    """x0 (N, 4, h, w) -> an 'image' (N, 3, 2h, 2w), differentiable, position-independent."""
-    return torch.tanh(F.interpolate(x0[:, :3] + 0.5 * x0[:, 3:], scale_factor=2, mode="nearest"))
-
-
-def toy_loss(images, targets):
-    return ((images - targets) ** 2).mean(dim=(1, 2, 3))
+SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1], dtype=F64)
 
 
 SYNC = SyncSettings(weight=40.0, decay=0.9, steps=3)
 
 
 def run(noise, wrap, sync=None, anchor=Anchor(), plan=None):
+    """The core loop on the reference toy (translation-equivariant: a convolution that knows nothing of the
+    window's position, like a UNet given the same prompt everywhere)."""
+    toy = Toy()
     plan = plan or plan_windows(noise.shape[-2], noise.shape[-1], WINDOW, STRIDE, wrap=wrap)
-    kwargs = dict(sync=sync, decode=toy_decode, loss=toy_loss, anchor=anchor) if sync else {}
-    return sample(ToyDenoiser(), noise * SIGMAS[0], SIGMAS, plan, window_batch=3, **kwargs)
+    kwargs = dict(sync=sync, decode=toy.decode, loss=toy.loss, anchor=anchor) if sync else {}
+    return sample(toy.denoise, noise * SIGMAS[0], SIGMAS, plan, batching=BatchPolicy(window_batch=3), **kwargs)
 
 
 def noise(h=8, w=32, batch=1, seed=0):
-    return torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def rel_error(a, b):

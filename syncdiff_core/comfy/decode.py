@@ -1,0 +1,52 @@
+"""The seam-free panorama decode through ComfyUI's public ``VAE.decode`` (see ``panorama_decode``)."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..panorama_decode import decode_panorama, plan_tiles, tiles_from_pixels
+
+
+def vae_spatial_scale(vae) -> int:
+    """Pixels per latent pixel of the VAE's decoder (8 for SD1.x/2.x/SDXL, 16 or 32 for some newer VAEs)."""
+    if hasattr(vae, "spacial_compression_decode"):
+        return int(vae.spacial_compression_decode())
+    ratio = getattr(vae, "upscale_ratio", 8)
+    return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
+
+
+def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padding: int = 16,
+                          tile_width_px: int = 0, tile_overlap_px: int = 0) -> torch.Tensor:
+    """Decode a LATENT's ``samples`` (B, C, H, W) to an IMAGE (B, H·s, W·s, 3) in [0, 1], s = the VAE's scale.
+
+    ``wrap``: circular context in width so the left and right edges meet (360° panoramas). ``padding``: latent px
+    of that context on each side (of the canvas, or of each tile). ``tile_width_px`` (0 = whole canvas at once) and
+    ``tile_overlap_px`` are in pixels; they are rounded to whole latent px (the width down, the overlap up).
+    Every input is checked before anything is decoded.
+    """
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    if getattr(samples, "is_nested", False):
+        raise ValueError("PanoramaDecode does not support nested latents (several images in one latent)")
+    if samples.ndim not in (4, 5):
+        raise ValueError(f"PanoramaDecode needs an image latent (batch, channels, height, width), got shape "
+                         f"{tuple(samples.shape)}")
+    scale = vae_spatial_scale(vae)
+    tile, overlap = tiles_from_pixels(tile_width_px, tile_overlap_px, scale)
+    total = len(plan_tiles(samples.shape[-1], tile, overlap, padding, wrap, px_per_unit=scale))
+    pbar = comfy.utils.ProgressBar(total)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z)  # (B, H, W, C) or (B, T, H, W, C) in [0, 1] on ComfyUI's intermediate device
+
+    with torch.no_grad():
+        image = decode_panorama(
+            decode, samples, scale, wrap=wrap, padding=padding, tile_width=tile, tile_overlap=overlap,
+            width_dim=-2, progress=lambda done, n: pbar.update_absolute(done, n),
+            interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        )
+    if image.ndim == 5:  # video VAEs: frames become images, as ComfyUI's VAEDecode does
+        image = image.reshape(-1, *image.shape[-3:])
+    return image.clamp(0.0, 1.0)

@@ -1,0 +1,98 @@
+"""A panorama job: every setting of one SyncDiffusion run and every rule on them, in one place.
+
+The node schemas take their options and limits from the constants here (one list, no copies). The rules are
+checked when the job is made and when it is planned on a canvas, before any model is loaded; messages speak the
+units of the widgets the user typed (pixels).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from .batching import BatchPolicy
+from .sync import Anchor, SyncSettings
+from .windows import WindowPlan, plan_windows
+
+log = logging.getLogger("syncdiffusion")
+
+#: The largest canvas side, window or stride the nodes accept, in pixels.
+MAX_PX = 32768
+#: What decodes x0 for the synchronization loss; the first is the default. ``vae_checkpointed``: the full VAE as in
+#: the paper, its blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the full
+#: VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
+#: (approximate, much cheaper).
+LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
+#: Windows per gradient batch when ``sync_batch`` is 0. Measured on an H100 (SD2-base size, 512 px windows,
+#: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 2.8 GiB with
+#: "vae_checkpointed"; 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
+SYNC_BATCH_AUTO = 2
+#: The largest window_batch / sync_batch the sampler node offers.
+MAX_WINDOW_BATCH = 256
+#: The compile backend the sampler's ``compile`` switch turns on.
+COMPILE_BACKEND = "inductor"
+
+
+def require_multiple(name: str, value_px: int, scale: int) -> None:
+    """``value_px`` must be a positive multiple of ``scale`` pixels (one latent pixel of the model)."""
+    if value_px <= 0 or value_px % scale:
+        raise ValueError(f"{name} must be a positive multiple of {scale} pixels (one latent pixel of this "
+                         f"model), got {value_px}")
+
+
+@dataclass(frozen=True)
+class PanoramaJob:
+    """Everything the windowed sampler needs besides ComfyUI's objects. Sizes are in pixels; ``window_px`` 0
+    means the model's native window. ``sync_batch`` 0 means ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``:
+    "" for eager, else a ``torch.compile`` backend for the diffusion model and the loss decoder."""
+
+    seed: int
+    steps: int
+    cfg: float
+    window_px: int
+    stride_px: int
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    anchor: Anchor = field(default_factory=Anchor)
+    wrap: bool = False
+    window_batch: int = 8
+    sync_batch: int = 0
+    loss_decoder: str = LOSS_DECODERS[0]
+    compile: str = ""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.window_px < 0:
+            raise ValueError(f"window_size must be >= 0 pixels (0 = the model's native size), got {self.window_px}")
+        if self.window_batch < 1 or self.sync_batch < 0:
+            raise ValueError(f"window_batch must be >= 1 and sync_batch >= 0 (0 = automatic), got "
+                             f"{self.window_batch} and {self.sync_batch}")
+        if self.loss_decoder not in LOSS_DECODERS:
+            raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODERS)}, got {self.loss_decoder!r}")
+        if self.sync.steps > self.steps:
+            log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps",
+                     self.sync.steps, self.steps, self.steps)
+            object.__setattr__(self, "sync", replace(self.sync, steps=self.steps))
+
+    @property
+    def gradient_batch(self) -> int:
+        """Windows per gradient pass."""
+        return self.sync_batch if self.sync_batch > 0 else min(self.window_batch, SYNC_BATCH_AUTO)
+
+    def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int) -> WindowPlan:
+        """The windows over a latent canvas of ``canvas_height`` x ``canvas_width`` latent px, for a model with
+        ``scale`` pixels per latent px and a native window of ``native_window`` latent px."""
+        require_multiple("stride", self.stride_px, scale)
+        if self.window_px:
+            require_multiple("window_size", self.window_px, scale)
+        window = self.window_px // scale if self.window_px else native_window
+        return plan_windows(canvas_height, canvas_width, window, self.stride_px // scale, wrap=self.wrap,
+                            px_per_unit=scale)
+
+    def batching(self, oom_errors: tuple = (), release=None) -> BatchPolicy:
+        """The batching policy of this job; ``oom_errors`` and ``release`` come from the runtime."""
+        advice = f"use loss_decoder '{LOSS_DECODERS[0]}' or 'taesd'" if self.sync.active else ""
+        return BatchPolicy(
+            window_batch=self.window_batch, sync_batch=self.gradient_batch,
+            sync_setting="sync_batch" if self.sync_batch > 0 else "window_batch",
+            oom_errors=oom_errors, release=release, advice=advice,
+        )
