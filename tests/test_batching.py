@@ -1,6 +1,6 @@
 """Batched windows: the same result as one window at a time, the out-of-memory fallback, the loss decoders.
 
-Core tests use small float64 toy callables (no ComfyUI); the ComfyUI tests run the tiny SD1.x model on the CPU.
+Core tests use small float64 toy callables (no ComfyUI); the ComfyUI tests run the micro SD1.x UNet on the CPU.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_lpips_target_features_once_equal_repeated_targets():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Through ComfyUI, tiny SD1.x model on the CPU
+# Through ComfyUI, the micro SD1.x UNet (conftest ``micro``) on the CPU
 
 H, W, WIN, STRIDE = 8, 32, 8, 4  # latent px: 7 windows
 
@@ -158,8 +158,10 @@ def run(pack, model, tiny, vae, loss, *, w, window_batch, sync_batch=0, loss_dec
     return h.sample(pack, model, tiny.positive, tiny.negative, (1, 4, H, W), job, vae=vae, loss=loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w", [0.0, 20.0])
 def test_comfy_batched_equals_one_window_at_a_time(pack, tiny_sd15, tiny_kl_vae, lpips, w):
+    # the checkpoint-sized UNet: on the micro one the two differ by ~1e-4 relative (measured), at the tolerance
     one = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=1)
     many = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=w, window_batch=5, sync_batch=3)
     assert torch.isfinite(one).all()
@@ -170,7 +172,8 @@ def test_comfy_batched_equals_one_window_at_a_time(pack, tiny_sd15, tiny_kl_vae,
         assert (free - one).abs().max() > 1e-4  # sync did something
 
 
-def test_comfy_out_of_memory_fallback(pack, tiny_sd15, tiny_kl_vae, lpips, caplog):
+@pytest.mark.slow
+def test_comfy_out_of_memory_fallback(pack, micro, tiny_kl_vae, lpips, caplog):
     """A model wrapper raising ComfyUI's OOM exception for more than 2 windows (CFG doubles the rows)."""
     import comfy.model_management as mm
 
@@ -182,11 +185,11 @@ def test_comfy_out_of_memory_fallback(pack, tiny_sd15, tiny_kl_vae, lpips, caplo
             raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    model = tiny_sd15.model.clone()
+    model = micro.model.clone()
     model.set_model_unet_function_wrapper(wrapper)
-    want = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=2)
+    want = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=2)
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
-        got = run(pack, model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, sync_batch=4)
+        got = run(pack, model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4, sync_batch=4)
     assert limit["failures"] == 2  # once in the denoise pass, once in the gradient pass
     assert (got - want).norm() / want.norm() < 1e-4
     notes = [r.getMessage() for r in caplog.records]
@@ -194,11 +197,11 @@ def test_comfy_out_of_memory_fallback(pack, tiny_sd15, tiny_kl_vae, lpips, caplo
     assert any("sync_batch=4; retrying with 2" in m for m in notes)
     limit["rows"] = 0
     with pytest.raises(mm.OOM_EXCEPTION, match="window_batch"):
-        run(pack, model, tiny_sd15, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
+        run(pack, model, micro, tiny_kl_vae, lpips, w=0.0, window_batch=4, steps=1)
 
 
 @pytest.mark.parametrize("mode", ["vae", "vae_checkpointed"])
-def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, tiny_sd15, tiny_kl_vae, mode):
+def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, micro, tiny_kl_vae, mode):
     """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in
     the checkpointed recompute during backward alike (a recompute under other kernels saves other tensors and
     autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time."""
@@ -206,7 +209,7 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, tin
     attn = tiny_kl_vae.first_stage_model.decoder.mid.attn_1
     handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))
     try:
-        decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, tiny_sd15.model, mode)
+        decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, mode)
         with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
             z = torch.randn(1, 4, WIN, WIN, requires_grad=True)
             torch.autograd.grad(decode(z).square().mean(), z)
@@ -216,21 +219,23 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, tin
     assert seen == [False] * (2 if mode == "vae_checkpointed" else 1)
 
 
-def test_comfy_checkpointed_and_half_decoders(pack, tiny_sd15, tiny_kl_vae, lpips):
+@pytest.mark.slow
+def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
     assert pack.decoders.is_walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
-    full = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4)
-    ckpt = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4,
+    full = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4)
+    ckpt = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4,
                loss_decoder="vae_checkpointed")
     assert (ckpt - full).norm() / full.norm() < 1e-5  # same gradients, recomputed
-    half = run(pack, tiny_sd15.model, tiny_sd15, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_half")
+    half = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_half")
     assert torch.isfinite(half).all() and (half - full).abs().max() > 0
     # the decoder's modules are left unpatched
     assert not any("forward" in m.__dict__ for m in tiny_kl_vae.first_stage_model.modules())
 
 
-def test_comfy_taesd_loss_decoder(pack, comfy, tiny_sd15, lpips, tmp_path):
+@pytest.mark.slow
+def test_comfy_taesd_loss_decoder(pack, comfy, micro, lpips, tmp_path):
     with pytest.raises(ValueError, match="taesd_decoder"):
-        run(pack, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+        run(pack, micro.model, micro, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     import comfy.taesd.taesd as taesd
     import folder_paths
     from safetensors.torch import save_file
@@ -242,7 +247,7 @@ def test_comfy_taesd_loss_decoder(pack, comfy, tiny_sd15, lpips, tmp_path):
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(tmp_path / "taesd_decoder.safetensors"))
     folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
     try:
-        out = run(pack, tiny_sd15.model, tiny_sd15, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
+        out = run(pack, micro.model, micro, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     finally:
         folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
     assert torch.isfinite(out).all()

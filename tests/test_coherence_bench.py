@@ -77,6 +77,7 @@ def test_crops_come_from_the_bundled_images():
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_two_seeds_few_steps():
     data = C.load_crops(window=32, short_side=48, crop_stride=8, names=("coffee", "brick"))
     setup = C.Setup(steps=4)

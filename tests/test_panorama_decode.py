@@ -248,6 +248,7 @@ def test_comfy_wrap_decode_commutes_with_roll_and_plain_decode_does_not(vae_deco
     assert cols.mean() < 0.6 * cols0.mean() and cols.mean() < 0.03
 
 
+@pytest.mark.slow
 def test_comfy_tiled_wrap_decode_is_roll_equivariant(vae_decode):
     """Tiles of 16 latent px with 4 of overlap spread over 48 columns: 4 tiles, one every 12 columns. A roll by
     the tile spacing moves every tile onto the next one, so the decoder sees exactly the same inputs: equal to float

@@ -91,6 +91,7 @@ def test_single_window_equals_reference_ddim(comfy, pack, micro, tiny_kl_vae):
     assert rel < 1e-4, rel
 
 
+@pytest.mark.slow
 def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, micro, tiny_kl_vae, lpips):
     """One step, synchronized: the output equals a from-scratch computation of DESIGN §1 with autograd."""
     w = 20.0
@@ -193,6 +194,7 @@ def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
             assert t is before[k] and t.is_inference() and torch.equal(t, values[k]), k
 
 
+@pytest.mark.slow
 def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     """``compile`` runs the UNet (through ComfyUI's compile wrapper) and the loss decoder's gradient pass
     through torch.compile. With the ``aot_eager`` backend (dynamo's graphs and AOTAutograd's joint forward /
@@ -215,6 +217,7 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really traced, not a silent fallback
 
 
+@pytest.mark.slow
 def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lpips):
     """ComfyUI passes the whole sigma schedule to the diffusion model; dynamo would guard on its length and
     recompile the UNet for each new step count (minutes with inductor; eager after 8). The compiled clone
@@ -249,6 +252,7 @@ def test_compile_backend_is_checked_before_sampling(comfy, pack, micro, tiny_kl_
     assert not calls
 
 
+@pytest.mark.slow
 def test_image_anchor_runs_and_differs_from_window_anchor(comfy, pack, micro, tiny_kl_vae, lpips):
     sync = pack.sync
     img = torch.rand(1, 3, 40, 100) * 2 - 1  # any size: fitted to the window
@@ -343,6 +347,7 @@ def sampler_graph(ckpt_name: str, steps: int = 3, sync_weight: float = 20.0) -> 
     }
 
 
+@pytest.mark.slow
 def test_graph_reports_progress_per_step_and_saves(run_prompt, tiny_sd15, lpips_trunk):
     result = run_prompt(sampler_graph(tiny_sd15.ckpt_name, steps=3))
     steps = [(v, t) for node, v, t in result.progress if node == "5"]
@@ -351,6 +356,7 @@ def test_graph_reports_progress_per_step_and_saves(run_prompt, tiny_sd15, lpips_
     assert len(files) == 1 and files[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_graph_cancel_interrupts_the_sampler(run_prompt, tiny_sd15):
     result = run_prompt(sampler_graph(tiny_sd15.ckpt_name, steps=6, sync_weight=0.0), interrupt_after_progress=2)
     assert result.interrupted

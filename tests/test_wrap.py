@@ -171,6 +171,7 @@ def rolled_noise(monkeypatch):
     return shift
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", [True, False])
 def test_comfy_wrap_sampler_rolls_with_the_noise(comfy, run_prompt, object_node, tiny_sd15, rolled_noise, wrap):
     """Rolling the seeded noise by two strides rolls the sampled latent by the same amount under wrap (to float
