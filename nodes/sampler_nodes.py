@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob,
+from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob, Windowing,
                                  require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
@@ -13,6 +13,59 @@ AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
 
 #: Pixels per latent pixel of the empty canvas PanoramaLatent makes (as ComfyUI's EmptyLatentImage).
 LATENT_PX = 8
+
+
+def window_inputs() -> list:
+    """The windowing and synchronization widgets, shared by the sampler node and the SAMPLER node (in this order:
+    saved workflows list widget values by position)."""
+    return [
+        io.Int.Input("window_size", default=0, min=0, max=MAX_PX, step=8,
+                     tooltip="Window side in pixels; 0 = the model's native size (512 for SD1.x/2.x, 1024 for SDXL)."),
+        io.Int.Input("stride", default=128, min=8, max=MAX_PX, step=8,
+                     tooltip="Distance between neighbouring windows in pixels (a multiple of 8, at most the window "
+                             "size). Smaller = more windows, smoother, slower. Paper: 128."),
+        io.Float.Input("sync_weight", default=20.0, min=0.0, max=10000.0, step=0.5,
+                       tooltip="Gradient step size w of the LPIPS synchronization; 0 = plain MultiDiffusion. "
+                               "Paper: 20."),
+        io.Float.Input("sync_decay", default=0.95, min=0.01, max=1.0, step=0.01,
+                       tooltip="The weight at step i is sync_weight * sync_decay^i. Paper: 0.95."),
+        io.Int.Input("sync_steps", default=10, min=0, max=10000,
+                     tooltip="Synchronize during the first this many steps; 0 = off. Values above steps are "
+                             "clamped to steps. Paper: 10."),
+        io.Int.Input("sync_every", default=1, min=1, max=10000,
+                     tooltip="Synchronize on every n-th step of those (1 = every step)."),
+        io.Boolean.Input("wrap", default=False,
+                         tooltip="Close the loop horizontally for 360° panoramas: windows continue across the "
+                                 "right/left border. The width must be a multiple of the stride and at least two "
+                                 "windows."),
+        io.Int.Input("window_batch", default=8, min=1, max=MAX_WINDOW_BATCH,
+                     tooltip="Windows sent through the model together; lower it if you run out of memory. Results "
+                             "do not depend on it."),
+        io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0], optional=True,
+                       tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full VAE as in "
+                               "the paper, recomputing its blocks in the backward pass (same gradients as 'vae', "
+                               "about 2 GiB less per window, ~15 % slower). vae: the full VAE, fastest, most "
+                               "memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
+                               "TAESD from models/vae_approx (approximate, much cheaper)."),
+        io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
+                     tooltip="Windows per gradient pass while synchronizing; 0 = automatic (min(window_batch, 2), "
+                             "about 10 GiB on SD-sized models). Each window adds ~2.8 GiB with vae_checkpointed, "
+                             "~4.9 GiB with vae."),
+    ]
+
+
+def anchor_input() -> list:
+    return [AnchorOption.Input("anchor", optional=True,
+                               tooltip="What windows synchronize toward (SyncDiffusion Anchor node); default: the "
+                                       "center window.")]
+
+
+def windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
+                   loss_decoder=LOSS_DECODERS[0], sync_batch=0, anchor=None) -> dict:
+    """The keyword arguments of ``Windowing`` (and ``PanoramaJob``) from those widgets' values."""
+    return dict(window_px=window_size, stride_px=stride, wrap=wrap, window_batch=window_batch,
+                sync=SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every),
+                anchor=anchor if anchor is not None else Anchor(), loss_decoder=loss_decoder, sync_batch=sync_batch)
 
 
 class PanoramaLatent(io.ComfyNode):
@@ -97,49 +150,17 @@ class SyncDiffusionSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=10000, tooltip="DDIM steps (the paper: 50)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (the paper: 7.5)."),
-                io.Int.Input("window_size", default=0, min=0, max=MAX_PX, step=8,
-                             tooltip="Window side in pixels; 0 = the model's native size "
-                                     "(512 for SD1.x/2.x, 1024 for SDXL)."),
-                io.Int.Input("stride", default=128, min=8, max=MAX_PX, step=8,
-                             tooltip="Distance between neighbouring windows in pixels (a multiple of 8, at most "
-                                     "the window size). Smaller = more windows, smoother, slower. Paper: 128."),
-                io.Float.Input("sync_weight", default=20.0, min=0.0, max=10000.0, step=0.5,
-                               tooltip="Gradient step size w of the LPIPS synchronization; 0 = plain "
-                                       "MultiDiffusion. Paper: 20."),
-                io.Float.Input("sync_decay", default=0.95, min=0.01, max=1.0, step=0.01,
-                               tooltip="The weight at step i is sync_weight * sync_decay^i. Paper: 0.95."),
-                io.Int.Input("sync_steps", default=10, min=0, max=10000,
-                             tooltip="Synchronize during the first this many steps; 0 = off. Values above "
-                                     "steps are clamped to steps. Paper: 10."),
-                io.Int.Input("sync_every", default=1, min=1, max=10000,
-                             tooltip="Synchronize on every n-th step of those (1 = every step)."),
-                io.Boolean.Input("wrap", default=False,
-                                 tooltip="Close the loop horizontally for 360° panoramas: windows continue "
-                                         "across the right/left border. The width must be a multiple of the "
-                                         "stride and at least two windows."),
-                io.Int.Input("window_batch", default=8, min=1, max=MAX_WINDOW_BATCH,
-                             tooltip="Windows sent through the model together; lower it if you run out of "
-                                     "memory. Results do not depend on it."),
-                io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0],
-                               optional=True,
-                               tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full "
-                                       "VAE as in the paper, recomputing its blocks in the backward pass (same "
-                                       "gradients as 'vae', about 2 GiB less per window, ~15 % slower). vae: "
-                                       "the full VAE, fastest, most memory. vae_half: the VAE on a half-size "
-                                       "latent (approximate, less memory). taesd: TAESD from "
-                                       "models/vae_approx (approximate, much cheaper)."),
-                io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
-                             tooltip="Windows per gradient pass while synchronizing; 0 = automatic "
-                                     "(min(window_batch, 2), about 10 GiB on SD-sized models). Each window "
-                                     "adds ~2.8 GiB with vae_checkpointed, ~4.9 GiB with vae."),
+                *window_inputs(),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Run the UNet and the loss decoder through torch.compile (needs "
                                          "Triton). The first run compiles for one to four minutes; later "
                                          "runs with the same canvas and batch sizes, at any step count, are "
                                          "20-35% faster. Results match within float rounding."),
-                AnchorOption.Input("anchor", optional=True,
-                                   tooltip="What windows synchronize toward (SyncDiffusion Anchor node); "
-                                           "default: the center window."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="1 = from pure noise. Below 1: refine the connected latent (an upscaled or "
+                                       "encoded panorama), starting from it partially noised as KSampler does at "
+                                       "the same denoise; a latent noise mask limits the change to its area."),
+                *anchor_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled panorama latent.")],
         )
@@ -147,16 +168,46 @@ class SyncDiffusionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
                 sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, anchor=None) -> io.NodeOutput:
+                loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, denoise=1.0, anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import sample_panorama
 
         job = PanoramaJob(
-            seed=seed, steps=steps, cfg=cfg, window_px=window_size, stride_px=stride,
-            sync=SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every),
-            anchor=anchor if anchor is not None else Anchor(), wrap=wrap, window_batch=window_batch,
-            loss_decoder=loss_decoder, sync_batch=sync_batch, compile=COMPILE_BACKEND if compile else "",
+            seed=seed, steps=steps, cfg=cfg, denoise=denoise, compile=COMPILE_BACKEND if compile else "",
+            **windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
+                             loss_decoder, sync_batch, anchor),
         )
         return io.NodeOutput(sample_panorama(model, positive, negative, latent_image, job, vae=vae))
 
 
-NODES = [PanoramaLatent, SyncDiffusionSampler, AnchorSelector]
+class SyncDiffusionCustomSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SyncDiffusionCustomSampler",
+            display_name="SyncDiffusion Sampler (SAMPLER)",
+            category=CATEGORY,
+            description="SyncDiffusion as a SAMPLER for SamplerCustomAdvanced / SamplerCustom: windows fused by "
+                        "MultiDiffusion and synchronized by LPIPS gradients, over whatever guider (CFGGuider, "
+                        "BasicGuider with FluxGuidance, DualCFGGuider, ...), sigmas and noise the graph gives. "
+                        "Each step is the windowed Euler (DDIM, eta 0) update.",
+            inputs=[
+                *window_inputs(),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Decodes window predictions for the LPIPS loss; needed when sync_weight > 0 "
+                                     "and sync_steps > 0 (unless loss_decoder is taesd)."),
+                *anchor_input(),
+            ],
+            outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's (or SamplerCustom's) sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
+                loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, anchor=None) -> io.NodeOutput:
+        from ..syncdiff_core.comfy.sampling import WindowedSampler
+
+        windowing = Windowing(**windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every,
+                                               wrap, window_batch, loss_decoder, sync_batch, anchor))
+        return io.NodeOutput(WindowedSampler(windowing, vae=vae))
+
+
+NODES = [PanoramaLatent, SyncDiffusionSampler, SyncDiffusionCustomSampler, AnchorSelector]

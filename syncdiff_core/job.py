@@ -39,17 +39,15 @@ def require_multiple(name: str, value_px: int, scale: int) -> None:
                          f"model), got {value_px}")
 
 
-@dataclass(frozen=True)
-class PanoramaJob:
-    """Everything the windowed sampler needs besides ComfyUI's objects. Sizes are in pixels; ``window_px`` 0
-    means the model's native window. ``sync_batch`` 0 means ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``:
-    "" for eager, else a ``torch.compile`` backend for the diffusion model and the loss decoder."""
+@dataclass(frozen=True, kw_only=True)
+class Windowing:
+    """How the windowed sampler covers the canvas and synchronizes it, whatever drives it (the sampler node, or
+    ComfyUI's custom sampling as a SAMPLER). Sizes are in pixels; ``window_px`` 0 means the model's native
+    window. ``sync_batch`` 0 means ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``: "" for eager, else a
+    ``torch.compile`` backend for the diffusion model and the loss decoder."""
 
-    seed: int
-    steps: int
-    cfg: float
-    window_px: int
-    stride_px: int
+    window_px: int = 0
+    stride_px: int = 128
     sync: SyncSettings = field(default_factory=SyncSettings)
     anchor: Anchor = field(default_factory=Anchor)
     wrap: bool = False
@@ -59,8 +57,6 @@ class PanoramaJob:
     compile: str = ""
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.window_px < 0:
             raise ValueError(f"window_size must be >= 0 pixels (0 = the model's native size), got {self.window_px}")
         if self.window_batch < 1 or self.sync_batch < 0:
@@ -68,10 +64,13 @@ class PanoramaJob:
                              f"{self.window_batch} and {self.sync_batch}")
         if self.loss_decoder not in LOSS_DECODERS:
             raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODERS)}, got {self.loss_decoder!r}")
-        if self.sync.steps > self.steps:
-            log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps",
-                     self.sync.steps, self.steps, self.steps)
-            object.__setattr__(self, "sync", replace(self.sync, steps=self.steps))
+
+    def for_steps(self, steps: int):
+        """These settings for a run of ``steps`` steps: ``sync_steps`` above ``steps`` become ``steps`` (logged)."""
+        if self.sync.steps <= steps:
+            return self
+        log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps", self.sync.steps, steps, steps)
+        return replace(self, sync=replace(self.sync, steps=steps))
 
     @property
     def gradient_batch(self) -> int:
@@ -80,19 +79,42 @@ class PanoramaJob:
 
     def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int) -> WindowPlan:
         """The windows over a latent canvas of ``canvas_height`` x ``canvas_width`` latent px, for a model with
-        ``scale`` pixels per latent px and a native window of ``native_window`` latent px."""
+        ``scale`` pixels per latent px and a native window of ``native_window`` latent px; every rule on the
+        sizes is checked here, in pixels."""
         require_multiple("stride", self.stride_px, scale)
         if self.window_px:
             require_multiple("window_size", self.window_px, scale)
         window = self.window_px // scale if self.window_px else native_window
-        return plan_windows(canvas_height, canvas_width, window, self.stride_px // scale, wrap=self.wrap,
+        plan = plan_windows(canvas_height, canvas_width, window, self.stride_px // scale, wrap=self.wrap,
                             px_per_unit=scale)
+        self.anchor.window_index(plan)  # an index anchor must be on the grid
+        return plan
 
     def batching(self, oom_errors: tuple = (), release=None) -> BatchPolicy:
-        """The batching policy of this job; ``oom_errors`` and ``release`` come from the runtime."""
+        """The batching policy of these settings; ``oom_errors`` and ``release`` come from the runtime."""
         advice = f"use loss_decoder '{LOSS_DECODERS[0]}' or 'taesd'" if self.sync.active else ""
         return BatchPolicy(
             window_batch=self.window_batch, sync_batch=self.gradient_batch,
             sync_setting="sync_batch" if self.sync_batch > 0 else "window_batch",
             oom_errors=oom_errors, release=release, advice=advice,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PanoramaJob(Windowing):
+    """A whole run of the sampler node: the windowing plus the seed, the DDIM steps, the guidance scale and the
+    denoising strength (1 = from pure noise; below 1 the run starts from the input latent partially noised, as
+    KSampler does at the same denoise)."""
+
+    seed: int = 0
+    steps: int = 50
+    cfg: float = 7.5
+    denoise: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        object.__setattr__(self, "sync", self.for_steps(self.steps).sync)

@@ -33,22 +33,37 @@ def is_vp_family(model_sampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.EPS) and hasattr(model_sampling, "sigmas")
 
 
-def reference_sigmas(model, steps: int) -> torch.Tensor:
+def reference_sigmas(model, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The reference DDIM schedule: ComfyUI's ``ddim_uniform`` (timesteps 981, 961, …, 1 for 50 steps) whose
     last step lands on the sigma of timestep 0 instead of on 0, as diffusers' DDIM with ``set_alpha_to_one=False``.
-    Models outside the discrete EPS/V family keep ComfyUI's schedule, ending at 0."""
+    Models outside the discrete EPS/V family keep ComfyUI's schedule, ending at 0. With ``denoise`` below 1, the
+    last ``steps`` steps of a ``steps / denoise`` schedule, as KSampler takes them."""
     ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", steps).clone()
+    total = steps if denoise > 0.9999 else int(steps / denoise)
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", total)[-(steps + 1):].clone()
     if is_vp_family(ms) and float(sigmas[-1]) == 0.0:
         sigmas[-1] = ms.sigmas[0]
     return sigmas
 
 
+def start_state(model_sampling, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+                at_max: bool) -> torch.Tensor:
+    """The sampler's first state, as KSampler makes it (``at_max``: ComfyUI's "the schedule starts at the model's
+    largest sigma"); an empty latent of a discrete VP model starts from the reference's unit-variance noise at t0
+    (noise · sqrt(1 + sigma0^2)) whatever the schedule's first sigma: there is no image to keep."""
+    empty = not bool(torch.count_nonzero(latent))
+    return model_sampling.noise_scaling(sigmas[0], noise, latent,
+                                        max_denoise=at_max or (empty and is_vp_family(model_sampling)))
+
+
 def final_latent(model_sampling, sigma_last: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The sampler's last state as the LATENT: for the DDIM reference, which ends on timestep 0 rather than on
-    sigma 0, the variance-preserving latent there (``x / sqrt(1 + sigma^2)``); otherwise ``x`` itself."""
+    """The sampler's last state as the model's latent: for the DDIM reference, which ends on timestep 0 rather than
+    on sigma 0, the variance-preserving latent there (``x / sqrt(1 + sigma^2)``); otherwise what KSampler returns
+    (``inverse_noise_scaling``)."""
     if is_vp_family(model_sampling) and float(sigma_last) > 0:
         return model_sampling.calculate_input(sigma_last, x)
+    if hasattr(model_sampling, "inverse_noise_scaling"):
+        return model_sampling.inverse_noise_scaling(sigma_last, x)
     return x
 
 

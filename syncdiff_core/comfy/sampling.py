@@ -1,8 +1,9 @@
 """The glue between ComfyUI's sampling and the core's windowed loop.
 
-A ``CFGGuider`` prepares models and conditioning as KSampler does, and drives ``WindowedSampler`` (a custom
-``comfy.samplers.Sampler``), which runs ``syncdiff_core.sampler.sample`` over small callables: the guided x0 of
-a batch of windows, the loss decoder and LPIPS. ``sample_panorama`` is the sampler node's entry point.
+``WindowedSampler`` is a ``comfy.samplers.Sampler``: any guider (CFGGuider, BasicGuider, DualCFGGuider, ...) drives it,
+through the sampler node's ``sample_panorama`` or through ComfyUI's SamplerCustomAdvanced (the SyncDiffusion SAMPLER
+node). It runs ``syncdiff_core.sampler.sample`` over small callables: the guided x0 of a batch of windows (with
+their conditioning cropped, and a latent noise mask applied as KSampler applies it), the loss decoder and LPIPS.
 """
 from __future__ import annotations
 
@@ -16,71 +17,130 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from .. import regions as core_regions
 from .. import sampler as core_sampler
-from ..job import PanoramaJob
+from ..job import PanoramaJob, Windowing
 from ..weights import trainable_weights
-from ..windows import WindowPlan
+from ..windows import crop_stack
 from .assets import get_lpips
 from .compile import check_compile_backend, compiled_patcher
 from .conds import WindowConds, clone_skips_for_gradients, window_size_conditioning
 from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients, taesd_path
 from .model import (final_latent, gradient_ready_patcher, gradient_section, input_scale, latent_scale,
-                    native_window, oom_errors, reference_sigmas)
+                    native_window, oom_errors, reference_sigmas, start_state)
+
+
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    """A schedule the windowed sampler can follow: at least one step, strictly decreasing, first sigma > 0."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must hold at least two values (one step), got shape {tuple(sigmas.shape)}")
+    if not bool(torch.all(sigmas[1:] < sigmas[:-1])) or float(sigmas[0]) <= 0:
+        values = ", ".join(f"{float(s):.4g}" for s in sigmas[:6]) + (", ..." if sigmas.numel() > 6 else "")
+        raise ValueError(f"sigmas must be strictly decreasing from a positive value, got [{values}]; use a "
+                         "scheduler's output (flipped sigmas cannot be sampled)")
+
+
+def check_sync_inputs(windowing: Windowing, model, vae) -> None:
+    """What synchronization needs besides the model: a VAE (or the TAESD file) for the loss decoder."""
+    if not windowing.sync.active:
+        return
+    if windowing.loss_decoder == "taesd":
+        taesd_path(model)  # a missing file fails here
+    elif vae is None:
+        raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0 (it decodes the windows for the "
+                         "LPIPS loss)")
 
 
 class WindowedSampler(comfy.samplers.Sampler):
-    """A ComfyUI sampler object that runs the core's windowed loop; ``CFGGuider.sample`` drives it."""
+    """A ComfyUI sampler that runs the core's windowed loop over whatever sigmas, noise and guider it is given."""
 
-    def __init__(self, job: PanoramaJob, plan: WindowPlan, vae=None, loss=None, bootstrap=None):
-        self.job, self.plan, self.vae, self.loss = job, plan, vae, loss
+    def __init__(self, windowing: Windowing, vae=None, loss=None, bootstrap=None, layout_resolved: bool = False):
+        self.windowing, self.vae, self.loss = windowing, vae, loss
         self.bootstrap = bootstrap  # Bootstrap backgrounds for layout regions, or None
+        self.layout_resolved = layout_resolved  # sample_panorama resolved LayoutMaskRegion conds
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        guider, job = model_wrap, self.job
+        guider, patcher = model_wrap, model_wrap.model_patcher
         ms = guider.inner_model.model_sampling
+        # 1. check the inputs against the model and the canvas, before any model call
+        check_sigmas(sigmas)
+        steps = len(sigmas) - 1
+        windowing = self.windowing.for_steps(steps)
+        scale = latent_scale(patcher)
+        plan = windowing.plan(noise.shape[-2], noise.shape[-1], scale, native_window(patcher))
+        if not self.layout_resolved and any(core_regions.REGION_KEY in c for cs in guider.conds.values() for c in cs):
+            raise ValueError("Layout Mask Region conditioning needs the SyncDiffusion Sampler node (it resolves the "
+                             "regions' masks and bootstraps them); use that node for layout-guided panoramas")
+        check_sync_inputs(windowing, patcher, self.vae)
+        if windowing.sync.active:
+            windowing = dataclasses.replace(windowing, anchor=windowing.anchor.fitted(plan.window_height * scale,
+                                                                                     plan.window_width * scale))
+        if latent_image is None:
+            latent_image = torch.zeros_like(noise)
+
+        # 2. the guided x0 of a batch of windows: conditioning cropped, the noise mask applied as KSampler does
         model_options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
         window_conds = WindowConds(guider.conds, noise.shape[-2:], noise.shape[0])
-        full_conds = guider.conds
+        full_conds, n = guider.conds, noise.shape[0]
 
-        def denoise(x, sigma, windows, step):
-            if self.bootstrap is not None and self.bootstrap.active(step, job.steps):
-                return self.bootstrap.denoise(guider, window_conds, x, sigma, windows, step, job.steps,
-                                              model_options, seed)
+        def guided(x, sigma, windows, step):
+            if self.bootstrap is not None and self.bootstrap.active(step, steps):
+                return self.bootstrap.denoise(guider, window_conds, x, sigma, windows, step, steps, model_options,
+                                              seed)
             parts = []
             for rows, conds in window_conds.batches(windows):
                 guider.conds = conds
                 parts.append(guider(x[rows], sigma[rows], model_options=model_options, seed=seed))
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+        def denoise(x, sigma, windows, step):
+            if denoise_mask is None:
+                return guided(x, sigma, windows, step)
+            mask, kept = crop_stack(denoise_mask, windows, n), crop_stack(latent_image, windows, n)
+            noised = guider.inner_model.scale_latent_inpaint(x=x, sigma=sigma, noise=crop_stack(noise, windows, n),
+                                                             latent_image=kept)
+            x0 = guided(x * mask + noised * (1 - mask), sigma, windows, step)
+            return x0 * mask + kept * (1 - mask)
+
         def report(i, x, x0):
             if callback is not None:
-                callback(i, x0, x, len(sigmas) - 1)
+                callback(i, x0, x, steps)
 
-        x = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise=True)
-        decode, grad_modules = None, []
-        if job.sync.active:
-            uses_vae = job.loss_decoder != "taesd"
-            comfy.model_management.load_models_gpu([guider.model_patcher] + ([self.vae.patcher] if uses_vae else []))
+        # 3. the gradient path: trainable weights, the loss decoder, LPIPS
+        decode, loss, grad_modules, swap = None, self.loss, [], None
+        if windowing.sync.active:
+            uses_vae = windowing.loss_decoder != "taesd"
+            grad_patcher = gradient_ready_patcher(patcher)
+            comfy.model_management.load_models_gpu([grad_patcher] + ([self.vae.patcher] if uses_vae else []))
+            if grad_patcher is not patcher:  # dynamic VRAM: the guider predicts with the static delegate's model
+                swap = guider.inner_model
+                guider.inner_model = grad_patcher.model
             grad_modules = [guider.inner_model] + ([self.vae.first_stage_model] if uses_vae else [])
             grad_modules += window_conds.control_modules()
             if window_conds.hints:
                 model_options = clone_skips_for_gradients(model_options)
-            decode = decoder_for_gradients(self.vae, guider.model_patcher, job.loss_decoder, job.compile)
+            decode = decoder_for_gradients(self.vae, grad_patcher, windowing.loss_decoder, windowing.compile)
+            loss = loss if loss is not None else get_lpips(patcher.load_device)
+
+        # 4. the windowed loop
+        x = start_state(ms, sigmas, noise, latent_image, self.max_denoise(model_wrap, sigmas))
         try:
             with trainable_weights(*grad_modules), gradient_section():
                 x = core_sampler.sample(
-                    denoise, x.clone(), sigmas, self.plan,
-                    sync=job.sync, decode=decode, loss=self.loss, anchor=job.anchor,
+                    denoise, x, sigmas, plan,
+                    sync=windowing.sync, decode=decode, loss=loss, anchor=windowing.anchor,
                     input_scale=input_scale(ms),
-                    batching=job.batching(oom_errors(), comfy.model_management.soft_empty_cache),
+                    batching=windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache),
                     callback=report,
                     interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
         finally:
             guider.conds = full_conds
             window_conds.restore()
+            if swap is not None:
+                guider.inner_model = swap
         return final_latent(ms, sigmas[-1], x)
 
 
@@ -90,23 +150,17 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     scale = latent_scale(model)
     plan = job.plan(latent_image.shape[-2], latent_image.shape[-1], scale, native_window(model))
-    job.anchor.window_index(plan)  # an index anchor must be on the grid
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:
         raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")
     if job.compile:
         check_compile_backend(job.compile, model.load_device)
-    if job.sync.active:
-        if job.loss_decoder == "taesd":
-            taesd_path(model)  # a missing file fails here
-        elif vae is None:
-            raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0")
+    check_sync_inputs(job, model, vae)
 
     # 2. the models: the perceptual loss, weights that can carry gradients, compile
     height_px, width_px = plan.window_height * scale, plan.window_width * scale
     if job.sync.active:
-        job = dataclasses.replace(job, anchor=job.anchor.fitted(height_px, width_px))
         loss = loss if loss is not None else get_lpips(model.load_device)
         model = gradient_ready_patcher(model)
     model = compiled_patcher(model, job.compile)
@@ -114,20 +168,20 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     # 3. conditioning, noise and schedule, as KSampler prepares them
     positive, negative = (window_size_conditioning(c, height_px, width_px) for c in (positive, negative))
     noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
-    sigmas = reference_sigmas(model, job.steps)
+    sigmas = reference_sigmas(model, job.steps, job.denoise)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(job.cfg)
     bootstrap = Bootstrap(model, vae, region_specs, plan, latent_image.shape[0], job.seed, scale) if bootstrapping \
         else None
+    sampler = WindowedSampler(job, vae=vae, loss=loss, bootstrap=bootstrap, layout_resolved=True)
 
     # 4. the windowed loop, driven by the guider
-    samples = guider.sample(noise, latent_image, WindowedSampler(job, plan, vae=vae, loss=loss, bootstrap=bootstrap),
-                            sigmas, callback=latent_preview.prepare_callback(model, job.steps),
+    samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=latent_preview.prepare_callback(model, job.steps),
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=job.seed)
 
     # 5. the LATENT
     out = latent.copy()
-    out.pop("noise_mask", None)
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out
