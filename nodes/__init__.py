@@ -2,9 +2,7 @@
 
 Each module lists its node classes in ``NODES``; this package gathers them in menu order.
 """
-from . import layout_nodes, sampler_nodes
-from . import metric_nodes
-from . import decode_nodes
+from . import decode_nodes, layout_nodes, metric_nodes, sampler_nodes, seam_nodes
 
 
 NODES = [
@@ -12,4 +10,5 @@ NODES = [
     *layout_nodes.NODES,
     *metric_nodes.NODES,
     *decode_nodes.NODES,
+    *seam_nodes.NODES,
 ]

@@ -49,6 +49,36 @@ class PanoramaDecode(io.ComfyNode):
         return io.NodeOutput(image)
 
 
+class PanoramaEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PanoramaEncode",
+            display_name="Panorama Encode (360° seamless)",
+            category=CATEGORY,
+            description="VAE encode for panoramas. With wrap, the image is encoded with circular context in width, "
+                        "so the latent of a 360° panorama continues across its left/right border (for img2img, "
+                        "hires refining or seam repair with wrap on).",
+            inputs=[
+                io.Image.Input("pixels", tooltip="The panorama; width and height multiples of the VAE's scale "
+                                                 "(8 px for SD-family VAEs)."),
+                io.Vae.Input("vae", tooltip="The VAE to encode with."),
+                io.Boolean.Input("wrap", default=True,
+                                 tooltip="Circular padding in width (360° panoramas). Off: an ordinary encode."),
+                io.Int.Input("padding", default=DEFAULT_PADDING, min=0, max=MAX_PX // 8,
+                             tooltip="Latent pixels of circular context encoded on each side and cropped off "
+                                     "again."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The panorama's latent.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, wrap: bool, padding: int) -> io.NodeOutput:
+        from ..syncdiff_core.comfy.decode import encode_panorama_image
+
+        return io.NodeOutput({"samples": encode_panorama_image(vae, pixels, wrap=wrap, padding=padding)})
+
+
 class SavePanorama360(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -85,4 +115,4 @@ class SavePanorama360(io.ComfyNode):
         return io.NodeOutput(ui=ui.SavedImages([ui.SavedResult(f, sub, io.FolderType.output) for f, sub in saved]))
 
 
-NODES = [PanoramaDecode, SavePanorama360]
+NODES = [PanoramaDecode, PanoramaEncode, SavePanorama360]

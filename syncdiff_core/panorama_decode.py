@@ -1,4 +1,4 @@
-"""Seam-free decoding of 360° panorama latents, in plain torch (no ComfyUI here).
+"""Seam-free decoding (and encoding) of 360° panorama latents, in plain torch (no ComfyUI here).
 
 A wrap panorama's latent is periodic in width: column ``W`` is column ``0``. A VAE decoder does not know that:
 its convolutions pad the borders with zeros, so the left and right edges of the image are decoded without
@@ -12,10 +12,13 @@ and neighbouring tiles are blended across ``overlap`` with linear ramps that sum
 no seams and only one tile is in the decoder at a time. Under wrap the tiles are spaced evenly around the
 circle and the last one straddles the seam.
 
-Everything here is written against a ``decode(latent) -> image`` callable. Latents are ``(..., W)`` (the width is
-the last axis, as in ComfyUI's LATENT); the image's width axis is ``width_dim`` (``-1`` for (B, C, H, W),
-``-2`` for ComfyUI's channel-last IMAGE). Sizes of latents are in latent px; ``scale`` is the decoder's
-spatial factor (8 for SD).
+Encoding is the mirror image: the picture is padded circularly before the encoder and the padding is cropped off
+the latent (``encode_panorama``).
+
+Everything here is written against a ``decode(latent) -> image`` (or ``encode``) callable. Latents are
+``(..., W)`` (the width is the last axis, as in ComfyUI's LATENT); the image's width axis is ``width_dim``
+(``-1`` for (B, C, H, W), ``-2`` for ComfyUI's channel-last IMAGE). Sizes of latents are in latent px; ``scale``
+is the decoder's spatial factor (8 for SD).
 """
 from __future__ import annotations
 
@@ -116,6 +119,33 @@ def tiles_from_pixels(tile_width_px: int, tile_overlap_px: int, scale: int) -> t
         raise ValueError(f"tile_width ({tile_width_px} px) is smaller than one latent pixel of this VAE "
                          f"({scale} px); use 0 for no tiling or at least {scale * 2} px")
     return tile, overlap
+
+
+def encode_panorama(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scale: int,
+    *,
+    wrap: bool = True,
+    padding: int = DEFAULT_PADDING,
+    width_dim: int = -2,
+) -> torch.Tensor:
+    """Encode an image whose width (along ``width_dim``; -2 for ComfyUI's IMAGE) is a multiple of ``scale`` into a
+    latent ``width / scale`` columns wide; under ``wrap`` the image is padded circularly by ``padding`` latent px
+    (``padding * scale`` pixels) on each side first, so the border columns are encoded with their true neighbours
+    around the loop, and the padding is cropped off the latent. ``encode(image) -> latent (..., W)``."""
+    width = image.shape[width_dim]
+    if width % scale:
+        raise ValueError(f"image: its width ({width} px) must be a multiple of the VAE's {scale} px per latent pixel")
+    pad = padding * scale if wrap else 0
+    if pad:
+        dim = width_dim % image.ndim
+        image = image.index_select(dim, wrap_columns(width, -pad, width + pad, image.device))
+    latent = encode(image)
+    if latent.shape[-1] != width // scale + 2 * (pad // scale):
+        raise ValueError(f"the encoder turned {width + 2 * pad} pixel columns into {latent.shape[-1]} latent columns, "
+                         f"not {(width + 2 * pad) // scale}: wrong scale factor ({scale})")
+    return latent[..., pad // scale: pad // scale + width // scale]
 
 
 def _ramp_weights(tile: Tile, ramp: int, scale: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..panorama_decode import decode_panorama, plan_tiles, tiles_from_pixels
+from ..panorama_decode import decode_panorama, encode_panorama, plan_tiles, tiles_from_pixels
 
 
 def vae_spatial_scale(vae) -> int:
@@ -50,3 +50,20 @@ def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padd
     if image.ndim == 5:  # video VAEs: frames become images, as ComfyUI's VAEDecode does
         image = image.reshape(-1, *image.shape[-3:])
     return image.clamp(0.0, 1.0)
+
+
+def encode_panorama_image(vae, image: torch.Tensor, *, wrap: bool = True, padding: int = 16) -> torch.Tensor:
+    """Encode an IMAGE (B, H, W, C) into the VAE's latent; under ``wrap`` with ``padding`` latent px of circular
+    context on each side, so the latent of a 360° image continues across its left/right border."""
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    if image.ndim != 4:
+        raise ValueError(f"pixels must be an IMAGE (batch, height, width, channels), got shape {tuple(image.shape)}")
+    scale = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else \
+        vae_spatial_scale(vae)
+    if image.shape[1] % scale:
+        raise ValueError(f"pixels: the image's height ({image.shape[1]} px) must be a multiple of the VAE's {scale} px "
+                         "per latent pixel")
+    with torch.no_grad():
+        return encode_panorama(lambda x: vae.encode(x[..., :3]), image, scale, wrap=wrap, padding=padding,
+                               width_dim=-2)

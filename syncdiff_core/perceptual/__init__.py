@@ -15,8 +15,8 @@ from .trunks import (TRUNKS, TrunkSpec, TrunkWeightsNotFound, find_trunk, hub_ch
                      resolve_trunk, vgg_features)
 
 __all__ = [
-    "LPIPSLoss", "STYLE_LAYERS", "StyleFeatures", "TRUNKS", "TrunkSpec", "TrunkWeightsNotFound",
-    "build_lpips", "build_style_features", "clear_cache", "crop_counts", "crop_grid", "find_trunk", "gram", "hub_checkpoint_path",
+    "LPIPSLoss", "STYLE_LAYERS", "StyleFeatures", "TRUNKS", "TrunkSpec", "TrunkWeightsNotFound", "build_lpips",
+    "build_style_features", "clear_cache", "crop_counts", "crop_grid", "find_trunk", "gram", "hub_checkpoint_path",
     "intra_lpips", "intra_style_l", "load_lpips", "load_style_features", "load_trunk_state_dict", "resolve_trunk",
     "vgg_features",
 ]
