@@ -1,6 +1,8 @@
-"""`make demo CKPT=...` with the checkpoint in a folder that also holds a link loop (as a folder containing this
-repository does: .comfyui/ComfyUI/custom_nodes/comfyui-syncdiffusion -> ../../..). The demo used to register the
-file's folder with ComfyUI, whose listing follows links and never came back; now it shows ComfyUI that one file."""
+"""`make demo CKPT=...` with the checkpoint in a folder that also holds link loops, as a folder containing this
+repository does (.comfyui/ComfyUI/custom_nodes/comfyui-syncdiffusion -> ../../.., and the same link in the 0.33
+lane's ComfyUI). The demo used to register the file's folder with ComfyUI, whose listing follows links: with two
+links back to the folder, os.walk visits 2^40 paths before the kernel's link limit stops it, i.e. never comes
+back. Now the demo shows ComfyUI that one file."""
 from __future__ import annotations
 
 import os
@@ -22,13 +24,18 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
+def _make_loops(folder: Path) -> None:
+    for name in ("lane_a", "lane_b"):
+        (folder / name).symlink_to(folder, target_is_directory=True)
+
+
 def test_stage_checkpoint_shows_comfyui_only_that_file(comfy, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import demo
 
     folder = tmp_path / "downloads"
     folder.mkdir()
-    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    _make_loops(folder)
     (folder / "other.safetensors").write_bytes(b"")
     ckpt = folder / "my_model.safetensors"
     ckpt.write_bytes(b"not really a model")
@@ -47,8 +54,8 @@ def test_stage_checkpoint_shows_comfyui_only_that_file(comfy, tmp_path):
 def test_demo_with_ckpt_next_to_a_link_loop_finishes(comfy, tiny_sd15, tmp_path):
     folder = tmp_path / "home"
     folder.mkdir()
-    # the loop a folder that contains the repository has, and the checkpoint next to it
-    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    # the loops a folder that contains the repository has, and the checkpoint next to them
+    _make_loops(folder)
     ckpt = folder / "model.safetensors"
     _place(tiny_sd15.ckpt_path, ckpt)
     out = tmp_path / "out"
