@@ -18,6 +18,8 @@ import pytest
 
 import comfy_harness as h
 
+pytestmark = pytest.mark.slow  # starts the real server in a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 150
 RUN_TIMEOUT_S = 240
