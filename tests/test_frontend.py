@@ -64,12 +64,22 @@ def _named_models(workflow: dict, classes: dict) -> dict[str, set[str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def chromium():
+def _ensure_browser():
     try:
         return setup_browser.ensure()
     except setup_browser.BrowserSetupError as e:
         pytest.fail(f"the browser test cannot run: {e}")
+
+
+def test_browser_is_installed():
+    """First, so that a machine where Chromium cannot be installed shows FAILED with the reason (the fixture below
+    then errors every other test of this module with the same reason)."""
+    assert _ensure_browser().is_file()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    return _ensure_browser()
 
 
 @pytest.fixture(scope="module")
