@@ -147,8 +147,9 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
         leaf = name.rsplit(".", 1)[-1]
         if p.numel() == 0 or name.startswith(skip):
             continue
-        if p.ndim >= 2 and p[0].numel() > 1:
-            p.normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
+        if p.ndim >= 2 and p[0].numel() > 1:  # drawn in float32 so that every dtype gets the same weights
+            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
+            p.copy_(t)
         elif p.ndim >= 1 and leaf.endswith(("weight", "scale", "gamma")):
             p.fill_(1.0)  # norm scales (incl. Wan's (dim, 1, 1, 1) gammas)
         elif p.ndim >= 1:
@@ -287,6 +288,7 @@ def build_vae(kind: str, seed: int = SEED, dtype=None):
         vae.first_stage_model.to(dtype)
         vae.vae_dtype = dtype
     _calibrate_decoder(vae, seed + 1)
+    vae.first_stage_model.requires_grad_(False)
     return vae
 
 
@@ -304,6 +306,7 @@ def build_model(spec: FamilySpec, seed: int = SEED, dtype=torch.float32):
         hints = {k: torch.linspace(-1, 1, 8) for k in hints}
     model = mc.get_model(hints)
     init_weights_(model.diffusion_model, seed)
+    model.diffusion_model.requires_grad_(False)  # as loaded models are (weights made under inference mode never are)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
