@@ -157,7 +157,9 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
         elif not torch.isfinite(p).all():
             raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     for name, b in module.named_buffers():
-        if b.is_floating_point() and not torch.isfinite(b).all():
+        if name.endswith("pos_embed"):  # MMDiT's learned/sin-cos table: a checkpoint weight, created empty
+            b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.5, generator=g))
+        elif b.is_floating_point() and not torch.isfinite(b).all():
             raise ValueError(f"buffer {name} is not initialised")
     return module
 
