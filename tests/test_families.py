@@ -240,12 +240,11 @@ def test_canvas_positions_add_to_user_rope_options(families):
     assert out["other"] == 1
 
 
-@pytest.mark.parametrize("name", sorted(IN_PLACE_BLOCKS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_GRADIENTS else n
+                                  for n in sorted(IN_PLACE_BLOCKS)])
 def test_in_place_blocks_need_the_remedy(fm, fc, name):
     """Documents ComfyUI: plain autograd through these families' blocks fails. If this starts failing, ComfyUI
     stopped adding into saved activations and the copies / recompute may be unnecessary there."""
-    if name in SLOW_GRADIENTS:
-        pytest.skip("covered by flux")
     fam = _family(fm, name, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         fc.in_sampler(fam, lambda ctx: fc.gradient_vs_finite_differences(ctx, mechanism="plain", directions=0))
@@ -304,3 +303,23 @@ def test_five_d_decoder_output_becomes_images(fm, families):
     assert families.images_for_loss(torch.zeros(2, 3, 3, 8, 8)).shape == (6, 3, 8, 8)
     with pytest.raises(ValueError, match="not images"):
         families.images_for_loss(torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux", "flux2"])
+def test_decoder_input_is_comfyuis_prefix(fm, families, name):
+    """The decoder module's input, taken from ComfyUI's own decode: for every KL-type VAE (with or without
+    post_quant_conv, with Flux.2's batch-norm latent) decoding it equals the VAE's decode, with gradients."""
+    fam = _family(fm, name)
+    fsm = fam.vae.first_stage_model
+    z = torch.randn(fam.latent(32, 32).shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(False), fc_weights(fsm):
+        z = z.clone().requires_grad_(True)
+        h = families.decoder_input(fsm, z)
+        assert h.requires_grad and h.shape[1] == fsm.decoder.conv_in.in_channels
+        assert torch.allclose(fsm.decoder(h), fsm.decode(z), atol=1e-6)
+    assert not fsm.decoder._forward_pre_hooks
+
+
+def fc_weights(module):
+    from family_checks import trainable_weights
+    return trainable_weights(module)

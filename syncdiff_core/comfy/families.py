@@ -249,6 +249,31 @@ def images_for_loss(decoded: torch.Tensor) -> torch.Tensor:
     return decoded
 
 
+class _Captured(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+def decoder_input(first_stage, z: torch.Tensor) -> torch.Tensor:
+    """The tensor ``first_stage.decoder`` receives when ``first_stage.decode(z)`` runs: ComfyUI's own prefix
+    (``post_quant_conv`` where the VAE has one; Flux.2's batch-norm de-normalization and 2x2 unpatchify), computed
+    by ComfyUI's code and differentiable. A temporary forward pre-hook on the decoder takes its input and stops the
+    decode there (the hook is removed at once). A block-by-block checkpointed walk of an SD-style ``Decoder`` can
+    start from this for every KL-type VAE (SD, SDXL, SD3/Flux/Lumina's 16-channel AutoencodingEngine without
+    ``post_quant_conv``, Flux.2's), instead of assuming ``post_quant_conv``."""
+    def grab(module, args, kwargs=None):
+        raise _Captured(args[0])
+
+    handle = first_stage.decoder.register_forward_pre_hook(grab)
+    try:
+        first_stage.decode(z)
+    except _Captured as c:
+        return c.value
+    finally:
+        handle.remove()
+    raise RuntimeError("the VAE's decode did not call its decoder module")
+
+
 def gradient_decoder(vae, inner_model):
     """Reference loss decoder: x0 (model latent) -> images (N, 3, h, w) in the decoder's range, differentiable
     through ``process_latent_out`` and ``vae.first_stage_model.decode`` for every family (the bridge's loss-decoder
@@ -267,12 +292,22 @@ def gradient_decoder(vae, inner_model):
 
 def rope_shift_supported(model) -> bool:
     """Whether the diffusion model reads ``transformer_options["rope_options"]`` (ComfyUI's RoPE hook: Flux.1,
-    Flux.2, Lumina 2 / Z-Image, Wan in 0.3.75 and 0.33; not Qwen-Image, HunyuanImage, SD3 or UNets)."""
+    Flux.2, Lumina 2 / Z-Image, Wan in 0.3.75 and 0.33; not Chroma, Qwen-Image, HunyuanImage, SD3 or UNets).
+
+    Feature detection by the source of the modules that define the model's classes (0.33 moved Lumina's use of the
+    hook from the class into a module-level function, so class sources are not enough). A heuristic: the tests
+    check it against the model's actual output for every family; a caller that must be sure can compare one
+    window's prediction with and without a shift."""
     import inspect
-    dm = model.model.diffusion_model
-    for cls in type(dm).__mro__:
+    import sys
+    seen = set()
+    for cls in type(model.model.diffusion_model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is None or module in seen or not cls.__module__.startswith("comfy."):
+            continue
+        seen.add(module)
         try:
-            if "rope_options" in inspect.getsource(cls):
+            if "rope_options" in inspect.getsource(module):
                 return True
         except (OSError, TypeError):
             continue
