@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                     (grad,) = torch.autograd.grad(loss, u)
                     w = args.weight * 0.95 ** step
                     du = w * grad
-                    rms = lambda t: float(t.float().pow(2).mean().sqrt())  # noqa: E731
+                    rms = lambda t: float(t.detach().float().pow(2).mean().sqrt())  # noqa: E731
                     rows.append((step, float(sigma), s, rms(u), rms(du), rms(du) / rms(u), rms(du / s)))
             return rows
 
