@@ -265,8 +265,14 @@ def _calibrate_decoder(vae, seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def build_vae(kind: str, seed: int = SEED, dtype=None):
-    """A tiny (or, where ComfyUI fixes the widths, real-width) random VAE of ``kind`` as ``comfy.sd.VAE``."""
+def build_vae(kind: str, seed: int = SEED, dtype=None, inference: bool = True):
+    """A tiny (or, where ComfyUI fixes the widths, real-width) random VAE of ``kind`` as ``comfy.sd.VAE``, cached per
+    arguments. ``inference``: build under ``torch.inference_mode()`` like ComfyUI's loaders."""
+    with torch.inference_mode(inference):
+        return _build_vae(kind, seed, dtype)
+
+
+def _build_vae(kind: str, seed: int, dtype):
     import logging
     log = logging.getLogger()
     level = log.level
@@ -363,7 +369,7 @@ def build(name: str, dtype: torch.dtype = torch.float32, inference: bool = True,
     ctx = torch.inference_mode() if inference else torch.inference_mode(False)
     with ctx:
         model = build_model(spec, seed, dtype)
-        vae = build_vae(spec.vae, SEED + 1, dtype=dtype if dtype == torch.float64 else None)
+        vae = build_vae(spec.vae, SEED + 1, dtype=dtype if dtype == torch.float64 else None, inference=inference)
         pos, neg = make_conditioning(spec, seed + 2), make_conditioning(spec, seed + 3)
         pos = [[c.to(dtype), {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in d.items()}] for c, d in pos]
         neg = [[c.to(dtype), {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in d.items()}] for c, d in neg]
