@@ -323,3 +323,20 @@ def test_decoder_input_is_comfyuis_prefix(fm, families, name):
 def fc_weights(module):
     from family_checks import trainable_weights
     return trainable_weights(module)
+
+
+def test_prepare_latent_resizes_empty_latents_where_comfyui_can(fm, families):
+    """ComfyUI 0.33's KSampler resizes an empty LATENT made at 8 px (EmptyLatentImage) to the model's own grid;
+    0.3.75 has no such parameter. ``prepare_latent`` does what this ComfyUI's KSampler does."""
+    import inspect
+
+    import comfy.sample
+    fam = _family(fm, "flux2")
+    empty = {"samples": torch.zeros(1, 4, 16, 24), "downscale_ratio_spacial": 8}
+    out = families.prepare_latent(fam.model, empty)
+    if "downscale_ratio_spacial" in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters:
+        assert out.shape == (1, 128, 8, 12)  # 128 x 192 px at 16 px per latent px
+    else:
+        assert out.shape == (1, 128, 16, 24)
+    qwen = families.prepare_latent(_family(fm, "qwen_image").model, {"samples": torch.zeros(1, 4, 16, 24)})
+    assert qwen.shape == (1, 16, 1, 16, 24)

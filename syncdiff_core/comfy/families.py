@@ -187,6 +187,22 @@ def check_supported(model, latent: torch.Tensor, *, sync: bool, vae=None) -> Fac
     return facts(model, vae)
 
 
+def prepare_latent(model, latent: dict) -> torch.Tensor:
+    """A LATENT's samples in the model's layout, as KSampler prepares them: ``comfy.sample.fix_empty_latent_channels``
+    (an empty latent gets the model's channels, and a frame axis for 3-D formats), passing the LATENT's
+    ``downscale_ratio_spacial`` / ``_temporal`` where this ComfyUI accepts them (0.33: an empty 8x latent from
+    EmptyLatentImage is resized to Flux.2's 16x or HunyuanImage's 32x grid; 0.3.75 cannot, so there the family's own
+    empty-latent node or the pack's canvas node must make it). The caller drops those keys from its output LATENT,
+    as KSampler does."""
+    import inspect
+
+    import comfy.sample
+    fix = comfy.sample.fix_empty_latent_channels
+    params = inspect.signature(fix).parameters
+    extra = [latent.get(k) for k in ("downscale_ratio_spacial", "downscale_ratio_temporal") if k in params]
+    return fix(model, latent["samples"], *extra)
+
+
 # ------------------------------------------------------------------------------------------- schedule
 
 def sampling_sigmas(model, steps: int) -> torch.Tensor:
