@@ -135,7 +135,8 @@ class Recompute(torch.autograd.Function):
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         with torch.enable_grad(), _autocast(ctx.autocast), saved_activation_copies():
             outs = ctx.fn(*[t.clone() for t in inputs])
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
                                     allow_unused=True) if pairs and wanted else [None] * len(wanted)
         result = [None] * len(inputs)

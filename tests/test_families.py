@@ -160,7 +160,8 @@ def test_start_state_and_final_latent(fm, families, name):
     g = torch.Generator().manual_seed(0)
     shape = fam.latent(32, 32).shape
     noise, latent = torch.randn(shape, generator=g), torch.zeros(shape)
-    x = families.start_state(ms, sigmas, noise, latent)
+    at_max = math.isclose(float(ms.sigma_max), float(sigmas[0]), rel_tol=1e-5)  # as ComfyUI's Sampler.max_denoise
+    x = families.start_state(ms, sigmas, noise, latent, at_max)
     if kind == "flow":
         assert torch.equal(x, noise)  # (1 - σ)·x0 + σ·ε at σ = 1
         image = torch.randn(shape, generator=g)
@@ -317,6 +318,10 @@ def test_decoder_input_is_comfyuis_prefix(fm, families, name):
         h = families.decoder_input(fsm, z)
         assert h.requires_grad and h.shape[1] == fsm.decoder.conv_in.in_channels
         assert torch.allclose(fsm.decoder(h), fsm.decode(z), atol=1e-6)
+        # the pack's block-checkpointed walk (loss_decoder vae_checkpointed) starts there: same images
+        from syncdiff_core.decoders import checkpointed_decode, is_walkable
+        assert is_walkable(fsm)
+        assert torch.allclose(checkpointed_decode(fsm.decoder, h), fsm.decode(z), atol=1e-6)
     assert not fsm.decoder._forward_pre_hooks
 
 

@@ -261,9 +261,6 @@ def test_bad_input_error_names_node_and_pixels(ui, case):
             names = {sampler.get("title") or "SyncDiffusion Sampler", "SyncDiffusionSampler"}
             assert any(nm in text for nm in names), f"the error does not name the node ({names}):\n{text}"
             assert "stride" in text and " px" in text, f"the error does not name the input in pixels:\n{text}"
-            # PENDING the lead's rewrite of the pack's validation (errors in the widget's units): today the stride
-            # error reads "stride (12 latent px) must not exceed the window size (8 latent px)", so for
-            # stride_over_window only the two assertions below fail. The wrap error already speaks pixels.
             assert "latent px" not in text, f"the error speaks latent pixels; the widgets are in pixels:\n{text}"
             for words in bad["mentions"]:
                 assert words in text, f"the error does not mention {words!r}:\n{text}"

@@ -33,6 +33,7 @@ import torch
 import comfy.model_sampling as cms
 import comfy.samplers
 
+from ..decoders import decoder_input, images_for_loss  # noqa: F401  (decoder_input: re-exported)
 from ..gradients import inference_tensors_usable
 
 #: Pixels per latent pixel of latent formats whose ComfyUI (0.3.75) has no ``spacial_downscale_ratio``, where not 8.
@@ -189,10 +190,10 @@ def check_supported(model, latent: torch.Tensor, *, sync: bool, vae=None) -> Fac
 
 def prepare_latent(model, latent: dict) -> torch.Tensor:
     """A LATENT's samples in the model's layout, as KSampler prepares them: ``comfy.sample.fix_empty_latent_channels``
-    (an empty latent gets the model's channels, and a frame axis for 3-D formats), passing the LATENT's
-    ``downscale_ratio_spacial`` / ``_temporal`` where this ComfyUI accepts them (0.33: an empty 8x latent from
-    EmptyLatentImage is resized to Flux.2's 16x or HunyuanImage's 32x grid; 0.3.75 cannot, so there the family's own
-    empty-latent node or the pack's canvas node must make it). The caller drops those keys from its output LATENT,
+    (an empty latent gets the model's channels, and a frame axis for 3-D formats). An empty latent made for another
+    pixel scale (``downscale_ratio_spacial``: 8 from EmptyLatentImage or Panorama Latent) is resized to the model's
+    grid, so a 2048 px canvas stays 2048 px for Flux.2 (16 px) or HunyuanImage 2.1 (32 px): by ComfyUI where its
+    function takes the ratio (0.33), else here (0.3.75). The caller drops the ratio keys from its output LATENT,
     as KSampler does."""
     import inspect
 
@@ -200,34 +201,49 @@ def prepare_latent(model, latent: dict) -> torch.Tensor:
     fix = comfy.sample.fix_empty_latent_channels
     params = inspect.signature(fix).parameters
     extra = [latent.get(k) for k in ("downscale_ratio_spacial", "downscale_ratio_temporal") if k in params]
-    return fix(model, latent["samples"], *extra)
+    samples = fix(model, latent["samples"], *extra)
+    made_at = latent.get("downscale_ratio_spacial")
+    if made_at and "downscale_ratio_spacial" not in params and not bool(torch.count_nonzero(samples)):
+        scale = pixel_scale(model)
+        if scale != made_at:
+            h, w = (round(n * made_at / scale) for n in samples.shape[-2:])
+            samples = torch.zeros(*samples.shape[:-2], h, w, dtype=samples.dtype, device=samples.device)
+    return samples
 
 
 # ------------------------------------------------------------------------------------------- schedule
 
-def sampling_sigmas(model, steps: int) -> torch.Tensor:
+def sampling_sigmas(model, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """The schedule of ``steps`` steps (``steps + 1`` sigmas) for the family (see module doc).
 
     ``vp``: the reference DDIM -- timesteps ``k * (T // steps) + 1`` for k < steps (50 steps: 981, 961, ..., 1; the
     same as ComfyUI's ``ddim_uniform`` where that yields ``steps`` values, while it yields 31 for 30), ending on
-    sigma(t=0) (``set_alpha_to_one=False``), not 0. Others: ComfyUI's ``simple`` scheduler (sigma_max ... 0)."""
+    sigma(t=0) (``set_alpha_to_one=False``), not 0. Others: ComfyUI's ``simple`` scheduler (sigma_max ... 0).
+    With ``denoise`` below 1: the last ``steps`` steps of the schedule of ``int(steps / denoise)`` steps, as
+    KSampler takes them."""
     ms = model.get_model_object("model_sampling")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    total = steps if denoise > 0.9999 else int(steps / denoise)
     if schedule_kind(ms) != "vp":
-        return comfy.samplers.calculate_sigmas(ms, "simple", steps).float()
+        return comfy.samplers.calculate_sigmas(ms, "simple", total).float()[-(steps + 1):]
     table = ms.sigmas.float()
-    ratio = len(table) // steps
+    ratio = len(table) // total
     if ratio < 1:
-        raise ValueError(f"steps ({steps}) must not exceed the model's {len(table)} training timesteps")
-    timesteps = [k * ratio + 1 for k in range(steps)][::-1]
-    return torch.stack([table[t] for t in timesteps] + [table[0]]).cpu()
+        raise ValueError(f"steps ({total}) must not exceed the model's {len(table)} training timesteps")
+    timesteps = [k * ratio + 1 for k in range(total)][::-1]
+    return torch.stack([table[t] for t in timesteps] + [table[0]]).cpu()[-(steps + 1):]
 
 
-def start_state(model_sampling, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-    """The first sampler state: ComfyUI's ``noise_scaling`` at full denoise (VP: noise·sqrt(1+σ0²), the reference's
-    unit-variance start; flow: σ0·noise + (1−σ0)·latent, pure noise at σ0 = 1)."""
-    return model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=True)
+def start_state(model_sampling, sigmas: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+                at_max: bool) -> torch.Tensor:
+    """The first sampler state, as KSampler makes it (``at_max``: ComfyUI's "the schedule starts at the model's
+    largest sigma"): ``noise_scaling`` (VP at full strength: noise·sqrt(1+σ0²); flow: σ0·noise + (1−σ0)·latent;
+    img2img: latent + σ0·noise). An empty latent of a ``vp`` model starts from the reference's unit-variance noise at
+    t0 (noise·sqrt(1+σ0²)) whatever the schedule's first sigma: there is no image to keep."""
+    empty = not bool(torch.count_nonzero(latent))
+    at_max = at_max or (empty and schedule_kind(model_sampling) == "vp")
+    return model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise=at_max)
 
 
 def final_latent(model_sampling, sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +260,7 @@ def input_scale(model_sampling, sigma) -> float:
     1/sqrt(1+σ²) for VP, 1 for flow, 1/sqrt(σ²+σ_data²) for EDM. The sync step is taken in the model's input space,
     so ``sync_weight`` means the same step size in every family's (unit-variance) model input (see FAMILIES.md)."""
     s = torch.as_tensor(sigma, dtype=torch.float32).reshape(1)
-    return float(model_sampling.calculate_input(s, torch.ones(1))[0])
+    return float(model_sampling.calculate_input(s, torch.ones(1, device=s.device))[0])
 
 
 # ------------------------------------------------------------------------------------------- the loss path
@@ -254,40 +270,6 @@ def latent_out(inner_model, x0: torch.Tensor) -> torch.Tensor:
     were made under inference mode (Wan 2.1, Playground/EDM SDXL): see ``inference_tensors_usable``."""
     with inference_tensors_usable():
         return inner_model.process_latent_out(x0)
-
-
-def images_for_loss(decoded: torch.Tensor) -> torch.Tensor:
-    """A decoder output as (N, 3, h, w) images: 5-D video-VAE output (B, 3, T, h, w) becomes (B·T, 3, h, w)."""
-    if decoded.ndim == 5:
-        decoded = decoded.movedim(2, 1).flatten(0, 1)
-    if decoded.ndim != 4:
-        raise ValueError(f"the VAE decoded to shape {tuple(decoded.shape)}, not images")
-    return decoded
-
-
-class _Captured(Exception):
-    def __init__(self, value):
-        self.value = value
-
-
-def decoder_input(first_stage, z: torch.Tensor) -> torch.Tensor:
-    """The tensor ``first_stage.decoder`` receives when ``first_stage.decode(z)`` runs: ComfyUI's own prefix
-    (``post_quant_conv`` where the VAE has one; Flux.2's batch-norm de-normalization and 2x2 unpatchify), computed
-    by ComfyUI's code and differentiable. A temporary forward pre-hook on the decoder takes its input and stops the
-    decode there (the hook is removed at once). A block-by-block checkpointed walk of an SD-style ``Decoder`` can
-    start from this for every KL-type VAE (SD, SDXL, SD3/Flux/Lumina's 16-channel AutoencodingEngine without
-    ``post_quant_conv``, Flux.2's), instead of assuming ``post_quant_conv``."""
-    def grab(module, args, kwargs=None):
-        raise _Captured(args[0])
-
-    handle = first_stage.decoder.register_forward_pre_hook(grab)
-    try:
-        first_stage.decode(z)
-    except _Captured as c:
-        return c.value
-    finally:
-        handle.remove()
-    raise RuntimeError("the VAE's decode did not call its decoder module")
 
 
 def gradient_decoder(vae, inner_model):
