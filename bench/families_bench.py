@@ -91,7 +91,14 @@ def build(name: str, opts):
         return fam.model, fam.vae, fam.positive, fam.negative
     device = mm.get_torch_device()
     dtype = getattr(torch, spec["dtype"])
-    mc = getattr(sm, spec["cls"])(dict(spec["unet"]))
+    config = dict(spec["unet"])
+    if config.get("image_model") == "flux":  # keep the keys this ComfyUI's FluxParams has (feature detection)
+        import dataclasses
+
+        import comfy.ldm.flux.model as flux
+        fields = {f.name for f in dataclasses.fields(flux.FluxParams)}
+        config = {k: v for k, v in config.items() if k in fields or k == "image_model"}
+    mc = getattr(sm, spec["cls"])(config)
     mc.set_inference_dtype(dtype, None)
     with torch.inference_mode():
         base = mc.get_model({}, device=device)
