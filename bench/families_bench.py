@@ -215,8 +215,14 @@ def main(argv=None) -> int:
                "canvas_px": [h, w]}
         print(f"== {name}: {params / 1e9:.2f} B parameters, built in {res['build_s']} s", flush=True)
 
+        report["families"][name] = res
+
         def go(**k):
-            return run(pack_sampling, pack_job, model, vae, pos, neg, latent, spec, **{**kw, **k})
+            out = run(pack_sampling, pack_job, model, vae, pos, neg, latent, spec, **{**kw, **k})
+            print(k, out, flush=True)
+            res.setdefault("runs", []).append(out)
+            (out_dir / "families_bench.json").write_text(json.dumps(report, indent=1, default=str))
+            return out
 
         ckpt = {"checkpoint_model": True} if spec.get("checkpoint_model") else {}
         try:
