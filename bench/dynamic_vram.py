@@ -72,6 +72,45 @@ def _checksums(model) -> dict:
     return out
 
 
+def _start_dynamic_vram_like_main_py(args) -> str:
+    """What ComfyUI 0.33's main.py does at start for dynamic VRAM (the headless harness skips main.py): initialise
+    comfy-aimdo when the arguments enable dynamic VRAM. Returns "init", or why dynamic VRAM stays off."""
+    try:
+        from comfy.cli_args import enables_dynamic_vram
+        import comfy_aimdo.control as control
+    except ImportError as e:
+        return f"not in this ComfyUI ({e})"
+    if not enables_dynamic_vram():
+        return "off by arguments"
+    for kwargs in ({"simple_vram_headroom": None, "nvml_pressure": not getattr(args, "disable_nvml_pressure", False)},
+                   {"simple_vram_headroom": None}, {}):
+        try:
+            control.init(**kwargs)
+            return "init"
+        except TypeError:
+            continue
+    return "comfy_aimdo.control.init failed"
+
+
+def _enable_dynamic_vram_devices_like_main_py(args) -> str:
+    """The rest of main.py's dynamic-VRAM start: the devices registered with comfy-aimdo, and ComfyUI's loaders
+    making ``ModelPatcherDynamic`` (main.py rebinds ``CoreModelPatcher`` the same way)."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_aimdo.control as control
+    devices = mm.get_all_torch_devices()
+    try:
+        ok = control.init_devices((d.index, int(getattr(args, "vram_headroom", 0) * 1024 ** 3)) for d in devices)
+    except TypeError:
+        ok = control.init_devices(d.index for d in devices)
+    if not ok:
+        return "comfy-aimdo found no working device"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return "enabled"
+
+
 def child(opts) -> dict:
     lane, mode, comfy_path, ckpt = opts.child.split(":", 3)
     os.environ["COMFYUI_PATH"] = comfy_path
@@ -87,8 +126,11 @@ def child(opts) -> dict:
         found[flag] = hasattr(args, flag)
         if hasattr(args, flag):
             setattr(args, flag, True)
+    aimdo = _start_dynamic_vram_like_main_py(args) if not opts.tiny else "cpu"
     rt = ch.start(base, cpu=opts.tiny)
     import torch
+    if aimdo == "init":
+        aimdo = _enable_dynamic_vram_devices_like_main_py(args)
 
     import comfy.model_management as mm
     ckpt_dir = rt.model_folder("checkpoints")
@@ -136,7 +178,7 @@ def child(opts) -> dict:
     torch.save(latent.cpu(), Path(opts.out) / f"latent-{lane}-{mode}.pt")
     after = _checksums(model.model)
     changed = [k for k in before if before[k] != after.get(k)]
-    return {"lane": lane, "mode": mode, "flags_found": found, "dynamic_patcher": dynamic,
+    return {"lane": lane, "mode": mode, "flags_found": found, "aimdo": aimdo, "dynamic_patcher": dynamic,
             "device": str(mm.get_torch_device()), "torch": torch.__version__, "runs": runs,
             "model_unchanged": not changed and before.keys() == after.keys(), "changed": changed[:5],
             "latent_std": float(latent.float().std()), "finite": bool(torch.isfinite(latent).all())}
