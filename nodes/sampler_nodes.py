@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob, Windowing,
-                                 require_multiple)
+                                 check_canvas_pixels, require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
@@ -92,6 +92,7 @@ class PanoramaLatent(io.ComfyNode):
     def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
         require_multiple("width", width, LATENT_PX)
         require_multiple("height", height, LATENT_PX)
+        check_canvas_pixels(width, height, batch_size, "PanoramaLatent")
         samples = torch.zeros([batch_size, 4, height // LATENT_PX, width // LATENT_PX])
         return io.NodeOutput({"samples": samples})
 

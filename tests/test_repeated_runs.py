@@ -1,5 +1,5 @@
 """Repeated runs through the real server (issue 15): consecutive SyncDiffusion panoramas (sync on, tiny checkpoint,
-CPU) leave the server's resident memory, open files and threads where they were after run 10.
+CPU) leave the server's resident memory (at most 5 % above), open files and threads where they were after run 10.
 
 The issue asks for 100 runs; CI runs ``SYNCDIFF_REPEAT_RUNS`` (default 25) to stay within a few minutes on a shared
 2-core machine. ``SYNCDIFF_REPEAT_RUNS=100`` runs the full count; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes
@@ -87,7 +87,9 @@ def test_repeated_panoramas_leave_memory_files_and_threads_flat(server, tiny_sd1
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
     print(f"\n{RUNS} runs, median {summary['median_run_s']} s: RSS after start {mib(start['rss'])}, after run 10 "
           f"{mib(ref['rss'])}, after run {RUNS} {mib(last['rss'])} ({summary['rss_change_vs_run_10']:+.2%}); "
-          f"fds {start['fds']}/{ref['fds']}/{last['fds']}, threads {start['threads']}/{ref['threads']}/{last['threads']}")
-    assert abs(last["rss"] - ref["rss"]) <= RSS_TOLERANCE * ref["rss"], summary
+          f"fds {start['fds']}/{ref['fds']}/{last['fds']}, "
+          f"threads {start['threads']}/{ref['threads']}/{last['threads']}")
+    # a leak grows; the allocator giving memory back (RSS below run 10's) is no failure
+    assert last["rss"] <= (1 + RSS_TOLERANCE) * ref["rss"], summary
     assert last["fds"] <= ref["fds"], f"open files grew from {ref['fds']} to {last['fds']}"
     assert last["threads"] <= ref["threads"], f"threads grew from {ref['threads']} to {last['threads']}"

@@ -19,7 +19,7 @@ import latent_preview
 
 from .. import regions as core_regions
 from .. import sampler as core_sampler
-from ..job import PanoramaJob, Windowing
+from ..job import PanoramaJob, Windowing, check_canvas_pixels
 from ..weights import trainable_weights
 from ..windows import crop_stack
 from .assets import get_lpips
@@ -39,6 +39,16 @@ def check_sigmas(sigmas: torch.Tensor) -> None:
         values = ", ".join(f"{float(s):.4g}" for s in sigmas[:6]) + (", ..." if sigmas.numel() > 6 else "")
         raise ValueError(f"sigmas must be strictly decreasing from a positive value, got [{values}]; use a "
                          "scheduler's output (flipped sigmas cannot be sampled)")
+
+
+def check_latent_size(samples: torch.Tensor, scale: int) -> None:
+    """The canvas a latent stands for must be within the pack's pixel limit (``job.MAX_CANVAS_PIXELS``)."""
+    if samples.ndim < 3:
+        raise ValueError(f"latent_image must be a LATENT (batch, channels, height, width), got shape "
+                         f"{tuple(samples.shape)}")
+    frames = samples.shape[0] * (samples.shape[2] if samples.ndim == 5 else 1)
+    check_canvas_pixels(samples.shape[-1] * scale, samples.shape[-2] * scale, frames, "latent_image",
+                        names=("batch", "width", "height"))
 
 
 def check_sync_inputs(windowing: Windowing, model, vae) -> None:
@@ -69,6 +79,7 @@ class WindowedSampler(comfy.samplers.Sampler):
         steps = len(sigmas) - 1
         windowing = self.windowing.for_steps(steps)
         scale = latent_scale(patcher)
+        check_latent_size(noise, scale)
         plan = windowing.plan(noise.shape[-2], noise.shape[-1], scale, native_window(patcher))
         if not self.layout_resolved and any(core_regions.REGION_KEY in c for cs in guider.conds.values() for c in cs):
             raise ValueError("Layout Mask Region conditioning needs the SyncDiffusion Sampler node (it resolves the "
@@ -147,8 +158,9 @@ class WindowedSampler(comfy.samplers.Sampler):
 def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, vae=None, loss=None) -> dict:
     """Run SyncDiffusion (MultiDiffusion when sync is off) on a LATENT; returns a new LATENT dict."""
     # 1. check every input against the model, before any model is loaded
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     scale = latent_scale(model)
+    check_latent_size(latent["samples"], scale)
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     plan = job.plan(latent_image.shape[-2], latent_image.shape[-1], scale, native_window(model))
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
