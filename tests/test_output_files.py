@@ -36,6 +36,7 @@ def _pixels(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(im.convert("RGB"))).float() / 255
 
 
+@pytest.mark.slow
 def test_saving_twice_never_overwrites_and_keeps_the_workflow(run_prompt, object_node, comfy):
     workflow = {"nodes": [{"id": 2, "type": "SavePanorama360"}], "note": "kept"}
     first = run_prompt(_save_prompt(object_node, _images(seed=1), "files/again"),
@@ -56,6 +57,7 @@ def test_saving_twice_never_overwrites_and_keeps_the_workflow(run_prompt, object
     assert not _partials(comfy.output_dir / "files")
 
 
+@pytest.mark.slow
 def test_a_name_that_is_taken_is_skipped_never_overwritten(run_prompt, object_node, comfy):
     """ComfyUI's counter does not see every clash: with %batch_num% in the prefix it always starts at 1, and another
     process may take the name between the count and the write. Existing files, and a folder of that name, stay."""
@@ -100,6 +102,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_cancel_while_saving_leaves_complete_files_and_no_temporary_file(run_prompt, object_node, comfy):
     images = _images(n=3, seed=4)
     pressed = []
@@ -134,6 +137,7 @@ def _without_write_permission(folder: Path):
         folder.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "seteuid"), reason="POSIX permissions")
 @pytest.mark.parametrize("where", ["folder", "subfolder"])
 def test_a_read_only_output_folder_gives_a_clear_error_naming_it(run_prompt, object_node, comfy, where):
@@ -158,3 +162,15 @@ def test_a_read_only_output_folder_gives_a_clear_error_naming_it(run_prompt, obj
     assert "cannot write into the output folder" in message and str(expected) in message, message
     assert "Permission denied" in message
     assert list(output.iterdir()) == []
+
+
+@pytest.mark.parametrize("prefix,match", [
+    ("x" * 300, "filename_prefix makes the file name 'xxx"),
+    ("bad\x00name", "filename_prefix must not contain a NUL character"),
+    ("../../escape", "outside the output folder"),
+])
+def test_a_bad_filename_prefix_gets_a_clear_error_and_writes_nothing(pack, comfy, prefix, match):
+    before = set(comfy.output_dir.rglob("*"))
+    with pytest.raises(Exception, match=match):
+        pack.output.save_panoramas(_images(n=1, seed=6), prefix, "png", 95)
+    assert set(comfy.output_dir.rglob("*")) == before

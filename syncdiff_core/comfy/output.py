@@ -8,6 +8,7 @@ counter moves on. Cancel between images leaves the images saved so far, complete
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -74,13 +75,20 @@ def _folder_error(folder: str, error: OSError) -> OutputFolderError:
         f"--output-directory.")
 
 
+#: What os.link raises where the file system has no hard links (FAT, some network shares, some containers).
+NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP,
+                 getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
 def _publish(temp: str, final: str) -> bool:
     """Give the complete file ``temp`` the name ``final`` unless that name exists; False when it does."""
     try:
         os.link(temp, final)  # atomic, and fails when final exists
     except FileExistsError:
         return False
-    except OSError:  # no hard links on this file system (FAT, some network shares)
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
         try:
             os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # claim the name
         except FileExistsError:
@@ -108,8 +116,15 @@ def write_new_file(folder: str, data: bytes, name_for) -> str:
         except OSError as e:
             raise _folder_error(folder, e) from e
         for k in range(MAX_NAME_CLASHES):
-            if _publish(temp, os.path.join(folder, name_for(k))):
-                return name_for(k)
+            name = name_for(k)
+            try:
+                if _publish(temp, os.path.join(folder, name)):
+                    return name
+            except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:
+                    raise ValueError(f"filename_prefix makes the file name {name[:60]!r}... ({len(name)} characters), "
+                                     f"too long for the file system of {folder}; use a shorter filename_prefix") from e
+                raise _folder_error(folder, e) from e
         raise FileExistsError(f"SavePanorama360: {MAX_NAME_CLASHES} file names in a row from {name_for(0)} on are "
                               f"taken in {folder}; use another filename_prefix")
     finally:
@@ -124,6 +139,8 @@ def save_panoramas(images: torch.Tensor, filename_prefix: str, fmt: str, jpeg_qu
     meanwhile is skipped."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be an RGB IMAGE batch (batch, height, width, 3), got {tuple(images.shape)}")
+    if "\x00" in filename_prefix:
+        raise ValueError("filename_prefix must not contain a NUL character")
     height, width = int(images.shape[1]), int(images.shape[2])
     xmp = gpano_xmp(width, height)  # validates the size before anything is written
     output_dir = folder_paths.get_output_directory()
