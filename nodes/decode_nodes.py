@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..syncdiff_core.inputs import expect
 from ..syncdiff_core.job import MAX_PX
 from ..syncdiff_core.panorama_decode import DEFAULT_PADDING
 from .common import CATEGORY
@@ -43,6 +44,8 @@ class PanoramaDecode(io.ComfyNode):
     def execute(cls, samples, vae, wrap: bool, padding: int, tile_width: int, tile_overlap: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.decode import decode_panorama_image
 
+        expect(samples=(samples, "LATENT"), vae=(vae, "VAE"))
+
         image = decode_panorama_image(
             vae, samples["samples"], wrap=wrap, padding=padding, tile_width_px=tile_width,
             tile_overlap_px=tile_overlap if tile_width else 0)
@@ -76,6 +79,8 @@ class PanoramaEncode(io.ComfyNode):
     def execute(cls, pixels, vae, wrap: bool, padding: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.decode import encode_panorama_image
 
+        expect(pixels=(pixels, "IMAGE"), vae=(vae, "VAE"))
+
         return io.NodeOutput({"samples": encode_panorama_image(vae, pixels, wrap=wrap, padding=padding)})
 
 
@@ -108,6 +113,8 @@ class SavePanorama360(io.ComfyNode):
     @classmethod
     def execute(cls, images: torch.Tensor, filename_prefix: str, format: str, jpeg_quality: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.output import save_panoramas
+
+        expect(images=(images, "IMAGE"))
 
         hidden = getattr(cls, "hidden", None)
         saved = save_panoramas(images, filename_prefix, format, jpeg_quality, prompt=getattr(hidden, "prompt", None),

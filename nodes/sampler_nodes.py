@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob, Windowing,
                                  check_canvas_pixels, require_multiple)
+from ..syncdiff_core.inputs import expect
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
@@ -122,6 +123,7 @@ class AnchorSelector(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode: str, index: int, image: torch.Tensor | None = None) -> io.NodeOutput:
+        expect(image=(image, "IMAGE?"))
         if mode == "reference image":
             if image is None:
                 raise ValueError("mode 'reference image' needs an image connected to the image input")
@@ -172,6 +174,9 @@ class SyncDiffusionSampler(io.ComfyNode):
                 loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, denoise=1.0, anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import sample_panorama
 
+        expect(model=(model, "MODEL"), positive=(positive, "CONDITIONING"), negative=(negative, "CONDITIONING"),
+               vae=(vae, "VAE"), latent_image=(latent_image, "LATENT"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
+
         job = PanoramaJob(
             seed=seed, steps=steps, cfg=cfg, denoise=denoise, compile=COMPILE_BACKEND if compile else "",
             **windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
@@ -205,6 +210,8 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
     def execute(cls, window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
                 loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import WindowedSampler
+
+        expect(vae=(vae, "VAE?"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
 
         windowing = Windowing(**windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every,
                                                wrap, window_batch, loss_decoder, sync_batch, anchor))

@@ -94,3 +94,48 @@ def test_style_loss_in_chunks_of_pairs_equals_all_pairs_at_once(pack):
         ii, jj = zip(*[(i, j) for i in range(20) for j in range(i + 1, 20)])
         want = sum(((gm[list(ii)] - gm[list(jj)]) ** 2).mean(dim=(1, 2)).mean() for gm in grams)
     torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-9)
+
+
+def _node_calls(pack, micro, vae):
+    """Each node's execute with valid values for every input (the linked ones as a graph would pass them)."""
+    image, latent = torch.rand(1, 64, 128, 3), {"samples": torch.zeros(1, 4, 8, 16)}
+    mask, anchor = torch.ones(1, 8, 16), pack.sync.Anchor()
+    sampler = dict(seed=1, steps=1, cfg=5.0, window_size=64, stride=32, sync_weight=0.0, sync_decay=0.95, sync_steps=0,
+                   sync_every=1, wrap=False, window_batch=2)
+    sn, dn, ln, mn = pack.sampler_nodes, pack.decode_nodes, pack.layout_nodes, pack.module("nodes.seam_nodes")
+    return [
+        (sn.SyncDiffusionSampler, dict(model=micro.model, positive=micro.positive, negative=micro.negative, vae=vae,
+                                       latent_image=latent, anchor=anchor, **sampler)),
+        (sn.SyncDiffusionCustomSampler, dict(vae=vae, anchor=anchor, **{k: v for k, v in sampler.items()
+                                                                          if k not in ("seed", "steps", "cfg")})),
+        (sn.AnchorSelector, dict(mode="reference image", index=0, image=image)),
+        (ln.LayoutMaskRegion, dict(conditioning=micro.positive, mask=mask, bootstrap_fraction=0.2, soft_mask=False,
+                                   regions=micro.negative)),
+        (dn.PanoramaDecode, dict(samples=latent, vae=vae, wrap=True, padding=4, tile_width=0, tile_overlap=0)),
+        (dn.PanoramaEncode, dict(pixels=image, vae=vae, wrap=True, padding=4)),
+        (dn.SavePanorama360, dict(images=image, filename_prefix="never", format="png", jpeg_quality=95)),
+        (mn.PanoramaSeamScore, dict(image=image)),
+        (mn.PanoramaSeamRepair, dict(model=micro.model, positive=micro.positive, negative=micro.negative, vae=vae,
+                                     image=image, seed=1, steps=1, cfg=5.0, denoise=0.5, band_width=32, feather=8,
+                                     window_size=64, stride=32, window_batch=2)),
+    ]
+
+
+LINKED = ("model", "positive", "negative", "vae", "latent_image", "anchor", "image", "conditioning", "mask",
+          "regions", "samples", "pixels", "images")
+
+
+@pytest.mark.parametrize("literal", ["p_ckpt", 3, ["no_such_node"], {"samples": "x"}])
+def test_a_literal_in_place_of_a_link_is_refused_by_name(comfy, pack, micro, tiny_kl_vae, literal):
+    """ComfyUI hands a node whatever literal an API prompt puts where a link belongs; each pack node names the input
+    and the type it needs, before any work (the valid calls are never made: every case here fails first)."""
+    checked = 0
+    for node, kwargs in _node_calls(pack, micro, tiny_kl_vae):
+        for name in [n for n in kwargs if n in LINKED]:
+            if literal == {"samples": "x"} and name != "samples" and name != "latent_image":
+                continue
+            bad = {**kwargs, name: literal}
+            with pytest.raises(ValueError, match=rf"^{name} must be "):
+                node.execute(**bad)
+            checked += 1
+    assert checked >= (2 if isinstance(literal, dict) else 20)
