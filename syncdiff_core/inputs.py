@@ -34,8 +34,9 @@ CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
 def describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
-    text = repr(value)
-    return f"a {type(value).__name__}" + (f" ({text[:40]})" if isinstance(value, (str, int, float, bool)) else "")
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiouAEIOU" else "a"
+    return f"{article} {kind}" + (f" ({repr(value)[:40]})" if isinstance(value, (str, int, float, bool)) else "")
 
 
 def expect(**inputs: tuple[object, str]) -> None:
