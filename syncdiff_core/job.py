@@ -28,6 +28,9 @@ MAX_CANVAS_PIXELS = 2**28
 #: VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
 #: (approximate, much cheaper).
 LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
+#: The smallest window side, in latent pixels, that the loss decoder takes while synchronizing (its GroupNorms need
+#: more than one value per group, LPIPS' VGG a few pixels after its pooling); twice that for ``vae_half``.
+MIN_SYNC_WINDOW_LATENT = 2
 #: Windows per gradient batch when ``sync_batch`` is 0. Measured on an H100 (SD2-base size, 512 px windows,
 #: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 2.8 GiB with
 #: "vae_checkpointed"; 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
@@ -109,6 +112,12 @@ class Windowing:
         if self.window_px:
             require_multiple("window_size", self.window_px, scale)
         window = self.window_px // scale if self.window_px else native_window
+        least = MIN_SYNC_WINDOW_LATENT * (2 if self.loss_decoder == "vae_half" else 1)
+        if self.sync.active and window < least:
+            raise ValueError(f"window_size must be at least {least * scale} px while synchronizing (sync_weight > 0 "
+                             f"and sync_steps > 0): loss_decoder '{self.loss_decoder}' and LPIPS cannot take smaller "
+                             f"windows; got {window * scale} px. Raise window_size (0 = the model's native size) or "
+                             f"set sync_weight to 0")
         plan = plan_windows(canvas_height, canvas_width, window, self.stride_px // scale, wrap=self.wrap,
                             px_per_unit=scale)
         self.anchor.window_index(plan)  # an index anchor must be on the grid

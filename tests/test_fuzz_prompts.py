@@ -130,7 +130,9 @@ def int_values(name: str, opts: dict):
     valid = list(CHEAP[name]) if name in CHEAP else \
         sorted({v for v in (lo, hi, lo + 1, hi - 1, *SIZES, opts.get("default", lo)) if lo <= v <= hi})
     bad = [lo - 1, hi + 1, -1, 2**64, -2**63, 10**30, 3.7, float("nan"), float("inf"), *NOT_A_NUMBER]
-    return st.sampled_from(valid), st.sampled_from(bad)
+    step = opts.get("step", 1)
+    small = [v for v in valid if v <= 64 and (v - lo) % step == 0] or valid  # sizes the small producers can run
+    return st.one_of(st.sampled_from(small), st.sampled_from(valid)), st.sampled_from(bad)
 
 
 def float_values(name: str, opts: dict):

@@ -139,3 +139,19 @@ def test_a_literal_in_place_of_a_link_is_refused_by_name(comfy, pack, micro, tin
                 node.execute(**bad)
             checked += 1
     assert checked >= (2 if isinstance(literal, dict) else 20)
+
+
+@pytest.mark.parametrize("window,decoder,sync,ok", [
+    (8, "vae_checkpointed", True, False), (16, "vae_checkpointed", True, True), (8, "vae_checkpointed", False, True),
+    (24, "vae_half", True, False), (32, "vae_half", True, True), (8, "taesd", True, False),
+])
+def test_windows_too_small_for_the_loss_decoder_are_refused_while_synchronizing(pack, window, decoder, sync, ok):
+    """Found by the fuzzed prompts: an 8 px window ended in a GroupNorm ValueError or a torch RuntimeError inside the
+    loss decoder; now the window_size widget is named, in pixels."""
+    job = h.make_job(pack, w=20.0 if sync else 0.0, window_px=window, stride_px=8, loss_decoder=decoder)
+    if ok:
+        assert len(job.plan(8, 16, 8, 64)) > 1
+    else:
+        with pytest.raises(ValueError, match=rf"window_size must be at least {32 if decoder == 'vae_half' else 16} px "
+                                             rf"while synchronizing .* got {window} px"):
+            job.plan(8, 16, 8, 64)
