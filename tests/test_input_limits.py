@@ -71,6 +71,15 @@ def test_nan_in_the_other_float_widgets_is_refused(pack, kw, match):
         h.make_job(pack, **kw)
 
 
+@pytest.mark.parametrize("fraction", [float("nan"), -0.1, 1.5])
+def test_layout_region_refuses_a_bootstrap_fraction_outside_0_1(pack, micro, fraction):
+    """NaN passes ComfyUI's range check; it used to fail later, inside the sampler, as 'cannot convert float NaN to
+    integer'."""
+    with pytest.raises(ValueError, match=r"bootstrap_fraction must be in \[0, 1\], got"):
+        pack.layout_nodes.LayoutMaskRegion.execute(conditioning=micro.positive, mask=torch.ones(8, 16),
+                                                   bootstrap_fraction=fraction, soft_mask=False)
+
+
 def test_coherence_refuses_more_crops_than_it_compares(pack):
     metrics = pack.module("syncdiff_core.perceptual.metrics")
     assert metrics.crop_counts(512, 3072, 512) == (1, 6)
