@@ -4,10 +4,13 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..syncdiff_core.inputs import expect
+from ..syncdiff_core.inputs import expect, expect_option
 from ..syncdiff_core.job import MAX_PX
 from ..syncdiff_core.panorama_decode import DEFAULT_PADDING
 from .common import CATEGORY
+
+#: SavePanorama360's file formats.
+FORMATS = ["png", "jpeg"]
 
 
 class PanoramaDecode(io.ComfyNode):
@@ -100,7 +103,7 @@ class SavePanorama360(io.ComfyNode):
                 io.String.Input("filename_prefix", default="panorama360",
                                 tooltip="File name prefix; may contain a subfolder and ComfyUI's %date% "
                                         "style placeholders, as in Save Image."),
-                io.Combo.Input("format", options=["png", "jpeg"], default="png",
+                io.Combo.Input("format", options=FORMATS, default="png",
                                tooltip="png: lossless, keeps the workflow too. jpeg: smaller, the format most "
                                        "photo sphere viewers and sites expect."),
                 io.Int.Input("jpeg_quality", default=95, min=1, max=100,
@@ -115,6 +118,7 @@ class SavePanorama360(io.ComfyNode):
         from ..syncdiff_core.comfy.output import save_panoramas
 
         expect(images=(images, "IMAGE"))
+        expect_option("format", format, FORMATS)
 
         hidden = getattr(cls, "hidden", None)
         saved = save_panoramas(images, filename_prefix, format, jpeg_quality, prompt=getattr(hidden, "prompt", None),

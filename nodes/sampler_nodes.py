@@ -6,11 +6,14 @@ from comfy_api.latest import io
 
 from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob, Windowing,
                                  check_canvas_pixels, require_multiple)
-from ..syncdiff_core.inputs import expect
+from ..syncdiff_core.inputs import expect, expect_option
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
 AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
+
+#: The Anchor Selector's modes ("reference image" is the core's "image" anchor).
+ANCHOR_OPTIONS = ["center", "index", "reference image"]
 
 #: Pixels per latent pixel of the empty canvas PanoramaLatent makes (as ComfyUI's EmptyLatentImage).
 LATENT_PX = 8
@@ -107,7 +110,7 @@ class AnchorSelector(io.ComfyNode):
             category=CATEGORY,
             description="Chooses what the other windows are synchronized toward.",
             inputs=[
-                io.Combo.Input("mode", options=["center", "index", "reference image"], default="center",
+                io.Combo.Input("mode", options=ANCHOR_OPTIONS, default="center",
                                tooltip="center: the middle window (the reference code). index: the window of "
                                        "that number in raster order (0 = top-left, the paper's algorithm). "
                                        "reference image: pull every window toward the given image instead."),
@@ -124,6 +127,7 @@ class AnchorSelector(io.ComfyNode):
     @classmethod
     def execute(cls, mode: str, index: int, image: torch.Tensor | None = None) -> io.NodeOutput:
         expect(image=(image, "IMAGE?"))
+        expect_option("mode", mode, ANCHOR_OPTIONS)
         if mode == "reference image":
             if image is None:
                 raise ValueError("mode 'reference image' needs an image connected to the image input")

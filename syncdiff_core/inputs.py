@@ -39,6 +39,13 @@ def describe(value) -> str:
     return f"{article} {kind}" + (f" ({repr(value)[:40]})" if isinstance(value, (str, int, float, bool)) else "")
 
 
+def expect_option(name: str, value, options) -> None:
+    """A COMBO widget's value must be one of its options. ComfyUI 0.3.75 checks the options of its own (V1) combos
+    but not of V3 nodes' ``Combo`` inputs, so a prompt's ``"format": "bogus"`` reaches the node."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {describe(value)}")
+
+
 def expect(**inputs: tuple[object, str]) -> None:
     """``expect(pixels=(pixels, "IMAGE"), vae=(vae, "VAE"))``: each value must be of its ComfyUI type; None is
     accepted only for types given as ``"VAE?"`` (an optional input left unconnected). Raises a ValueError naming the

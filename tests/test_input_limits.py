@@ -164,3 +164,22 @@ def test_windows_too_small_for_the_loss_decoder_are_refused_while_synchronizing(
         with pytest.raises(ValueError, match=rf"window_size must be at least {32 if decoder == 'vae_half' else 16} px "
                                              rf"while synchronizing .* got {window} px"):
             job.plan(8, 16, 8, 64)
+
+
+@pytest.mark.parametrize("value", ["bogus", 0, None, "PNG"])
+def test_combo_values_outside_the_options_are_refused(comfy, pack, value):
+    """ComfyUI 0.3.75 does not check the options of V3 Combo inputs: the value reaches the node, which names it
+    (before: an unknown format was saved as JPEG, an unknown anchor mode named the core's internal modes)."""
+    ok, _, _, errors = comfy.validate({
+        "1": h.object_node(torch.rand(1, 32, 64, 3), "IMAGE"),
+        "2": {"class_type": "SavePanorama360", "inputs": {"images": ["1", 0], "filename_prefix": "combo",
+                                                         "format": value, "jpeg_quality": 90}}})
+    if ok:  # this ComfyUI lets it through; the node must refuse it
+        with pytest.raises(ValueError, match=r"^format must be one of 'png', 'jpeg'; got"):
+            pack.decode_nodes.SavePanorama360.execute(images=torch.rand(1, 32, 64, 3), filename_prefix="combo",
+                                                      format=value, jpeg_quality=90)
+    with pytest.raises(ValueError, match=r"^mode must be one of 'center', 'index', 'reference image'; got"):
+        pack.sampler_nodes.AnchorSelector.execute(mode=value, index=0)
+    job = pack.job
+    with pytest.raises(ValueError, match="loss_decoder must be one of"):
+        job.Windowing(loss_decoder=value)

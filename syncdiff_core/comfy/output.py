@@ -139,6 +139,8 @@ def save_panoramas(images: torch.Tensor, filename_prefix: str, fmt: str, jpeg_qu
     meanwhile is skipped."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be an RGB IMAGE batch (batch, height, width, 3), got {tuple(images.shape)}")
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"format must be 'png' or 'jpeg', got {fmt!r}")
     if "\x00" in filename_prefix:
         raise ValueError("filename_prefix must not contain a NUL character")
     height, width = int(images.shape[1]), int(images.shape[2])

@@ -33,8 +33,8 @@ def crop_counts(height: int, width: int, window_px: int) -> tuple[int, int]:
         raise ValueError(
             f"image: a {width}x{height} px image holds {rows * cols} non-overlapping {window_px} px crop(s); the "
             f"coherence metrics compare pairs of crops, so it must hold at least two: make the image at least "
-            f"{2 * window_px}x{window_px} px (two windows wide, or tall), or window_size at most "
-            f"{max(width, height) // 2} px"
+            f"{2 * window_px}x{window_px} px (two windows wide, or tall)"
+            + (f", or window_size at most {max(width, height) // 2} px" if max(width, height) >= 32 else "")
         )
     return rows, cols
 
