@@ -146,7 +146,7 @@ def section(name):
     finally:
         RESULTS.setdefault("section_s", {})[name] = round(time.monotonic() - t, 1)
         with contextlib.suppress(Exception):
-            torch.cuda.set_per_process_memory_fraction(1.0) if CUDA else None
+            torch.cuda.set_per_process_memory_fraction(1.0, DEVICE) if CUDA else None
         mm.interrupt_current_processing(False)
         save()
 
@@ -440,14 +440,14 @@ def capped_run(models, j, cap_bytes):
     torch.cuda.empty_cache()
     handler = Warnings()
     log.addHandler(handler)
-    torch.cuda.set_per_process_memory_fraction(cap_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, DEVICE)
     error, latent = None, None
     try:
         latent, _ = run(models, j, decode=False)
     except Exception as e:  # noqa: BLE001 - the second OOM is expected to raise
         error = f"{type(e).__name__}: {e}"
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
         log.removeHandler(handler)
     return latent, error, handler.lines
 
