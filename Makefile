@@ -1,24 +1,45 @@
-# Developer entry points. Everything runs in .venv, made by `make setup` (idempotent, quick when done).
-#   make setup      venv + torch + ComfyUI 0.3.75 (or $COMFYUI_PATH) + the pack linked into custom_nodes
-#   make test       setup, then the whole pytest suite (unit, graph, server, workflow, schema tests)
+# Developer entry points. Everything runs in a venv made by `make setup` (idempotent, quick when done).
+#   make setup      venv .venv + torch + ComfyUI 0.3.75 (or $COMFYUI_PATH) + the pack linked into custom_nodes
+#   make setup-033  the same for the ComfyUI 0.33.0 lane: .venv-033 + .comfyui/ComfyUI-0.33.0
+#   make test       setup, then the whole pytest suite against ComfyUI 0.3.75 (the default lane)
+#   make test-033   setup-033, then the whole pytest suite against ComfyUI 0.33.0
+#   make test-all   both lanes, one after the other; fails if either fails (what .ci/run does)
+#   make test-quick the default lane without the tests marked slow
 #   make demo       setup, then the example workflow headless -> output/*.png  (CKPT=/path/model.safetensors)
 #   make snapshot   deliberately regenerate tests/schema_snapshot.json after an intended schema change
+# Needs python3.11 on PATH for the venvs (or PYTHON=/path/to/python3.x, 3.10+).
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
+VENV_033 ?= $(CURDIR)/.venv-033
 PY := $(VENV)/bin/python
+PY_033 := $(VENV_033)/bin/python
 PYTEST_ARGS ?=
-export SYNCDIFF_VENV := $(VENV)
 
-.PHONY: setup test demo snapshot
+.PHONY: setup setup-033 test test-033 test-all test-quick demo snapshot
 
 setup:
-	@bash scripts/setup_env.sh
+	@SYNCDIFF_VENV="$(VENV)" bash scripts/setup_env.sh --comfyui 0.3.75
+
+setup-033:
+	@SYNCDIFF_VENV="$(VENV_033)" bash scripts/setup_env.sh --comfyui 0.33.0
 
 # pytest exits 5 when it collected no tests: that is a failure of the build, reported as such.
-test: setup
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) -- failing the build" >&2; fi; \
+define run_pytest
+	@$(1) -m pytest $(2); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests (exit 5) -- failing the build" >&2; fi; \
 	exit $$rc
+endef
+
+test: setup
+	$(call run_pytest,$(PY),$(PYTEST_ARGS))
+
+test-033: setup-033
+	$(call run_pytest,$(PY_033),$(PYTEST_ARGS))
+
+test-all: test test-033
+
+test-quick: setup
+	$(call run_pytest,$(PY),-m "not slow" $(PYTEST_ARGS))
 
 demo: setup
 	@$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(DEMO_ARGS)

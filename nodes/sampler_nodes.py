@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, PanoramaJob, Windowing,
-                                 check_canvas_pixels, require_multiple)
 from ..syncdiff_core.inputs import expect, expect_option
+from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, POSITIONS, PanoramaJob,
+                                 Windowing, check_canvas_pixels, require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
@@ -24,10 +24,13 @@ def window_inputs() -> list:
     saved workflows list widget values by position)."""
     return [
         io.Int.Input("window_size", default=0, min=0, max=MAX_PX, step=8,
-                     tooltip="Window side in pixels; 0 = the model's native size (512 for SD1.x/2.x, 1024 for SDXL)."),
-        io.Int.Input("stride", default=128, min=8, max=MAX_PX, step=8,
-                     tooltip="Distance between neighbouring windows in pixels (a multiple of 8, at most the window "
-                             "size). Smaller = more windows, smoother, slower. Paper: 128."),
+                     tooltip="Window side in pixels; 0 = the model's native size (512 for SD1.x/2.x base, 768 for "
+                             "SD2.x-768-v, 1024 for SDXL/SD3/Flux/Qwen-Image, 2048 for HunyuanImage 2.1)."),
+        io.Int.Input("stride", default=0, min=0, max=MAX_PX, step=8,
+                     tooltip="Distance between neighbouring windows in pixels (a multiple of the model's pixels per "
+                             "latent pixel, at most the window size); 0 = the model's default, a quarter of its "
+                             "window (128 for SD1.x, 256 for SDXL/SD3/Flux). Smaller = more windows, smoother, "
+                             "slower. Paper: 128."),
         io.Float.Input("sync_weight", default=20.0, min=0.0, max=10000.0, step=0.5,
                        tooltip="Gradient step size w of the LPIPS synchronization; 0 = plain MultiDiffusion. "
                                "Paper: 20."),
@@ -58,6 +61,21 @@ def window_inputs() -> list:
     ]
 
 
+def dit_inputs() -> list:
+    """Options for diffusion transformers (Flux, SD3, Qwen-Image, ...); appended after every older widget."""
+    return [
+        io.Boolean.Input("checkpoint_model", default=False, optional=True,
+                         tooltip="Recompute the diffusion transformer's blocks in the synchronization's backward "
+                                 "pass: much less memory (Flux at 1024 px), one more forward pass per window. DiT "
+                                 "models only; no effect on SD's UNets."),
+        io.Combo.Input("positions", options=list(POSITIONS), default=POSITIONS[0], optional=True,
+                       tooltip="Rotary positions of a window in a DiT that has ComfyUI's RoPE hook (Flux.1, Flux.2, "
+                               "Lumina 2, Z-Image). window: each window is an image at the origin, as the model was "
+                               "trained. canvas: its place on the panorama (untrained offsets; one model call per "
+                               "window)."),
+    ]
+
+
 def anchor_input() -> list:
     return [AnchorOption.Input("anchor", optional=True,
                                tooltip="What windows synchronize toward (SyncDiffusion Anchor node); default: the "
@@ -65,11 +83,13 @@ def anchor_input() -> list:
 
 
 def windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                   loss_decoder=LOSS_DECODERS[0], sync_batch=0, anchor=None) -> dict:
+                   loss_decoder=LOSS_DECODERS[0], sync_batch=0, anchor=None, checkpoint_model=False,
+                   positions=POSITIONS[0]) -> dict:
     """The keyword arguments of ``Windowing`` (and ``PanoramaJob``) from those widgets' values."""
     return dict(window_px=window_size, stride_px=stride, wrap=wrap, window_batch=window_batch,
                 sync=SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every),
-                anchor=anchor if anchor is not None else Anchor(), loss_decoder=loss_decoder, sync_batch=sync_batch)
+                anchor=anchor if anchor is not None else Anchor(), loss_decoder=loss_decoder, sync_batch=sync_batch,
+                checkpoint_model=checkpoint_model, positions=positions)
 
 
 class PanoramaLatent(io.ComfyNode):
@@ -88,8 +108,9 @@ class PanoramaLatent(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="How many panoramas to sample at once, each from its own noise."),
             ],
-            outputs=[io.Latent.Output(tooltip="Zeros of shape (batch, 4, height/8, width/8); the sampler adapts "
-                                              "the channel count to the model, as ComfyUI's samplers do.")],
+            outputs=[io.Latent.Output(tooltip="Zeros of shape (batch, 4, height/8, width/8); the sampler adapts the "
+                                              "channels and, for models with other pixel scales (Flux.2, "
+                                              "HunyuanImage 2.1), the grid to the model.")],
         )
 
     @classmethod
@@ -98,7 +119,8 @@ class PanoramaLatent(io.ComfyNode):
         require_multiple("height", height, LATENT_PX)
         check_canvas_pixels(width, height, batch_size, "PanoramaLatent")
         samples = torch.zeros([batch_size, 4, height // LATENT_PX, width // LATENT_PX])
-        return io.NodeOutput({"samples": samples})
+        # the sampler resizes an empty canvas to its model's grid (16 px for Flux.2, 32 for HunyuanImage 2.1)
+        return io.NodeOutput({"samples": samples, "downscale_ratio_spacial": LATENT_PX})
 
 
 class AnchorSelector(io.ComfyNode):
@@ -167,6 +189,7 @@ class SyncDiffusionSampler(io.ComfyNode):
                                tooltip="1 = from pure noise. Below 1: refine the connected latent (an upscaled or "
                                        "encoded panorama), starting from it partially noised as KSampler does at "
                                        "the same denoise; a latent noise mask limits the change to its area."),
+                *dit_inputs(),
                 *anchor_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled panorama latent.")],
@@ -175,7 +198,8 @@ class SyncDiffusionSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
                 sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, denoise=1.0, anchor=None) -> io.NodeOutput:
+                loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, denoise=1.0, checkpoint_model=False,
+                positions=POSITIONS[0], anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import sample_panorama
 
         expect(model=(model, "MODEL"), positive=(positive, "CONDITIONING"), negative=(negative, "CONDITIONING"),
@@ -184,7 +208,7 @@ class SyncDiffusionSampler(io.ComfyNode):
         job = PanoramaJob(
             seed=seed, steps=steps, cfg=cfg, denoise=denoise, compile=COMPILE_BACKEND if compile else "",
             **windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                             loss_decoder, sync_batch, anchor),
+                             loss_decoder, sync_batch, anchor, checkpoint_model, positions),
         )
         return io.NodeOutput(sample_panorama(model, positive, negative, latent_image, job, vae=vae))
 
@@ -205,6 +229,7 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
                 io.Vae.Input("vae", optional=True,
                              tooltip="Decodes window predictions for the LPIPS loss; needed when sync_weight > 0 "
                                      "and sync_steps > 0 (unless loss_decoder is taesd)."),
+                *dit_inputs(),
                 *anchor_input(),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's (or SamplerCustom's) sampler.")],
@@ -212,13 +237,15 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, anchor=None) -> io.NodeOutput:
+                loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, checkpoint_model=False, positions=POSITIONS[0],
+                anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import WindowedSampler
 
         expect(vae=(vae, "VAE?"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
 
         windowing = Windowing(**windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every,
-                                               wrap, window_batch, loss_decoder, sync_batch, anchor))
+                                               wrap, window_batch, loss_decoder, sync_batch, anchor, checkpoint_model,
+                                               positions))
         return io.NodeOutput(WindowedSampler(windowing, vae=vae))
 
 

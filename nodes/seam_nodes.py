@@ -69,8 +69,9 @@ class PanoramaSeamRepair(io.ComfyNode):
                              tooltip="Pixels on each side of the band over which the repair fades into the image."),
                 io.Int.Input("window_size", default=0, min=0, max=MAX_PX, step=8,
                              tooltip="Window side in pixels; 0 = the model's native size."),
-                io.Int.Input("stride", default=128, min=8, max=MAX_PX, step=8,
-                             tooltip="Distance between neighbouring windows in pixels, at most the window size."),
+                io.Int.Input("stride", default=0, min=0, max=MAX_PX, step=8,
+                             tooltip="Distance between neighbouring windows in pixels, at most the window size; 0 = "
+                                     "the model's default (a quarter of its window)."),
                 io.Int.Input("window_batch", default=8, min=1, max=MAX_WINDOW_BATCH,
                              tooltip="Windows sent through the model together; lower it if memory runs short."),
             ],

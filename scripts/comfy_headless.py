@@ -36,15 +36,38 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNTIME: "ComfyRuntime | None" = None
 
 
+# ``make setup`` writes the ComfyUI it set up for a venv into this file of the venv, so that the venv's python
+# finds its own ComfyUI (each CI lane has its venv and its ComfyUI: .venv + .comfyui/ComfyUI, .venv-033 + ...).
+VENV_COMFYUI_RECORD = "syncdiffusion-comfyui.txt"
+
+
 def comfyui_path() -> Path:
-    """The ComfyUI tree used: ``$COMFYUI_PATH`` when set, else the one ``make setup`` fetched."""
+    """The ComfyUI tree used: ``$COMFYUI_PATH`` when set, else the one ``make setup`` recorded in the running
+    venv, else ``.comfyui/ComfyUI`` (the default lane's)."""
     env = os.environ.get("COMFYUI_PATH")
-    path = Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui" / "ComfyUI"
+    record = Path(sys.prefix) / VENV_COMFYUI_RECORD
+    if env:
+        path = Path(env).expanduser().resolve()
+    elif record.is_file() and record.read_text().strip():
+        path = Path(record.read_text().strip())
+    else:
+        path = REPO_ROOT / ".comfyui" / "ComfyUI"
     if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
         raise RuntimeError(
-            f"No ComfyUI at {path}. Run `make setup` (fetches ComfyUI 0.3.75 into .comfyui/ComfyUI) "
+            f"No ComfyUI at {path}. Run `make setup` (fetches ComfyUI into .comfyui/) "
             "or set COMFYUI_PATH to an existing ComfyUI checkout.")
     return path
+
+
+def comfyui_version(path: Path | None = None) -> str | None:
+    """The version a ComfyUI tree declares in its ``comfyui_version.py`` (None when it has none). For reports
+    and setup checks only: the harness picks ComfyUI APIs by looking at them, never by this string."""
+    import re
+    f = (path or comfyui_path()) / "comfyui_version.py"
+    if not f.is_file():
+        return None
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", f.read_text(errors="replace"))
+    return m.group(1) if m else None
 
 
 class PromptValidationError(AssertionError):
@@ -222,8 +245,7 @@ class ComfyRuntime:
 
         self._on_progress = progress_cb
         self.server = ServerStub()
-        executor = self.execution.PromptExecutor(self.server, cache_type=False,
-                                                 cache_args={"lru": 0, "ram": 0})
+        executor = new_executor(self.execution, self.server)
         self.server.last_prompt_id = prompt_id
         try:
             executor.execute(prompt, prompt_id, extra_data or {}, good_outputs)
@@ -232,8 +254,7 @@ class ComfyRuntime:
             self.nodes.interrupt_processing(False)
         messages = list(executor.status_messages)
         outputs = {}
-        for nid in prompt:
-            entry = executor.caches.outputs.get(nid)
+        for nid, entry in zip(prompt, cache_get_all(executor.caches.outputs, list(prompt))):
             if entry is None:
                 continue
             outs = entry.outputs if hasattr(entry, "outputs") else entry
@@ -284,6 +305,38 @@ class ComfyRuntime:
         if node_id is not None:
             get_progress_state().update_progress(node_id, value, total, preview_image)
         self.server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id})
+
+
+# Every key that some ComfyUI's PromptExecutor reads from cache_args ("lru" and "ram" since cache_args exists,
+# "ram_inactive" added later; the executor indexes the dict directly, so a missing key is a KeyError). Zeros: no
+# caching across prompts (each run_prompt has its own executor anyway), no RAM-pressure release.
+CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
+def new_executor(execution, server):
+    """``execution.PromptExecutor`` built for whatever constructor this ComfyUI has, found by looking at its
+    signature: ``cache_args`` (a dict of cache settings) or, in older versions, ``cache_size``."""
+    import inspect
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
+    if "cache_args" in params:
+        return execution.PromptExecutor(server, cache_type=False, cache_args=dict(CACHE_ARGS))
+    if "cache_size" in params:
+        return execution.PromptExecutor(server, cache_type=False, cache_size=0)
+    return execution.PromptExecutor(server, cache_type=False)
+
+
+def cache_get_all(cache, node_ids: list[str]) -> list:
+    """``cache.get(node_id)`` for each id. The executor's caches answer directly in some ComfyUI versions and
+    with a coroutine (``async def get``) in others; awaitables are awaited, in one event loop."""
+    import inspect
+    values = [cache.get(nid) for nid in node_ids]
+    pending = [i for i, v in enumerate(values) if inspect.isawaitable(v)]
+    if pending:
+        async def wait_all():
+            return await asyncio.gather(*(values[i] for i in pending))
+        for i, v in zip(pending, asyncio.run(wait_all())):
+            values[i] = v
+    return values
 
 
 SINK_NODE = "SyncDiffTest_Sink"

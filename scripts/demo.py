@@ -76,6 +76,7 @@ def parse_args(argv=None):
     ap.add_argument("--stride", type=int, default=None, help="window stride in pixels")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--lpips-dir", type=Path, default=None, help="a folder holding vgg16-397923af.pth")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     return ap.parse_args(argv)
 
 
@@ -84,10 +85,11 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     stages = Stages()
 
-    stages.start("start ComfyUI headless (--cpu) and load the pack")
+    cpu = opts.cpu or not _has_gpu()
+    stages.start(f"start ComfyUI headless ({'--cpu' if cpu else 'on the GPU'}) and load the pack")
     import comfy_headless
     base = Path(tempfile.mkdtemp(prefix="syncdiff-demo-"))
-    rt = comfy_headless.start(base, cpu=True)
+    rt = comfy_headless.start(base, cpu=cpu)
     opts.output.mkdir(parents=True, exist_ok=True)
     rt.folder_paths.set_output_directory(str(opts.output.resolve()))
     print(f"ComfyUI {rt.comfy_dir}; pack nodes: {', '.join(rt.pack_node_ids)}")
@@ -114,8 +116,7 @@ def main(argv=None) -> int:
         if not ckpt_path.is_file():
             print(f"CKPT={opts.ckpt}: no such file", file=sys.stderr)
             return 2
-        rt.add_model_folder("checkpoints", ckpt_path.parent)
-        ckpt_name = ckpt_path.name
+        ckpt_name = stage_checkpoint(rt, ckpt_path)
         print(f"Using checkpoint {ckpt_path} (its own CLIP and VAE).")
         if not _has_trunk(rt):
             print("Note: no LPIPS VGG16 trunk in models/lpips; the pack will look in torch's hub cache and try to "
@@ -175,6 +176,31 @@ def main(argv=None) -> int:
         with Image.open(f) as im:
             print(f"  {f}  ({im.size[0]}x{im.size[1]})")
     return 0
+
+
+def _has_gpu() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device; ComfyUI then runs there with its default settings."""
+    import torch
+    return torch.cuda.is_available()
+
+
+def stage_checkpoint(rt, ckpt_path: Path) -> str:
+    """Make one checkpoint file visible to ComfyUI and return the name to load it by.
+
+    The file is linked (copied where links are not possible) into the run's own checkpoints folder under the
+    temporary base directory. Registering the file's parent folder instead would make ComfyUI list that whole
+    folder, following links (``os.walk(followlinks=True)``); a folder that contains this repository holds the
+    link ``.comfyui/ComfyUI/custom_nodes/comfyui-syncdiffusion -> ../../..``, a loop the listing never leaves."""
+    folder = rt.model_folder("checkpoints")
+    target = folder / ckpt_path.name
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    try:
+        target.symlink_to(ckpt_path)
+    except OSError:
+        import shutil
+        shutil.copy2(ckpt_path, target)
+    return target.name
 
 
 def _register_tiny_loader(rt) -> int:

@@ -1,72 +1,236 @@
 """Draw the template browser's thumbnail for each example workflow (``example_workflows/NAME.jpg``).
 
-A thumbnail is a diagram of what the workflow samples: the panorama canvas from its Panorama Latent node,
-the sampler's windows (window size and stride from the SyncDiffusion Sampler's widgets; wrap-around windows
-straddle the border), and the workflow's title. Run after adding or changing a workflow:
-``.venv/bin/python scripts/make_thumbnails.py``.
+ComfyUI's template browser shows a custom node pack's templates with the file name as title and as description
+(ComfyUI 0.3.75 / frontend 1.32 read nothing else for them), so the thumbnail carries the real title and the
+one-line description: both come from the workflow's note, whose first line is ``## Title`` and whose next paragraph
+is the description in italics (``*...*``).
+
+Below them, a diagram of what the workflow samples, for each SyncDiffusion Sampler: the canvas (from its Panorama
+Latent), the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
+and what conditions them, evaluated from the stock nodes that build it: the ControlNet hint image (EmptyImage,
+ImageCompositeMasked, ImageFlip) as the canvas, and the layout regions' masks (SolidMask, MaskComposite).
+
+Run after adding or changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all) or with paths.
+``tests/test_example_workflows.py`` checks that every thumbnail is what this script draws from its workflow.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (512, 288)
-# SyncDiffusionSampler widget order: seed, control, steps, cfg, window_size, stride, w, decay, sync_steps,
-# sync_every, wrap, window_batch
+QUALITY = 90
+BACKGROUND = (24, 26, 33)
+# SyncDiffusionSampler widget order: seed, control, steps, cfg, window_size, stride, sync_weight, sync_decay,
+# sync_steps, sync_every, wrap, window_batch, loss_decoder, sync_batch, compile
 WINDOW, STRIDE, SYNC_WEIGHT, WRAP = 4, 5, 6, 10
+REGION_COLOURS = [(255, 120, 90), (120, 170, 255), (200, 120, 255), (255, 220, 90)]
 
 
-def _widgets(nodes, node_type):
-    return [n.get("widgets_values") or [] for n in nodes if n["type"] == node_type]
+def font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
 
 
-def draw(workflow: dict, title: str) -> Image.Image:
-    nodes = workflow["nodes"]
-    width, height = (_widgets(nodes, "PanoramaLatent") or [[2048, 512]])[0][:2]
-    samplers = _widgets(nodes, "SyncDiffusionSampler") or [[0, "fixed", 50, 7.5, 0, 128, 20.0, 0.95, 10, 1, False, 8]]
-    img = Image.new("RGB", SIZE, (24, 26, 33))
+def template_text(workflow: dict, fallback: str) -> tuple[str, str]:
+    """(title, one-line description) from the workflow's note: ``## Title`` then ``*description*``."""
+    for n in workflow["nodes"]:
+        if n["type"] in ("MarkdownNote", "Note") and n.get("widgets_values"):
+            m = re.match(r"\s*##\s*(.+?)\s*\n\s*\n\s*\*(.+?)\*\s*(\n|$)", n["widgets_values"][0])
+            if m:
+                return m.group(1), m.group(2)
+    return fallback, ""
+
+
+# ----------------------------------------------------------------------------- the graph's stock nodes
+
+class Graph:
+    def __init__(self, workflow: dict):
+        self.nodes = {n["id"]: n for n in workflow["nodes"]}
+        self.links = {}
+        for raw in workflow.get("links") or []:
+            link_id, origin = (raw["id"], raw["origin_id"]) if isinstance(raw, dict) else (raw[0], raw[1])
+            self.links[link_id] = origin
+
+    def source(self, node: dict, input_name: str) -> dict | None:
+        for inp in node.get("inputs") or []:
+            if inp.get("name") == input_name and inp.get("link") is not None:
+                return self.nodes.get(self.links.get(inp["link"]))
+        return None
+
+    def upstream(self, node: dict) -> list[dict]:
+        """Every node ``node`` depends on, nearest first."""
+        seen, order, queue = {node["id"]}, [], [node]
+        while queue:
+            for inp in queue.pop(0).get("inputs") or []:
+                src = self.nodes.get(self.links.get(inp.get("link")))
+                if src is not None and src["id"] not in seen:
+                    seen.add(src["id"])
+                    order.append(src)
+                    queue.append(src)
+        return order
+
+    def mask(self, node: dict | None) -> np.ndarray | None:
+        """A mask (h, w) in [0, 1] evaluated from SolidMask / MaskComposite nodes; None for anything else."""
+        if node is None:
+            return None
+        w = node.get("widgets_values") or []
+        if node["type"] == "SolidMask":
+            value, width, height = w[:3]
+            return np.full((int(height), int(width)), float(value), dtype=np.float32)
+        if node["type"] == "MaskComposite":
+            dst, src = self.mask(self.source(node, "destination")), self.mask(self.source(node, "source"))
+            if dst is None or src is None:
+                return None
+            x, y, op = int(w[0]), int(w[1]), w[2]
+            out = dst.copy()
+            h, wd = max(0, min(src.shape[0], dst.shape[0] - y)), max(0, min(src.shape[1], dst.shape[1] - x))
+            a, b = out[y:y + h, x:x + wd], src[:h, :wd]
+            ops = {"multiply": a * b, "add": a + b, "subtract": a - b, "and": np.minimum(a, b),
+                   "or": np.maximum(a, b), "xor": np.abs(a - b)}
+            if op not in ops:
+                return None
+            out[y:y + h, x:x + wd] = ops[op]
+            return np.clip(out, 0.0, 1.0)
+        return None
+
+    def image(self, node: dict | None) -> np.ndarray | None:
+        """An RGB image (h, w, 3) uint8 from EmptyImage / ImageCompositeMasked / ImageFlip; None otherwise."""
+        if node is None:
+            return None
+        w = node.get("widgets_values") or []
+        if node["type"] == "EmptyImage":
+            width, height, _batch, colour = (int(v) for v in w[:4])
+            rgb = ((colour >> 16) & 255, (colour >> 8) & 255, colour & 255)
+            return np.broadcast_to(np.array(rgb, dtype=np.uint8), (height, width, 3)).copy()
+        if node["type"] == "ImageCompositeMasked":
+            dst, src = self.image(self.source(node, "destination")), self.image(self.source(node, "source"))
+            if dst is None or src is None or self.source(node, "mask") is not None or (len(w) > 2 and w[2]):
+                return None  # a mask or resize_source: not drawn
+            x, y = int(w[0]), int(w[1])
+            out = dst.copy()
+            h, wd = max(0, min(src.shape[0], dst.shape[0] - y)), max(0, min(src.shape[1], dst.shape[1] - x))
+            out[y:y + h, x:x + wd] = src[:h, :wd]
+            return out
+        if node["type"] == "ImageFlip":
+            img = self.image(self.source(node, "image"))
+            if img is None:
+                return None
+            return img[::-1].copy() if str(w[0]).startswith("x-axis") else img[:, ::-1].copy()
+        return None
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _canvas_background(width: int, height: int) -> Image.Image:
+    """A horizon-like gradient: sky above, ground below."""
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    sky = np.stack([70 + 90 * x, 110 + 60 * (1 - x), 170 + 40 * x], axis=-1)
+    ground = np.stack([np.full_like(x, 40), 90 + 50 * x, np.full_like(x, 60)], axis=-1)
+    rows = np.arange(height)[:, None, None] < int(height * 0.6)
+    return Image.fromarray(np.where(rows, sky, ground).astype(np.uint8), "RGB")
+
+
+def _sampler_row(d: ImageDraw.ImageDraw, img: Image.Image, g: Graph, sampler: dict, box: tuple) -> None:
+    x0, y0, avail_w, avail_h = box
+    latent = next((n for n in g.upstream(sampler) if n["type"] == "PanoramaLatent"), None)
+    width, height = (latent.get("widgets_values") or [2048, 512])[:2] if latent else (2048, 512)
+    sw = sampler.get("widgets_values") or []
+    scale = min(avail_w / width, (avail_h - 16) / height)
+    cw, ch = max(1, round(width * scale)), max(1, round(height * scale))
+
+    up = g.upstream(sampler)
+    hint = next((g.image(g.source(n, "image")) for n in up if n["type"].startswith("ControlNetApply")), None)
+    canvas = (Image.fromarray(hint).resize((cw, ch), Image.Resampling.NEAREST) if hint is not None
+              else _canvas_background(cw, ch))
+    img.paste(canvas, (x0, y0))
+
+    small = font(11)
+    regions = [n for n in up if n["type"] == "LayoutMaskRegion"]
+    for k, region in enumerate(sorted(regions, key=lambda n: n["id"])):
+        mask = g.mask(g.source(region, "mask"))
+        if mask is None:
+            continue
+        colour = REGION_COLOURS[k % len(REGION_COLOURS)]
+        m = Image.fromarray((mask * 255).astype(np.uint8), "L").resize((cw, ch), Image.Resampling.NEAREST)
+        tint = Image.new("RGB", (cw, ch), colour)
+        img.paste(Image.blend(img.crop((x0, y0, x0 + cw, y0 + ch)), tint, 0.55), (x0, y0),
+                  m.point(lambda v: 255 if v >= 128 else 0))
+        bbox = m.point(lambda v: 255 if v >= 128 else 0).getbbox()
+        if bbox:
+            d.rectangle([x0 + bbox[0], y0 + bbox[1], x0 + bbox[2] - 1, y0 + bbox[3] - 1], outline=(255, 255, 255))
+            prompt = g.source(region, "conditioning")
+            label = (prompt.get("title") if prompt else None) or region.get("title") or f"region {k + 1}"
+            d.text((x0 + bbox[0] + 3, y0 + bbox[1] + 2), label, fill=(255, 255, 255), font=small)
+
+    win = (sw[WINDOW] if len(sw) > WINDOW else 0) or 512
+    stride = (sw[STRIDE] if len(sw) > STRIDE else 0) or 128
+    wrap = bool(sw[WRAP]) if len(sw) > WRAP else False
+    synced = bool(sw[SYNC_WEIGHT]) if len(sw) > SYNC_WEIGHT else True
+    tops = range(0, max(height - win, 0) + 1, stride)
+    lefts = range(0, width, stride) if wrap else range(0, max(width - win, 0) + 1, stride)
+    colour = (255, 200, 60) if synced else (120, 200, 255)
+    for r, top in enumerate(tops):
+        for k, left in enumerate(lefts):
+            jitter = (k % 3) * 2
+            ty, by = y0 + top * scale + jitter, y0 + min(top + win, height) * scale - 1
+            d.rectangle([x0 + left * scale, ty, x0 + min(left + win, width) * scale, by], outline=colour)
+            if left + win > width:  # wraps: the rest continues at the left border
+                d.rectangle([x0, ty, x0 + (left + win - width) * scale, by], outline=colour)
+    n_windows = len(tops) * len(lefts)
+    label = f"{width}x{height}, {n_windows} windows of {win} px, stride {stride}" + (", 360°" if wrap else "")
+    label += ", SyncDiffusion" if synced else ", MultiDiffusion"
+    d.text((x0, y0 + ch + 3), label, fill=(200, 200, 200), font=small)
+
+
+def _wrap_text(d: ImageDraw.ImageDraw, text: str, fnt, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and d.textlength(trial, font=fnt) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def draw(workflow: dict, fallback_title: str) -> Image.Image:
+    title, description = template_text(workflow, fallback_title)
+    img = Image.new("RGB", SIZE, BACKGROUND)
     d = ImageDraw.Draw(img)
-    d.text((16, 12), title, fill=(235, 235, 235))
-    rows = len(samplers)
-    row_h = (SIZE[1] - 40) / rows
-    scale = min((SIZE[0] - 32) / width, (row_h - 24) / height)
-    for r, sw in enumerate(samplers):
-        x0, y0 = 16, 36 + r * row_h
-        cw, ch = width * scale, height * scale
-        for i in range(int(cw)):  # a horizon-like gradient for the canvas
-            t = i / max(cw - 1, 1)
-            sky = (int(70 + 90 * t), int(110 + 60 * (1 - t)), int(170 + 40 * t))
-            d.line([(x0 + i, y0), (x0 + i, y0 + ch * 0.6)], fill=sky)
-            d.line([(x0 + i, y0 + ch * 0.6), (x0 + i, y0 + ch)], fill=(40, int(90 + 50 * t), 60))
-        win = sw[WINDOW] or 512
-        stride = sw[STRIDE] or 128
-        wrap = bool(sw[WRAP]) if len(sw) > WRAP else False
-        starts = range(0, width, stride) if wrap else range(0, max(width - win, 0) + 1, stride)
-        colour = (255, 200, 60) if sw[SYNC_WEIGHT] else (120, 200, 255)
-        for k, s in enumerate(starts):
-            top = y0 + (k % 3) * 2
-            left, right = x0 + s * scale, x0 + min(s + win, width) * scale
-            d.rectangle([left, top, right, top + min(win, height) * scale - 1], outline=colour)
-            if s + win > width:  # wraps: the rest continues at the left border
-                d.rectangle([x0, top, x0 + (s + win - width) * scale, top + min(win, height) * scale - 1],
-                            outline=colour)
-        label = f"{width}x{height}, window {win}, stride {stride}" + (", 360" if wrap else "")
-        label += ", SyncDiffusion" if sw[SYNC_WEIGHT] else ", MultiDiffusion"
-        d.text((x0, y0 + ch + 4), label, fill=(200, 200, 200))
+    d.text((16, 10), title, fill=(240, 240, 240), font=font(24))
+    y = 42
+    for line in _wrap_text(d, description, font(14), SIZE[0] - 32)[:2]:
+        d.text((16, y), line, fill=(190, 195, 205), font=font(14))
+        y += 18
+    g = Graph(workflow)
+    samplers = sorted((n for n in workflow["nodes"] if n["type"] == "SyncDiffusionSampler"), key=lambda n: n["pos"][1])
+    top = y + 10
+    row_h = (SIZE[1] - top - 6) / max(len(samplers), 1)
+    for r, sampler in enumerate(samplers):
+        _sampler_row(d, img, g, sampler, (16, round(top + r * row_h), SIZE[0] - 32, round(row_h) - 4))
     return img
+
+
+def thumbnail_path(workflow_path: Path) -> Path:
+    return workflow_path.with_suffix(".jpg")
 
 
 def main(paths: list[str]) -> None:
     files = [Path(p).resolve() for p in paths] or sorted((ROOT / "example_workflows").glob("*.json"))
     for path in files:
         wf = json.loads(path.read_text())
-        title = path.stem.replace("_", " ")
-        draw(wf, title).save(path.with_suffix(".jpg"), quality=90)
-        print(f"wrote {path.with_suffix('.jpg').relative_to(ROOT)}")
+        draw(wf, path.stem.replace("_", " ")).save(thumbnail_path(path), quality=QUALITY)
+        print(f"wrote {thumbnail_path(path).relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,15 @@
 ``python scripts/schema_snapshot.py --check``   prints the differences with the snapshot (exit 1 if any)
 
 The contract of a node is what ComfyUI serves in ``/object_info`` for it (``GET_NODE_INFO_V1`` for V3 nodes),
-minus the wording that does not affect saved workflows (descriptions, tooltips) and the install location
-(``python_module``): id, display name, category, output-node flag, every input (section required / optional
-/ hidden, order, type, default, min, max, step, options, control_after_generate...) and the outputs (types,
-names, list flags). Regenerate it only for a deliberate change, and say in the commit what it breaks.
+restricted to the fields that saved workflows depend on (``PINNED_NODE_KEYS``): id, display name, category,
+output-node and status flags, every input (section required / optional / hidden, order, type, default, min,
+max, step, options, control_after_generate...; everything but the tooltip) and the outputs (types, names, list
+flags). Fields outside that list are ComfyUI's own and vary with its version (0.33 adds ``is_input_list``,
+``output_matchtypes``, ``dev_only``, ``price_badge``, ``has_intermediate_output`` to every node; older versions
+lack them), as do the wording (descriptions, tooltips) and the install location (``python_module``); they are
+neither recorded nor compared, so the same snapshot holds on every supported ComfyUI. Within the pinned fields
+the comparison is strict: an input added, removed, reordered, retyped or with another option is a change.
+Regenerate it only for a deliberate change, and say in the commit what it breaks.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SNAPSHOT = ROOT / "tests" / "schema_snapshot.json"
-IGNORED_NODE_KEYS = {"python_module", "description", "output_tooltips", "search_aliases", "essentials_category"}
+PINNED_NODE_KEYS = ("input", "input_order", "output", "output_is_list", "output_name", "name", "display_name",
+                    "category", "output_node", "deprecated", "experimental", "api_node")
 IGNORED_OPTION_KEYS = {"tooltip"}
 
 
@@ -57,7 +63,7 @@ def node_info(cls, node_id: str) -> dict:
 
 def contract(cls, node_id: str) -> dict:
     info = node_info(cls, node_id)
-    out = {k: v for k, v in info.items() if k not in IGNORED_NODE_KEYS}
+    out = {k: info[k] for k in PINNED_NODE_KEYS if k in info}
     inputs = {}
     for section, entries in (info.get("input") or {}).items():
         sec = {}
@@ -81,6 +87,11 @@ def missing_tooltips(cls, node_id: str) -> list[str]:
             if not str(opts.get("tooltip") or "").strip():
                 missing.append(f"{node_id}.{name}")
     return missing
+
+
+def unpinned_keys(cls, node_id: str) -> list[str]:
+    """The node-info fields this ComfyUI serves that the contract leaves out (ComfyUI's own, version-dependent)."""
+    return [k for k in node_info(cls, node_id) if k not in PINNED_NODE_KEYS]
 
 
 def live_contracts(rt) -> dict[str, dict]:

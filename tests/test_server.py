@@ -15,7 +15,9 @@ from comfy_server import LINK_NAME, Server, ServerError
 from comfy_server import get as _get
 from comfy_server import post as _post
 
-RUN_TIMEOUT_S = 240
+pytestmark = pytest.mark.slow  # starts the real server in a subprocess
+
+RUN_TIMEOUT_S = 480
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,9 @@ class Bootstrap:
         """Per-region predictions (bootstrapped inputs for foreground regions still bootstrapping), fused with
         the regions' masks as weights."""
         pick = torch.randint(len(self.latents), (x.shape[0],), generator=self.generator)
-        sig = sigma.reshape(-1, 1, 1, 1)
-        background = self.latents[pick].to(x) + sig * crop_stack(self.noise, windows, self.n).to(x)
+        noise = crop_stack(self.noise, windows, self.n).to(x)
+        # noised as the model's sampling noises (x0 + sigma * noise for SD, (1 - sigma) * x0 + sigma * noise for flow)
+        background = guider.inner_model.model_sampling.noise_scaling(sigma, noise, self.latents[pick].to(x))
         total = torch.zeros_like(x)
         weight = torch.zeros_like(x[:, :1])
         for conds, mask, strength, spec in window_conds.region_calls(windows):

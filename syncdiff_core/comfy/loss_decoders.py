@@ -12,7 +12,8 @@ import torch
 import comfy.model_management
 import comfy.taesd.taesd
 
-from ..decoders import attention_backends, compiled_kl_decode, is_walkable, kl_decode
+from ..decoders import attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable
+from .families import latent_out
 
 _TAESD_CACHE: dict = {}
 
@@ -27,24 +28,33 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
     inner = model.model
-    checkpointed = mode == "vae_checkpointed" and is_walkable(first_stage)
-    compiled = compiled_kl_decode(compile_backend) if compile_backend else None
+    checkpointed = mode == "vae_checkpointed" and is_walkable(first_stage)  # else (3-D decoders) a plain decode
+    walk = compiled(checkpointed_decode, compile_backend) if compile_backend else checkpointed_decode
+    plain = compiled(_decode, compile_backend) if compile_backend else _decode
     backends = lambda: attention_backends(avoid_efficient_attention)  # noqa: E731
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
             x0 = torch.nn.functional.interpolate(x0, scale_factor=0.5, mode="bilinear", antialias=True)
-        z = inner.process_latent_out(x0).to(device=vae.device, dtype=vae.vae_dtype)
+        z = latent_out(inner, x0).to(device=vae.device, dtype=vae.vae_dtype)
         grad = torch.is_grad_enabled()
         with backends():
-            if compiled is not None and grad:
-                return compiled(first_stage, z, checkpointed).float().clamp(-1.0, 1.0)
-            # eager checkpointing recomputes the blocks during backward, outside this context: the recompute must
-            # pick the same attention kernels as the forward (else autograd finds other saved tensors)
-            recompute = (lambda: (backends(), backends())) if checkpointed else None
-            return kl_decode(first_stage, z, checkpointed and grad, recompute).float().clamp(-1.0, 1.0)
+            if not grad:  # the anchor's decode: eager
+                images = first_stage.decode(z)
+            elif checkpointed:
+                # eager checkpointing recomputes the blocks during backward, outside this context: the recompute must
+                # pick the same attention kernels as the forward (else autograd finds other saved tensors)
+                context = None if compile_backend else (lambda: (backends(), backends()))
+                images = walk(first_stage.decoder, decoder_input(first_stage, z), context)
+            else:
+                images = plain(first_stage, z)
+        return images_for_loss(images).float().clamp(-1.0, 1.0)
 
     return decode
+
+
+def _decode(first_stage, z: torch.Tensor) -> torch.Tensor:
+    return first_stage.decode(z)
 
 
 def taesd_path(model) -> str:

@@ -20,6 +20,7 @@ import latent_preview
 from .. import regions as core_regions
 from .. import sampler as core_sampler
 from ..job import PanoramaJob, Windowing, check_canvas_pixels
+from ..gradients import saved_activation_copies
 from ..weights import trainable_weights
 from ..windows import crop_stack
 from .assets import get_lpips
@@ -27,8 +28,9 @@ from .compile import check_compile_backend, compiled_patcher
 from .conds import WindowConds, clone_skips_for_gradients, window_size_conditioning
 from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients, taesd_path
-from .model import (final_latent, gradient_ready_patcher, gradient_section, input_scale, latent_scale,
-                    native_window, oom_errors, reference_sigmas, start_state)
+from . import families
+from .autograd_patches import block_keys, with_block_checkpointing
+from .model import gradient_ready_patcher, gradient_section, oom_errors
 
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
@@ -51,15 +53,25 @@ def check_latent_size(samples: torch.Tensor, scale: int) -> None:
                         names=("batch", "width", "height"))
 
 
-def check_sync_inputs(windowing: Windowing, model, vae) -> None:
-    """What synchronization needs besides the model: a VAE (or the TAESD file) for the loss decoder."""
-    if not windowing.sync.active:
-        return
-    if windowing.loss_decoder == "taesd":
+def check_inputs(windowing: Windowing, model, vae, latent: torch.Tensor) -> tuple[families.Facts, object]:
+    """Every rule that needs the model, before any model call: the family can be sampled (and synchronized) on this
+    latent, the canvas is within the pixel limit, the windows fit the canvas in the family's pixels, synchronization
+    has its VAE (or TAESD file), canvas positions have the model's RoPE hook. Returns the family's facts and the
+    window plan."""
+    sync = windowing.sync.active
+    facts = families.check_supported(model, latent, sync=sync, vae=vae if sync else None)
+    check_latent_size(latent, facts.pixel_scale)
+    plan = windowing.plan(latent.shape[-2], latent.shape[-1], facts.pixel_scale, facts.native_latent,
+                          facts.default_stride_px)
+    if sync and windowing.loss_decoder == "taesd":
         taesd_path(model)  # a missing file fails here
-    elif vae is None:
+    elif sync and vae is None:
         raise ValueError("vae is required when sync_weight > 0 and sync_steps > 0 (it decodes the windows for the "
                          "LPIPS loss)")
+    if windowing.positions == "canvas" and not families.rope_shift_supported(model):
+        raise ValueError(f"positions 'canvas' needs a model that reads ComfyUI's RoPE options (Flux.1, Flux.2, "
+                         f"Lumina 2, Z-Image); {facts.family} does not: use positions 'window'")
+    return facts, plan
 
 
 class WindowedSampler(comfy.samplers.Sampler):
@@ -78,14 +90,12 @@ class WindowedSampler(comfy.samplers.Sampler):
         check_sigmas(sigmas)
         steps = len(sigmas) - 1
         windowing = self.windowing.for_steps(steps)
-        scale = latent_scale(patcher)
-        check_latent_size(noise, scale)
-        plan = windowing.plan(noise.shape[-2], noise.shape[-1], scale, native_window(patcher))
+        facts, plan = check_inputs(windowing, patcher, self.vae, noise)
         if not self.layout_resolved and any(core_regions.REGION_KEY in c for cs in guider.conds.values() for c in cs):
             raise ValueError("Layout Mask Region conditioning needs the SyncDiffusion Sampler node (it resolves the "
                              "regions' masks and bootstraps them); use that node for layout-guided panoramas")
-        check_sync_inputs(windowing, patcher, self.vae)
         if windowing.sync.active:
+            scale = facts.pixel_scale
             windowing = dataclasses.replace(windowing, anchor=windowing.anchor.fitted(plan.window_height * scale,
                                                                                      plan.window_width * scale))
         if latent_image is None:
@@ -96,15 +106,34 @@ class WindowedSampler(comfy.samplers.Sampler):
         window_conds = WindowConds(guider.conds, noise.shape[-2:], noise.shape[0])
         full_conds, n = guider.conds, noise.shape[0]
 
-        def guided(x, sigma, windows, step):
+        canvas_positions = windowing.positions == "canvas"
+        # DiTs may add into saved activations in place (Flux's blocks): their gradient forward saves private copies
+        copies = not _is_unet(guider.inner_model.diffusion_model)
+
+        def call(x, sigma, windows, options):
+            if not canvas_positions:
+                return guider(x, sigma, model_options=options, seed=seed)
+            rows = x.shape[0] // len(windows)
+            return torch.cat([guider(x[k * rows:(k + 1) * rows], sigma[k * rows:(k + 1) * rows],
+                                     model_options=families.with_canvas_positions(options, w.top, w.left, facts.patch),
+                                     seed=seed) for k, w in enumerate(windows)])
+
+        def predict(x, sigma, windows, step):
             if self.bootstrap is not None and self.bootstrap.active(step, steps):
                 return self.bootstrap.denoise(guider, window_conds, x, sigma, windows, step, steps, model_options,
                                               seed)
             parts = []
             for rows, conds in window_conds.batches(windows):
                 guider.conds = conds
-                parts.append(guider(x[rows], sigma[rows], model_options=model_options, seed=seed))
+                parts.append(call(x[rows], sigma[rows], windows if rows.stop - rows.start == x.shape[0] else
+                                  [windows[rows.start // n]], model_options))
             return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        def guided(x, sigma, windows, step):
+            if copies and torch.is_grad_enabled():
+                with saved_activation_copies():
+                    return predict(x, sigma, windows, step)
+            return predict(x, sigma, windows, step)
 
         def denoise(x, sigma, windows, step):
             if denoise_mask is None:
@@ -132,17 +161,19 @@ class WindowedSampler(comfy.samplers.Sampler):
             grad_modules += window_conds.control_modules()
             if window_conds.hints:
                 model_options = clone_skips_for_gradients(model_options)
+            if windowing.checkpoint_model and block_keys(guider.inner_model.diffusion_model):
+                model_options = with_block_checkpointing(model_options, guider.inner_model.diffusion_model)[0]
             decode = decoder_for_gradients(self.vae, grad_patcher, windowing.loss_decoder, windowing.compile)
             loss = loss if loss is not None else get_lpips(patcher.load_device)
 
         # 4. the windowed loop
-        x = start_state(ms, sigmas, noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        x = families.start_state(ms, sigmas, noise, latent_image, self.max_denoise(model_wrap, sigmas))
         try:
             with trainable_weights(*grad_modules), gradient_section():
                 x = core_sampler.sample(
                     denoise, x, sigmas, plan,
                     sync=windowing.sync, decode=decode, loss=loss, anchor=windowing.anchor,
-                    input_scale=input_scale(ms),
+                    input_scale=lambda sigma: families.input_scale(ms, sigma),
                     batching=windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache),
                     callback=report,
                     interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
@@ -152,25 +183,24 @@ class WindowedSampler(comfy.samplers.Sampler):
             window_conds.restore()
             if swap is not None:
                 guider.inner_model = swap
-        return final_latent(ms, sigmas[-1], x)
+        return families.final_latent(ms, sigmas, x)
 
 
 def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, vae=None, loss=None) -> dict:
     """Run SyncDiffusion (MultiDiffusion when sync is off) on a LATENT; returns a new LATENT dict."""
     # 1. check every input against the model, before any model is loaded
-    scale = latent_scale(model)
-    check_latent_size(latent["samples"], scale)
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    plan = job.plan(latent_image.shape[-2], latent_image.shape[-1], scale, native_window(model))
+    check_latent_size(latent["samples"], int(latent.get("downscale_ratio_spacial", 8)))  # before any allocation
+    latent_image = families.prepare_latent(model, latent)
+    facts, plan = check_inputs(job, model, vae, latent_image)
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:
         raise ValueError("vae is required to bootstrap layout regions (it encodes the flat-colour backgrounds)")
     if job.compile:
         check_compile_backend(job.compile, model.load_device)
-    check_sync_inputs(job, model, vae)
 
     # 2. the models: the perceptual loss, weights that can carry gradients, compile
+    scale = facts.pixel_scale
     height_px, width_px = plan.window_height * scale, plan.window_width * scale
     if job.sync.active:
         loss = loss if loss is not None else get_lpips(model.load_device)
@@ -180,7 +210,7 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     # 3. conditioning, noise and schedule, as KSampler prepares them
     positive, negative = (window_size_conditioning(c, height_px, width_px) for c in (positive, negative))
     noise = comfy.sample.prepare_noise(latent_image, job.seed, latent.get("batch_index"))
-    sigmas = reference_sigmas(model, job.steps, job.denoise)
+    sigmas = families.sampling_sigmas(model, job.steps, job.denoise)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(job.cfg)
@@ -194,6 +224,14 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=job.seed)
 
     # 5. the LATENT
-    out = latent.copy()
+    out = {k: v for k, v in latent.items() if k not in ("downscale_ratio_spacial", "downscale_ratio_temporal")}
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out
+
+
+def _is_unet(diffusion_model) -> bool:
+    """SD's UNets (SD1.x/2.x/SDXL) add into no saved activation in the gradient pass (ControlNet residuals are
+    handled by ``clone_skips_for_gradients``), so they need no saved copies."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return isinstance(diffusion_model, UNetModel)

@@ -7,7 +7,7 @@ import torch
 from ..job import PanoramaJob
 from ..seams import band_weights
 from .decode import decode_panorama_image, encode_panorama_image, vae_spatial_scale
-from .model import latent_scale, native_window
+from .families import facts as family_facts
 from .sampling import sample_panorama
 
 
@@ -26,7 +26,8 @@ def repair_seam(model, positive, negative, vae, image: torch.Tensor, job: Panora
                          f"latent pixel in both directions; crop or resize it first")
     shift = width // 2 // scale * scale  # the seam moves to this column boundary, a whole latent px
     weights = band_weights(width, band_px, feather_px, centre=shift)
-    job.plan(height // scale, width // scale, latent_scale(model), native_window(model))
+    facts = family_facts(model, vae)
+    job.plan(height // scale, width // scale, facts.pixel_scale, facts.native_latent, facts.default_stride_px)
 
     # 2. the seam in the middle, encoded with circular context; the band redone
     rolled = torch.roll(image, shift, dims=2)

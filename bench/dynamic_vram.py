@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""The pack on the ComfyUI users run (issue 18): ComfyUI 0.3.75 against ComfyUI 0.33 with dynamic VRAM on (its default
+on NVIDIA) and off (``--disable-dynamic-vram``), on the GPU.
+
+One process per lane and mode (ComfyUI's arguments are per process), each running ComfyUI headless in-process
+(``scripts/comfy_headless.py``: ComfyUI's own ``PromptExecutor``, as the server runs prompts). A random-weight
+checkpoint of SD 2.0-base's size (UNet 865 M, the KL VAE; fp16) is written once and loaded by the graph's own
+``CheckpointLoaderSimple``, as a user's would be (dynamic VRAM's non-dynamic delegate needs a core loader). Each
+process runs the same synchronized panorama prompt twice (the second is the warm prompt that reloaded the model on
+0.33 before the cached delegate) and reports:
+
+- time of each prompt, peak memory (torch's allocator: allocated and reserved);
+- the output latent (saved; the parent compares the lanes and modes);
+- the loaded model left unchanged: every parameter and buffer's checksum, dtype, ``requires_grad`` and
+  inference-ness before and after.
+
+    python bench/dynamic_vram.py --out OUT --lane 0.3.75=.comfyui/ComfyUI --lane 0.33=/tmp/c033/ComfyUI-0.33.0
+    python bench/dynamic_vram.py --tiny ...   # CPU, tiny models: checks the script
+
+Results: ``dynamic_vram.json`` in ``--out`` and a table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SD2_BASE_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "context_dim": 1024,
+    "use_linear_in_transformer": True, "adm_in_channels": None, "use_temporal_attention": False,
+    "use_temporal_resblock": False, "num_head_channels": 64,
+}
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+MODES = {"default": [], "no-dynamic": ["disable_dynamic_vram"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    p.add_argument("--lane", action="append", default=[], help="NAME=COMFYUI_PATH (repeatable)")
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the script")
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sync-steps", type=int, default=5)
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # "lane:mode:comfyui path:checkpoint"
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Child: one lane, one mode
+
+def _checksums(model) -> dict:
+    import torch
+
+    out = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+            for name, t in items:
+                out[f"{kind}:{name}"] = (float(t.detach().double().sum()), str(t.dtype), bool(t.requires_grad),
+                                         bool(t.is_inference()))
+    return out
+
+
+def child(opts) -> dict:
+    lane, mode, comfy_path, ckpt = opts.child.split(":", 3)
+    os.environ["COMFYUI_PATH"] = comfy_path
+    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+    import comfy_headless as ch
+
+    base = Path(opts.out) / f"base-{lane}-{mode}"
+    ch.bootstrap(base, cpu=opts.tiny)
+    from comfy.cli_args import args
+
+    found = {}
+    for flag in MODES[mode]:
+        found[flag] = hasattr(args, flag)
+        if hasattr(args, flag):
+            setattr(args, flag, True)
+    rt = ch.start(base, cpu=opts.tiny)
+    import torch
+
+    import comfy.model_management as mm
+    ckpt_dir = rt.model_folder("checkpoints")
+    link = ckpt_dir / Path(ckpt).name
+    if not link.exists():
+        link.symlink_to(Path(ckpt).resolve())
+    lpips_dir = rt.models_dir / "lpips"
+    import tiny_models
+    tiny_models.write_random_trunk(lpips_dir / "vgg16-random.safetensors", "vgg16", seed=0)
+    loader = rt.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
+    with torch.inference_mode():
+        model, _, vae = loader.load_checkpoint(link.name)[:3]
+    g = torch.Generator().manual_seed(2)
+    pos = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    neg = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    before = _checksums(model.model)
+    dynamic = bool(getattr(model, "is_dynamic", lambda: False)())
+    sys.path.insert(0, str(ROOT / "tests"))
+    import comfy_harness as h
+    window = 64 if opts.tiny else 512
+    prompt = {
+        "1": h.object_node(model, "MODEL"), "2": h.object_node(pos, "CONDITIONING"),
+        "3": h.object_node(neg, "CONDITIONING"), "4": h.object_node(vae, "VAE"),
+        "5": {"class_type": "PanoramaLatent", "inputs": {"width": opts.width, "height": opts.height, "batch_size": 1}},
+        "6": {"class_type": "SyncDiffusionSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["4", 0], "latent_image": ["5", 0],
+            "seed": 5, "steps": opts.steps, "cfg": 7.5, "window_size": window, "stride": window // 4,
+            "sync_weight": 20.0, "sync_decay": 0.95, "sync_steps": opts.sync_steps, "sync_every": 1, "wrap": False,
+            "window_batch": 8}},
+    }
+    runs = []
+    for k in range(2):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = rt.run_prompt(prompt)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) \
+            if torch.cuda.is_available() else (None, None)
+        runs.append({"seconds": round(seconds, 3), "peak_allocated_gib": peak[0], "peak_reserved_gib": peak[1]})
+        latent = result["6"][0]["samples"]
+    torch.save(latent.cpu(), Path(opts.out) / f"latent-{lane}-{mode}.pt")
+    after = _checksums(model.model)
+    changed = [k for k in before if before[k] != after.get(k)]
+    return {"lane": lane, "mode": mode, "flags_found": found, "dynamic_patcher": dynamic,
+            "device": str(mm.get_torch_device()), "torch": torch.__version__, "runs": runs,
+            "model_unchanged": not changed and before.keys() == after.keys(), "changed": changed[:5],
+            "latent_std": float(latent.float().std()), "finite": bool(torch.isfinite(latent).all())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent: the checkpoint, the children, the comparison
+
+def write_checkpoint(opts, comfy_path: str, path: Path) -> None:
+    """A random-weight SD2-base-size checkpoint, written by a process of the first lane (ComfyUI's own
+    ``save_checkpoint``); with ``--tiny`` the test suite's tiny SD2 checkpoint (one-level UNet, TAESD)."""
+    if opts.tiny:
+        code = f"""
+import sys
+sys.path[:0] = [{str(ROOT / 'scripts')!r}, {str(ROOT)!r}]
+import comfy_headless as ch
+ch.bootstrap(None, cpu=True)
+import tiny_models
+tiny_models.write_checkpoint({str(path)!r}, family="sd20", seed=0)
+"""
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COMFYUI_PATH": comfy_path})
+        return
+    code = f"""
+import sys, torch
+sys.path[:0] = [{str(ROOT / 'scripts')!r}, {str(ROOT)!r}]
+import comfy_headless as ch
+ch.bootstrap(None, cpu=False)
+import comfy.supported_models, comfy.model_patcher, comfy.sd, comfy.model_management as mm
+from comfy.ldm.models.autoencoder import AutoencoderKL
+import tiny_models
+unet, vae_cfg = {SD2_BASE_UNET!r}, {SD_VAE!r}
+mc = comfy.supported_models.SD20(unet)
+mc.set_inference_dtype(torch.float16, None)
+base = mc.get_model({{}})
+tiny_models.init_weights_(base.diffusion_model, 0)
+model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=torch.device('cpu'))
+params = {{"embed_dim": 4, "ddconfig": vae_cfg}}
+net = AutoencoderKL(**params)
+tiny_models.init_weights_(net, 1)
+vae = comfy.sd.VAE(sd=net.state_dict(), config={{"params": params}})
+comfy.sd.save_checkpoint({str(path)!r}, model, vae=vae, metadata={{"syncdiffusion": "random SD2-base-size"}})
+print("checkpoint written", {str(path)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COMFYUI_PATH": comfy_path})
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.child:
+        result = child(opts)
+        (out / f"child-{result['lane']}-{result['mode']}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    lanes = [lane.split("=", 1) for lane in opts.lane] or [["0.3.75", str(ROOT / ".comfyui" / "ComfyUI")]]
+    ckpt = out / "sd2-size-random.safetensors"
+    if not ckpt.exists():
+        write_checkpoint(opts, lanes[0][1], ckpt)
+    report = {"args": vars(opts), "results": [], "errors": []}
+    for lane, path in lanes:
+        for mode in MODES:
+            if mode != "default" and lane.startswith("0.3."):  # 0.3.x has no dynamic VRAM
+                continue
+            cmd = [sys.executable, __file__, "--child", f"{lane}:{mode}:{path}:{ckpt}", "--out", str(out),
+                   "--width", str(opts.width), "--height", str(opts.height), "--steps", str(opts.steps),
+                   "--sync-steps", str(opts.sync_steps)] + (["--tiny"] if opts.tiny else [])
+            print("==", lane, mode, flush=True)
+            done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            result_file = out / f"child-{lane}-{mode}.json"
+            if done.returncode or not result_file.exists():
+                report["errors"].append(f"{lane} {mode}: exit {done.returncode}")
+                continue
+            report["results"].append(json.loads(result_file.read_text()))
+    import torch
+    latents = {f"{r['lane']}/{r['mode']}": torch.load(out / f"latent-{r['lane']}-{r['mode']}.pt")
+               for r in report["results"]}
+    names = list(latents)
+    report["differences"] = {f"{a} vs {b}": float((latents[a] - latents[b]).norm() / latents[b].norm())
+                             for i, a in enumerate(names) for b in names[i + 1:]}
+    (out / "dynamic_vram.json").write_text(json.dumps(report, indent=1))
+    print("\nlane/mode            dynamic  cold s  warm s  peak alloc GiB  reserved GiB  model unchanged")
+    for r in report["results"]:
+        cold, warm = r["runs"]
+        print(f"{r['lane'] + '/' + r['mode']:20} {str(r['dynamic_patcher']):8} {cold['seconds']:7.2f} "
+              f"{warm['seconds']:7.2f} {warm['peak_allocated_gib'] or 0:14.2f} {warm['peak_reserved_gib'] or 0:13.2f}"
+              f"  {r['model_unchanged']}")
+    for k, v in report["differences"].items():
+        print(f"relative difference {k}: {v:.2e}")
+    for e in report["errors"]:
+        print("ERROR", e)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The real ComfyUI frontend in headless Chromium, for ``tests/test_frontend.py``: the server, the page, what the
+page is asked (JavaScript run in it), and the checks of what it answers.
+
+The JavaScript reads ComfyUI frontend 1.32's globals (``app``, ``LiteGraph``) and its DOM (PrimeVue dialogs,
+``data-testid`` template cards, litegraph's ``.graphdialog`` value prompt).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import comfy_headless
+import workflow_convert as wc
+
+ROOT = Path(__file__).resolve().parent.parent
+LINK_NAME = "comfyui-syncdiffusion"
+ARTIFACTS = Path(os.environ.get("SYNCDIFF_TEST_ARTIFACTS") or ROOT / "output" / "test-artifacts" / "frontend")
+STARTUP_TIMEOUT_S = 150
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1600, "height": 1000}
+
+
+class PageProblem(AssertionError):
+    pass
+
+
+# ----------------------------------------------------------------------------- server
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+class FrontendServer:
+    """``main.py --cpu`` with a temp base directory, the pack linked into its custom_nodes, the test models'
+    folders as extra model paths, and a user whose first-run template dialog has already been seen."""
+
+    def __init__(self, base: Path, models_dir: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        for sub in ("custom_nodes", "output", "input", "temp", "user/default"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "custom_nodes" / LINK_NAME).symlink_to(ROOT, target_is_directory=True)
+        # Without this the frontend opens the template browser by itself on the first visit, racing the test.
+        (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+        extra = base / "extra_model_paths.yaml"
+        extra.write_text("syncdiffusion_frontend_test:\n"
+                         f"    base_path: {models_dir}\n"
+                         "    checkpoints: checkpoints\n"
+                         "    controlnet: controlnet\n"
+                         "    lpips: lpips\n")
+        self.log_path = base / "server.log"
+        self.cmd = [sys.executable, str(comfy_headless.comfyui_path() / "main.py"),
+                    "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),
+                    "--base-directory", str(base), "--output-directory", str(base / "output"),
+                    "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
+                    "--user-directory", str(base / "user"), "--extra-model-paths-config", str(extra),
+                    "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--log-stdout"]
+        self.proc = None
+        self._log = None
+
+    def launch(self) -> None:
+        """Start ``main.py``; ``wait_ready`` waits for it (so the caller can prepare other things meanwhile)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PageProblem(f"ComfyUI exited with {self.proc.returncode} during startup:\n{self.tail()}")
+            try:
+                get_json(self.url + "/system_stats", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        raise PageProblem(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise PageProblem(f"the server died (exit {self.proc.returncode}):\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        if self._log:
+            self._log.close()
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+
+# ----------------------------------------------------------------------------- page
+
+class UI:
+    """The page, plus what it reported: console errors, uncaught exceptions."""
+
+    def __init__(self, page, server: FrontendServer):
+        self.page = page
+        self.server = server
+        self.console_errors: list[str] = []
+        self.page_errors: list[str] = []
+        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def js(self, script: str, arg=None):
+        return self.page.evaluate(script, arg)
+
+    def settle(self) -> None:
+        """Two animation frames: the canvas has drawn the graph (and sized its nodes) at least once."""
+        self.js("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+    @contextlib.contextmanager
+    def artefacts_on_failure(self, name: str):
+        """Keep a screenshot and the server log when the body raises; name them in the failure message."""
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shot = ARTIFACTS / f"{name}.png"
+            log = ARTIFACTS / f"{name}.server.log"
+            try:
+                self.page.screenshot(path=str(shot))
+            except Exception as shot_error:  # the page may be gone; the log still helps
+                shot = f"(no screenshot: {shot_error})"
+            log.write_text(self.server.tail(200_000))
+            console = [m for m in self.console_errors if not m.startswith("Failed to load resource")]
+            extra = "\n".join(self.page_errors[-5:] + console[-10:]) or "(none)"
+            raise PageProblem(f"{e}\n\nartefacts: {shot}\n           {log}\nlast page errors:\n{extra}") from e
+
+
+OPEN_DIALOGS_JS = """() => Array.from(document.querySelectorAll('.p-dialog'))
+    .filter(d => d.offsetParent !== null || d.getClientRects().length)
+    .map(d => d.innerText.trim().slice(0, 1500))"""
+ERROR_TOASTS_JS = """() => Array.from(document.querySelectorAll('.p-toast-message-error'))
+    .map(t => t.innerText.trim().slice(0, 500))"""
+
+GEOMETRY_JS = """() => {
+  const T = LiteGraph.NODE_TITLE_HEIGHT, ctx = app.canvas.ctx;
+  const nodes = app.graph._nodes.map(n => {
+    const collapsed = !!(n.flags && n.flags.collapsed);
+    const w = collapsed ? (n._collapsed_width || LiteGraph.NODE_COLLAPSED_WIDTH) : n.size[0];
+    const body = collapsed ? 0 : n.size[1];
+    const rects = [{part: 'node', x: n.pos[0], y: n.pos[1] - T, w: w, h: body + T}];
+    // LGraphNode.drawBadges: right-aligned, gap 2, bottom 2 px above the title bar
+    const badges = (n.badges || []).map(b => typeof b === 'function' ? b() : b).filter(b => b.text || b.icon);
+    if (badges.length && !collapsed) {
+      const gap = 2, widths = badges.map(b => b.getWidth(ctx));
+      const total = widths.reduce((a, b) => a + b + gap, 0), bh = Math.max(...badges.map(b => b.height));
+      const left = n.badgePosition === 'top-left' ? 0 : w - total;
+      rects.push({part: 'badge ' + badges.map(b => b.text).join(','), x: n.pos[0] + left, y: n.pos[1] - T - gap - bh,
+                  w: total, h: bh});
+    }
+    const widgets = (n.widgets || []).map(wd => ({name: wd.name, value: wd.value, type: wd.type, hidden: !!wd.hidden,
+      y: wd.last_y ?? wd.y, h: wd.computedHeight || (wd.computeSize ? wd.computeSize(n.size[0])[1] : 0) ||
+      LiteGraph.NODE_WIDGET_HEIGHT}));
+    return {id: String(n.id), type: n.type, title: n.title, mode: n.mode, size: [n.size[0], n.size[1]],
+            pos: [n.pos[0], n.pos[1]], rects, widgets, min_size: n.computeSize ? Array.from(n.computeSize()) : null};
+  });
+  const groups = (app.graph._groups || []).map(g => {
+    const b = Array.from(g._bounding || [g.pos[0], g.pos[1], g.size[0], g.size[1]]);
+    return {title: g.title, x: b[0], y: b[1], w: b[2], h: b[3], title_h: g.titleHeight};
+  });
+  return {nodes, groups};
+}"""
+
+PROMPT_JS = "async () => (await app.graphToPrompt()).output"
+
+# The notes (DOM widgets): on screen when the workflow opens, and their text not cut off.
+NOTES_JS = """() => app.graph._nodes.filter(n => n.type === 'MarkdownNote' || n.type === 'Note').map(n => {
+  const el = (n.widgets || []).map(w => w.element || w.inputEl).find(e => e);
+  if (!el) return {id: String(n.id), title: n.title, shown: false};
+  const r = el.getBoundingClientRect();
+  let bottom = 0;
+  for (const c of el.querySelectorAll('p,li,h1,h2,h3,h4,pre,blockquote')) bottom = Math.max(bottom, c.getBoundingClientRect().bottom);
+  if (el.tagName === 'TEXTAREA') bottom = r.top + el.scrollHeight;
+  return {id: String(n.id), title: n.title, shown: r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0 &&
+          r.right <= innerWidth && r.bottom <= innerHeight, overflow: bottom - r.bottom};
+})"""
+
+SET_WIDGETS_JS = """([values]) => {
+  for (const [id, widgets] of Object.entries(values)) {
+    const node = app.graph.getNodeById(Number(id));
+    for (const [name, value] of Object.entries(widgets)) {
+      const w = node.widgets.find(w => w.name === name);
+      if (!w) throw new Error(`node ${id} has no widget ${name}`);
+      w.value = value;
+      if (w.callback) w.callback(w.value, app.canvas, node);
+    }
+  }
+  app.graph.setDirtyCanvas(true, true);
+}"""
+
+
+def open_template(ui: UI, name: str) -> dict:
+    """Open example workflow ``name`` from the template browser, as a user does; returns the file's JSON."""
+    wf = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    page = ui.page
+    page.get_by_role("button", name="Templates", exact=True).click()
+    dialog = page.locator(".p-dialog").filter(has=page.locator('[data-testid^="template-workflow-"]'))
+    dialog.wait_for()
+    dialog.get_by_text(LINK_NAME, exact=True).click()
+    card = dialog.locator(f'[data-testid="template-workflow-{name}"]')
+    card.click()
+    dialog.wait_for(state="hidden")
+    ids = sorted(str(n["id"]) for n in wf["nodes"])
+    page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => String(n.id)).sort()) === "
+                           "JSON.stringify(ids)", arg=ids)
+    ui.settle()
+    return wf
+
+
+def rects_overlap(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def layout_problems(geometry: dict) -> list[str]:
+    """Overlapping drawn rectangles (node incl. title bar, badge), widgets drawn outside their node, nodes
+    straddling a group's border or covering its title."""
+    problems = []
+    nodes = geometry["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            for ra in a["rects"]:
+                for rb in b["rects"]:
+                    if rects_overlap(ra, rb):
+                        problems.append(f"node {a['id']} '{a['title']}' ({ra['part']} {_fmt(ra)}) overlaps node "
+                                        f"{b['id']} '{b['title']}' ({rb['part']} {_fmt(rb)})")
+        for w in a["widgets"]:
+            if w["y"] is not None and w["y"] + w["h"] > a["size"][1] + 0.5:
+                problems.append(f"node {a['id']} '{a['title']}': widget {w['name']} drawn at y {w['y']}..{w['y'] + w['h']}"
+                                f" outside the node's body (height {a['size'][1]})")
+    for g in geometry["groups"]:
+        title_bar = {"x": g["x"], "y": g["y"], "w": g["w"], "h": g["title_h"]}
+        for n in nodes:
+            for r in n["rects"]:
+                inside = (g["x"] <= r["x"] and r["x"] + r["w"] <= g["x"] + g["w"] and g["y"] <= r["y"]
+                          and r["y"] + r["h"] <= g["y"] + g["h"])
+                if rects_overlap(r, g) and not inside:
+                    problems.append(f"node {n['id']} '{n['title']}' ({r['part']} {_fmt(r)}) straddles the border of "
+                                    f"group '{g['title']}' {_fmt(g)}")
+                elif rects_overlap(r, title_bar):
+                    problems.append(f"node {n['id']} '{n['title']}' ({r['part']}) covers the title of group "
+                                    f"'{g['title']}'")
+    return problems
+
+
+def _fmt(r: dict) -> str:
+    return f"[{r['x']:g}, {r['y']:g}, {r['w']:g}x{r['h']:g}]"
+
+
+def same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b and type(a) is type(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def widget_problems(wf: dict, geometry: dict, object_info: dict) -> list[str]:
+    """Every pack node shows every widget of its schema, in order, with the value saved in the file."""
+    problems = []
+    drawn = {n["id"]: n for n in geometry["nodes"]}
+    for saved in wf["nodes"]:
+        info = object_info.get(saved["type"])
+        if info is None or info.get("python_module") != f"custom_nodes.{LINK_NAME}":
+            continue
+        node = drawn[str(saved["id"])]
+        expected_names = []
+        for section in ("required", "optional"):
+            for name in info.get("input_order", {}).get(section, []):
+                spec = info["input"][section][name]
+                typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+                if isinstance(typ, list) or typ in wc.WIDGET_TYPES and not opts.get("forceInput"):
+                    expected_names.append(name)
+                    if opts.get("control_after_generate"):
+                        expected_names.append("control_after_generate")
+        names = [w["name"] for w in node["widgets"]]
+        values = [w["value"] for w in node["widgets"]]
+        label = f"node {saved['id']} ({saved['type']}, '{node['title']}')"
+        if names != expected_names:
+            problems.append(f"{label}: widgets {names}, the schema has {expected_names}")
+        hidden = [w["name"] for w in node["widgets"] if w["hidden"]]
+        if hidden:
+            problems.append(f"{label}: widgets not shown: {hidden}")
+        if not same(values, list(saved.get("widgets_values") or [])):
+            problems.append(f"{label}: widget values {values} differ from the saved {saved.get('widgets_values')}")
+    return problems
+
+
+def prompt_problems(frontend: dict, ours: dict) -> list[str]:
+    """Where the frontend's API prompt and workflow_convert's differ (``_meta`` titles only where the file sets
+    one: the frontend adds a title to every node)."""
+    problems = []
+    if sorted(frontend) != sorted(ours):
+        problems.append(f"node ids: the frontend's prompt has {sorted(frontend)}, workflow_convert {sorted(ours)}")
+    for nid in sorted(set(frontend) & set(ours), key=int):
+        f, o = frontend[nid], ours[nid]
+        if f["class_type"] != o["class_type"]:
+            problems.append(f"node {nid}: class_type {f['class_type']} vs {o['class_type']}")
+        if not (set(f["inputs"]) == set(o["inputs"]) and all(same(f["inputs"][k], o["inputs"][k]) for k in o["inputs"])):
+            diff = {k: (f["inputs"].get(k, "<absent>"), o["inputs"].get(k, "<absent>"))
+                    for k in set(f["inputs"]) | set(o["inputs"]) if not same(f["inputs"].get(k), o["inputs"].get(k))}
+            problems.append(f"node {nid} ({o['class_type']}) inputs differ (frontend, workflow_convert): {diff}")
+        if "_meta" in o and f.get("_meta", {}).get("title") != o["_meta"]["title"]:
+            problems.append(f"node {nid}: title {f.get('_meta')} vs {o['_meta']}")
+    return problems
+
+MISSING_MODELS_JS = """() => Array.from(document.querySelectorAll('.comfy-missing-models li, .comfy-missing-models [role=option]'))
+    .map(li => ({text: li.innerText, downloads: Array.from(li.querySelectorAll('button'))
+                 .filter(b => b.innerText.startsWith('Download') && !b.disabled).map(b => b.title)}))"""
+
+
+def queue_and_wait_for_error_dialog(ui: UI, timeout_s: float) -> str:
+    """Click Run; the text of the dialog that the run ends in."""
+    ui.page.get_by_role("button", name="Run", exact=True).click()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dialogs = ui.js(OPEN_DIALOGS_JS)
+        if dialogs:
+            return "\n".join(dialogs)
+        ui.server.alive()
+        time.sleep(0.25)
+    raise PageProblem(f"no error dialog within {timeout_s} s; toasts: {ui.js(ERROR_TOASTS_JS)}")
+
+
+def close_dialogs(ui: UI) -> None:
+    ui.page.keyboard.press("Escape")
+    ui.page.wait_for_function(f"() => ({OPEN_DIALOGS_JS})().length === 0")
+
+WIDGET_POINT_JS = """([id, name]) => {
+  const n = app.graph.getNodeById(id), w = n.widgets.find(w => w.name === name);
+  const y = w.last_y ?? w.y, h = w.computedHeight || LiteGraph.NODE_WIDGET_HEIGHT;
+  return app.canvasPosToClientPos([n.pos[0] + n.size[0] / 2, n.pos[1] + y + h / 2]);
+}"""
+WIDGET_VALUE_JS = "([id, name]) => app.graph.getNodeById(id).widgets.find(w => w.name === name).value"
+
+
+def widget_point(ui: UI, node_id: int, name: str) -> tuple[float, float]:
+    x, y = ui.js(WIDGET_POINT_JS, [node_id, name])
+    if not (0 < x < VIEWPORT["width"] and 0 < y < VIEWPORT["height"]):
+        raise PageProblem(f"widget {name} of node {node_id} is off screen at ({x:.0f}, {y:.0f})")
+    return x, y
+
+
+def type_into_widget(ui: UI, node_id: int, name: str, value: int) -> None:
+    """What a user does: double-click the number widget, type the value into the prompt, Enter."""
+    x, y = widget_point(ui, node_id, name)
+    ui.page.mouse.dblclick(x, y)
+    field = ui.page.locator(".graphdialog input").last
+    field.wait_for()
+    field.fill(str(value))
+    field.press("Enter")
+    got = ui.js(WIDGET_VALUE_JS, [node_id, name])
+    if got != value:
+        raise PageProblem(f"typed {value} into {name} of node {node_id}; the widget holds {got}")
+
+
+def click_toggle(ui: UI, node_id: int, name: str, want: bool) -> None:
+    """Click a toggle widget until it shows ``want`` (one click)."""
+    if ui.js(WIDGET_VALUE_JS, [node_id, name]) != want:
+        ui.page.mouse.click(*widget_point(ui, node_id, name))
+    got = ui.js(WIDGET_VALUE_JS, [node_id, name])
+    if got is not want:
+        raise PageProblem(f"clicked {name} of node {node_id}: it is {got}, not {want}")
