@@ -1,7 +1,7 @@
 """Seam error of the circular (wrap) panorama decode versus its padding, on random-weight KL VAE decoders.
 
 For each padding p (latent px of circular context on each side) it decodes a periodic-in-width latent with
-``syncdiff_core.comfy_bridge.decode_panorama_image`` and compares it with a reference decode whose context is two
+``syncdiff_core.comfy.decode.decode_panorama_image`` and compares it with a reference decode whose context is two
 whole periods (p = W/2: the decoder's GroupNorm statistics and attention then see each column equally often, and
 every column has W/2 columns of true context on each side). Reported per p:
 
@@ -60,7 +60,7 @@ def main():
     import comfy_headless
     comfy_headless.bootstrap()
     import torch
-    from syncdiff_core import comfy_bridge
+    from syncdiff_core.comfy.decode import decode_panorama_image
 
     torch.set_grad_enabled(False)
     vae = build_vae(args.full)
@@ -72,7 +72,7 @@ def main():
 
     def decode(p, wrap=True):
         start = time.perf_counter()
-        image = comfy_bridge.decode_panorama_image(vae, z, wrap=wrap, padding=p).double()
+        image = decode_panorama_image(vae, z, wrap=wrap, padding=p).double()
         return image, time.perf_counter() - start
 
     ref, _ = decode(w // 2)

@@ -14,54 +14,56 @@ One device call: builds the same SD 2.0-base-sized random-weight models as ``gpu
    ``set_torch_compile_wrapper`` (what the TorchCompileModel node does; static shapes): short plain and sync
    runs at ``window_batch`` 7 (21 windows = 3 equal batches), and the eager pack at the same setting.
 
-Prints a table at the end; writes ``probe.json`` to ``--out``. ``--tiny`` checks the script on the CPU.
+Prints a table at the end; writes ``probe.json`` to ``--out``. ``--tiny`` checks the script on the CPU. Takes the
+options of one pack run that ``gpu_bench.py`` takes (``bench.options``); shares its models, runs and clocks.
 """
 from __future__ import annotations
 
-import json
-import statistics
+import argparse
+import importlib
+import logging
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_bench as gb  # noqa: E402  (parses --tiny/--out/--budget-s from sys.argv)
+if __package__ in (None, ""):  # run as a script: import the bench's modules as bench.<name>
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.options import script_path_fix
 
-torch = gb.torch
-bridge = gb.bridge
-P: dict = {"errors": []}
-OUT = Path(gb.ARGS.out)
+    script_path_fix(Path(__file__).parent)
 
-
-def save():
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "probe.json").write_text(json.dumps(P, indent=1, default=str))
+from bench.options import add_run_options, apply_tiny, start_comfy  # noqa: E402
 
 
-def left():
-    return gb.ARGS.budget_s - gb.elapsed()
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    return apply_tiny(add_run_options(p).parse_args(argv))
 
 
-def guarded(name, fn, need_s=0.0):
-    if left() < need_s:
-        P["errors"].append(f"skipped {name}: {left():.0f} s left, wanted {need_s:.0f}")
+def guarded(b, name, fn, need_s=0.0):
+    """``fn()``, its seconds in ``seconds``; an exception or a short budget is recorded in ``errors``."""
+    if b.left() < need_s:
+        b.results["errors"].append(f"skipped {name}: {b.left():.0f} s left, wanted {need_s:.0f}")
         print("SKIP", name, flush=True)
         return None
-    t0 = gb.elapsed()
+    t0 = b.elapsed()
     print(f"\n== {name} (t={t0:.0f} s)", flush=True)
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - one failing probe must not lose the others
-        import traceback
-
         traceback.print_exc()
-        P["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:800]}")
-        if gb.CUDA:
+        b.results["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:800]}")
+        if b.cuda:
+            import torch
+
             torch.cuda.empty_cache()
         return None
     finally:
-        P.setdefault("seconds", {})[name] = round(gb.elapsed() - t0, 1)
-        save()
+        b.results.setdefault("seconds", {})[name] = round(b.elapsed() - t0, 1)
+        b.save()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -85,25 +87,25 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def kernel_profile(fn):
+def kernel_profile(b, fn):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gb.CUDA else [])
-    gb.sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
+    b.synchronize()
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         rec = fn()
-        gb.sync()
+        b.synchronize()
     wall = time.perf_counter() - t0
     by_kind, by_name = {}, {}
     for e in prof.key_averages():
-        if gb.CUDA and e.device_type != DeviceType.CUDA:
+        if b.cuda and e.device_type != DeviceType.CUDA:
             continue
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0.0)
-        if not gb.CUDA:
+        if not b.cuda:
             us = e.self_cpu_time_total
         if us <= 0:
             continue
@@ -117,12 +119,14 @@ def kernel_profile(fn):
             "top": [[n, round(s, 4), c] for n, (s, c) in top]}
 
 
-def kernels(models):
-    res = P["kernels"] = {}
-    gb.pack_run(models, steps=2, label="warm plain")
-    gb.pack_run(models, steps=2, w=20.0, sync_steps=2, label="warm sync")
+def kernels(b, models):
+    from bench.runs import pack_run
+
+    res = b.results["kernels"] = {}
+    pack_run(b, models, steps=2, label="warm plain")
+    pack_run(b, models, steps=2, w=20.0, sync_steps=2, label="warm sync")
     for name, kw in [("plain_2steps", {}), ("sync_2steps", {"w": 20.0, "sync_steps": 2})]:
-        res[name] = r = kernel_profile(lambda: gb.pack_run(models, steps=2, label=name, **kw))
+        res[name] = r = kernel_profile(b, lambda: pack_run(b, models, steps=2, label=name, **kw))
         print(name, {k: v for k, v in r.items() if k != "top"}, flush=True)
         for n, s, c in r["top"][:8]:
             print(f"   {s:8.4f} s  x{c:<5d} {n}", flush=True)
@@ -132,39 +136,20 @@ def kernels(models):
 # 2. the pieces alone, eager and compiled
 
 
-def timed(fn, reps):
-    """First-call seconds, median seconds of ``reps`` further calls (CUDA events), peak GiB."""
-    gb.fresh_memory()
-    gb.sync()
-    t0 = time.perf_counter()
-    fn()
-    gb.sync()
-    first = time.perf_counter() - t0
-    fn()
-    times = []
-    for _ in range(reps):
-        if gb.CUDA:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return {"first_s": round(first, 2), "median_ms": round(statistics.median(times) * 1e3, 2),
-            **gb.memory()}
+def micro(b, models):
+    import torch
 
+    from bench.timing import timed
+    from syncdiff_core.comfy.model import gradient_section
+    from syncdiff_core.decoders import checkpointed_decode
+    from syncdiff_core.weights import trainable_weights
 
-def micro(models):
     model, vae, loss, cond, uncond = models
     unet, first = model.model.diffusion_model, vae.first_stage_model
-    dev, dt = gb.DEVICE, gb.DTYPE
-    win = 8 if gb.ARGS.tiny else 64
-    reps = 3 if gb.ARGS.tiny else 10
-    res = P["micro"] = {}
+    dev, dt = b.device, b.dtype
+    win = 8 if b.args.tiny else 64
+    reps = 3 if b.args.tiny else 10
+    res = b.results["micro"] = {}
 
     def ctx(rows):
         return torch.cat([uncond, cond]).to(dev, dt).repeat(rows // 2, 1, 1)
@@ -212,10 +197,10 @@ def micro(models):
         return run
 
     plain_decode = first.decode
-    ckpt_decode = lambda z: bridge._checkpointed_decode(first, z)  # noqa: E731
+    ckpt_decode = lambda z: checkpointed_decode(first, z)  # noqa: E731
 
     def record(name, fn):
-        r = guarded(name, lambda: timed(fn, reps))
+        r = guarded(b, name, lambda: timed(b, fn, reps))
         if r is not None:
             res[name] = r
             print(name, r, flush=True)
@@ -223,23 +208,23 @@ def micro(models):
     # eager first: it is what ships today
     record("unet_fwd16_eager", unet_fwd(unet, 16))
     record("unet_fwd10_eager", unet_fwd(unet, 10))
-    with bridge.trainable_weights(unet, first), bridge.gradient_section():
+    with trainable_weights(unet, first), gradient_section():
         record("unet_grad4_eager", unet_grad(unet, 4))
         record("unet_grad8_eager", unet_grad(unet, 8))
         record("vae_grad2_eager", vae_grad(plain_decode, 2))
         record("vae_grad2_ckpt_eager", vae_grad(ckpt_decode, 2))
         record("lpips_grad2_eager", lpips_grad(2))
-    if gb.ARGS.no_compile:
+    if b.args.no_compile:
         return
     torch._dynamo.reset()
     cu = torch.compile(unet)
     record("unet_fwd16_compiled", unet_fwd(cu, 16))
-    with bridge.trainable_weights(unet, first), bridge.gradient_section():
-        if left() > 150:
+    with trainable_weights(unet, first), gradient_section():
+        if b.left() > 150:
             record("vae_grad2_compiled", vae_grad(torch.compile(plain_decode), 2))
-        if left() > 200:
+        if b.left() > 200:
             record("unet_grad4_compiled", unet_grad(cu, 4))
-        if left() > 330:
+        if b.left() > 330:
             record("vae_grad2_ckpt_compiled", vae_grad(torch.compile(ckpt_decode), 2))
 
 
@@ -250,44 +235,66 @@ def micro(models):
 WB = 7  # 21 windows = 3 batches of 7: one input shape, one compile
 
 
-def pack_compiled(models):
+def pack_compiled(b, models):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    model = models[0].clone()
+    from bench.runs import pack_run
+
+    model = models.model.clone()
     set_torch_compile_wrapper(model, backend="inductor", dynamic=False)
-    cm = (model,) + tuple(models[1:])
-    res = P["pack_compiled"] = {}
+    cm = models._replace(model=model)
+    res = b.results["pack_compiled"] = {}
     for name, kw in [("plain_first", {}), ("plain", {}), ("sync_first", {"w": 20.0, "sync_steps": 3}),
                      ("sync", {"w": 20.0, "sync_steps": 3})]:
-        if left() < 60:
-            P["errors"].append(f"pack_compiled {name}: out of budget")
+        if b.left() < 60:
+            b.results["errors"].append(f"pack_compiled {name}: out of budget")
             break
-        rec = gb.pack_run(cm, steps=3, label=name, window_batch=WB, **kw)
+        rec = pack_run(b, cm, steps=3, label=name, window_batch=WB, **kw)
         res[name] = {"time_s": rec["time_s"], "step_s": rec["step_s"], "peak_alloc_gib": rec["peak_alloc_gib"],
                      "peak_reserved_gib": rec["peak_reserved_gib"], "finite": rec["finite"], "notes": rec["notes"]}
         print("compiled pack", name, res[name], flush=True)
-        save()
+        b.save()
     eager = {}
     for name, kw in [("plain", {}), ("sync", {"w": 20.0, "sync_steps": 3})]:
-        rec = gb.pack_run(models, steps=3, label=name, window_batch=WB, **kw)
+        rec = pack_run(b, models, steps=3, label=name, window_batch=WB, **kw)
         eager[name] = {"time_s": rec["time_s"], "step_s": rec["step_s"], "peak_alloc_gib": rec["peak_alloc_gib"]}
     res["eager_same_run"] = eager
     print("eager pack", eager, flush=True)
 
 
-def main():
-    P["env"] = {"device": torch.cuda.get_device_name() if gb.CUDA else "cpu", "torch": torch.__version__,
-                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                "commit": (gb.ROOT / "bench" / ".commit").read_text().strip()
-                if (gb.ROOT / "bench" / ".commit").exists() else "unknown"}
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="syncdiff-probe-") as base:
+        start_comfy(args.tiny, base)
+        for name in ("bench.models", "bench.runs", "bench.timing"):  # imports ComfyUI and the pack
+            importlib.import_module(name)
+        from bench.state import Bench
+
+        b = Bench(args, file_name="probe.json", results={"errors": []})
+        try:
+            run(b, Path(base) / "models")
+        finally:
+            b.save()
+
+
+def run(b, models_dir: Path):
+    import torch
+
+    from bench.models import build_models
+    from bench.state import commit
+
+    P = b.results
+    P["env"] = {"device": torch.cuda.get_device_name() if b.cuda else "cpu", "torch": torch.__version__,
+                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit()}
     print(P["env"], flush=True)
-    models = guarded("build", gb.build_models)
+    models = guarded(b, "build", lambda: build_models(b, models_dir))
     if models is None:
         return
-    guarded("kernels", lambda: kernels(models))
-    guarded("micro", lambda: micro(models))
-    if not gb.ARGS.no_compile:
-        guarded("pack_compiled", lambda: pack_compiled(models), need_s=120)
+    guarded(b, "kernels", lambda: kernels(b, models))
+    guarded(b, "micro", lambda: micro(b, models))
+    if not b.args.no_compile:
+        guarded(b, "pack_compiled", lambda: pack_compiled(b, models), need_s=120)
     print("\n==== summary")
     for name, r in (P.get("kernels") or {}).items():
         print(name, "wall", r["wall_s"], "kernels", r["kernel_s"], "busy", r["busy_fraction"], r["by_kind_s"])
@@ -299,7 +306,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        save()
+    main()

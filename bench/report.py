@@ -69,6 +69,15 @@ def report(r: dict) -> str:
             note = x.get("error") or "; ".join(x.get("notes") or [])
             out.append(f"| {x.get('sync_batch')} | {x.get('loss_decoder')} | {fmt(step, 3)} | "
                        f"{fmt(x.get('peak_alloc_gib'))} | {fmt(x.get('peak_reserved_gib'))} | {note[:120]} |")
+    al = r.get("attention_lever") or []
+    if al:
+        out += ["", "The loss decoder's gradient pass alone (decode + input gradient, eager; median of repeated calls), "
+                "with and without PyTorch's memory-efficient SDPA kernel:", "",
+                "| avoid memory-efficient SDPA | loss decoder | windows | median ms | peak alloc GiB |",
+                "|---|---|---|---|---|"]
+        for x in al:
+            out.append(f"| {x.get('avoid_efficient_attention')} | {x.get('loss_decoder')} | {x.get('sync_batch')} | "
+                       f"{fmt(x.get('median_ms'), 1)} | {fmt(x.get('peak_alloc_gib'))} |")
     wb = r.get("window_batch") or []
     if wb:
         out += ["", "window_batch (sync_batch at its default, min(window_batch, auto)); estimated 50-step totals "

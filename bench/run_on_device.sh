@@ -27,7 +27,7 @@ import sys
 sys.path[:0] = [".comfyui/ComfyUI", "."]
 import torch, torchsde, lpips  # noqa: F401
 import comfy.sd, comfy.samplers, comfy.supported_models  # noqa: F401
-import syncdiff_core.comfy_bridge  # noqa: F401
+import syncdiff_core.comfy.sampling, syncdiff_core.comfy.decode  # noqa: F401
 print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available())
 EOF
 python3 "${BENCH_SCRIPT:-bench/gpu_bench.py}" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

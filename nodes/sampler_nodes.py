@@ -55,9 +55,9 @@ def window_inputs() -> list:
                                "memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
                                "TAESD from models/vae_approx (approximate, much cheaper)."),
         io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
-                     tooltip="Windows per gradient pass while synchronizing; 0 = automatic (min(window_batch, 2), "
-                             "about 10 GiB on SD-sized models). Each window adds ~2.8 GiB with vae_checkpointed, "
-                             "~4.9 GiB with vae."),
+                     tooltip="Windows per gradient pass while synchronizing; 0 = automatic (2 for 512 px windows, "
+                             "about 10 GiB on SD-sized models; 1 for 1024 px windows). Each 512 px window adds ~2.8 "
+                             "GiB with vae_checkpointed, ~4.9 GiB with vae."),
     ]
 
 

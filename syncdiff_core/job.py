@@ -31,10 +31,12 @@ LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
 #: The smallest window side, in latent pixels, that the loss decoder takes while synchronizing (its GroupNorms need
 #: more than one value per group, LPIPS' VGG a few pixels after its pooling); twice that for ``vae_half``.
 MIN_SYNC_WINDOW_LATENT = 2
-#: Windows per gradient batch when ``sync_batch`` is 0. Measured on an H100 (SD2-base size, 512 px windows,
+#: Windows per gradient batch when ``sync_batch`` is 0, for 512 px windows. Measured on an H100 (SD2-base size,
 #: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 2.8 GiB with
 #: "vae_checkpointed"; 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
+#: Larger windows get proportionally fewer (1024 px: 1; an SDXL sync step at 2 windows peaked at 37 GiB on an H200).
 SYNC_BATCH_AUTO = 2
+SYNC_BATCH_AUTO_PX = 512 * 512
 #: The largest window_batch / sync_batch the sampler node offers.
 MAX_WINDOW_BATCH = 256
 #: The compile backend the sampler's ``compile`` switch turns on.
@@ -108,10 +110,12 @@ class Windowing:
         log.info("SyncDiffusion: sync_steps %d > steps %d; synchronizing all %d steps", self.sync.steps, steps, steps)
         return replace(self, sync=replace(self.sync, steps=steps))
 
-    @property
-    def gradient_batch(self) -> int:
-        """Windows per gradient pass."""
-        return self.sync_batch if self.sync_batch > 0 else min(self.window_batch, SYNC_BATCH_AUTO)
+    def gradient_batch(self, window_pixels: int = SYNC_BATCH_AUTO_PX) -> int:
+        """Windows per gradient pass for windows of ``window_pixels`` pixels."""
+        if self.sync_batch > 0:
+            return self.sync_batch
+        auto = max(1, int(SYNC_BATCH_AUTO * SYNC_BATCH_AUTO_PX / window_pixels))
+        return min(self.window_batch, auto)
 
     def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int,
              default_stride_px: int | None = None) -> WindowPlan:
@@ -135,11 +139,12 @@ class Windowing:
         self.anchor.window_index(plan)  # an index anchor must be on the grid
         return plan
 
-    def batching(self, oom_errors: tuple = (), release=None) -> BatchPolicy:
-        """The batching policy of these settings; ``oom_errors`` and ``release`` come from the runtime."""
+    def batching(self, oom_errors: tuple = (), release=None, window_pixels: int = SYNC_BATCH_AUTO_PX) -> BatchPolicy:
+        """The batching policy of these settings for windows of ``window_pixels`` pixels; ``oom_errors`` and
+        ``release`` come from the runtime."""
         advice = f"use loss_decoder '{LOSS_DECODERS[0]}' or 'taesd'" if self.sync.active else ""
         return BatchPolicy(
-            window_batch=self.window_batch, sync_batch=self.gradient_batch,
+            window_batch=self.window_batch, sync_batch=self.gradient_batch(window_pixels),
             sync_setting="sync_batch" if self.sync_batch > 0 else "window_batch",
             oom_errors=oom_errors, release=release, advice=advice,
         )

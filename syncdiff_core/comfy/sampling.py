@@ -174,7 +174,8 @@ class WindowedSampler(comfy.samplers.Sampler):
                     denoise, x, sigmas, plan,
                     sync=windowing.sync, decode=decode, loss=loss, anchor=windowing.anchor,
                     input_scale=lambda sigma: families.input_scale(ms, sigma),
-                    batching=windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache),
+                    batching=windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache,
+                                                plan.window_height * plan.window_width * facts.pixel_scale ** 2),
                     callback=report,
                     interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )

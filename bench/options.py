@@ -1,0 +1,69 @@
+"""The benchmarks' shared command-line options, and ComfyUI's start-up for a bench process.
+
+Plain Python: nothing here imports torch or ComfyUI, so ``start_comfy`` can set ComfyUI's switches before
+``comfy.model_management`` is imported (by ``bench.state`` and the modules after it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_run_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of one pack run (canvas, schedule, batching) and of the bench process (device, output, budget)."""
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny models, small canvas: checks the script")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for the results file")
+    p.add_argument("--budget-s", type=float, default=500.0, help="skip sections that would end after this")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sync-steps", type=int, default=10)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--stride", type=int, default=128, help="pixels")
+    p.add_argument("--window-px", type=int, default=0, help="0 = the model's native window")
+    p.add_argument("--window-batch", type=int, default=8)
+    p.add_argument("--sync-batch", type=int, default=0, help="0 = the pack's default")
+    p.add_argument("--loss-decoder", default="", help="empty: the pack's default")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def apply_tiny(a: argparse.Namespace) -> argparse.Namespace:
+    """``--tiny``: a canvas, schedule and budget small enough for the CPU (the options a parser lacks are skipped)."""
+    if a.tiny:
+        tiny = {"height": 32, "width": 128, "window_px": 32, "stride": 16, "widths": "96,160",
+                "window_batches": "1,4", "steps": 3, "sync_steps": 2, "repeats": 1, "sweep_steps": 2,
+                "budget_s": 1e9}
+        for k, v in tiny.items():
+            if hasattr(a, k):
+                setattr(a, k, v)
+    return a
+
+
+def start_comfy(tiny: bool, base_dir: Path | str) -> None:
+    """ComfyUI on ``sys.path`` with its models folder under ``base_dir`` (where the bench writes its random
+    trunk and TAESD files); with ``tiny`` on the CPU (``--cpu``, no CUDA device visible). Call before anything
+    imports ``comfy.model_management``; the settings hold for the whole process, as ComfyUI's own flags do."""
+    if tiny:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    for p in (ROOT / "scripts", ROOT):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    import comfy_headless
+
+    # ComfyUI's attention choice stays its own (as a user's ComfyUI picks it); log levels stay the caller's.
+    comfy_headless.bootstrap(base_dir, cpu=tiny, pytorch_attention=False, log_level=None)
+    sys.path.remove(str(ROOT))  # after ComfyUI's tree: the pack's nodes/ must never shadow ComfyUI's nodes.py
+    sys.path.insert(1, str(ROOT))
+
+
+def script_path_fix(script_dir: Path) -> None:
+    """A script in bench/ has bench/ first on ``sys.path``; its modules are imported as ``bench.<name>`` instead
+    (one name each, and none of them shadows a top-level module of ComfyUI or a library)."""
+    here = Path(script_dir).resolve()
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != here]
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
