@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..syncdiff_core.inputs import expect, expect_option
 from ..syncdiff_core.job import MAX_PX
 from ..syncdiff_core.panorama_decode import DEFAULT_PADDING
 from .common import CATEGORY
+
+#: SavePanorama360's file formats.
+FORMATS = ["png", "jpeg"]
 
 
 class PanoramaDecode(io.ComfyNode):
@@ -43,6 +47,8 @@ class PanoramaDecode(io.ComfyNode):
     def execute(cls, samples, vae, wrap: bool, padding: int, tile_width: int, tile_overlap: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.decode import decode_panorama_image
 
+        expect(samples=(samples, "LATENT"), vae=(vae, "VAE"))
+
         image = decode_panorama_image(
             vae, samples["samples"], wrap=wrap, padding=padding, tile_width_px=tile_width,
             tile_overlap_px=tile_overlap if tile_width else 0)
@@ -76,6 +82,8 @@ class PanoramaEncode(io.ComfyNode):
     def execute(cls, pixels, vae, wrap: bool, padding: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.decode import encode_panorama_image
 
+        expect(pixels=(pixels, "IMAGE"), vae=(vae, "VAE"))
+
         return io.NodeOutput({"samples": encode_panorama_image(vae, pixels, wrap=wrap, padding=padding)})
 
 
@@ -95,7 +103,7 @@ class SavePanorama360(io.ComfyNode):
                 io.String.Input("filename_prefix", default="panorama360",
                                 tooltip="File name prefix; may contain a subfolder and ComfyUI's %date% "
                                         "style placeholders, as in Save Image."),
-                io.Combo.Input("format", options=["png", "jpeg"], default="png",
+                io.Combo.Input("format", options=FORMATS, default="png",
                                tooltip="png: lossless, keeps the workflow too. jpeg: smaller, the format most "
                                        "photo sphere viewers and sites expect."),
                 io.Int.Input("jpeg_quality", default=95, min=1, max=100,
@@ -108,6 +116,9 @@ class SavePanorama360(io.ComfyNode):
     @classmethod
     def execute(cls, images: torch.Tensor, filename_prefix: str, format: str, jpeg_quality: int) -> io.NodeOutput:
         from ..syncdiff_core.comfy.output import save_panoramas
+
+        expect(images=(images, "IMAGE"))
+        expect_option("format", format, FORMATS)
 
         hidden = getattr(cls, "hidden", None)
         saved = save_panoramas(images, filename_prefix, format, jpeg_quality, prompt=getattr(hidden, "prompt", None),

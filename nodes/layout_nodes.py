@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..syncdiff_core.inputs import expect
 from ..syncdiff_core.regions import REGION_KEY, RegionSpec, as_mask
 from .common import CATEGORY
 
@@ -42,6 +43,7 @@ class LayoutMaskRegion(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, mask: torch.Tensor, bootstrap_fraction: float, soft_mask: bool,
                 regions=None) -> io.NodeOutput:
+        expect(conditioning=(conditioning, "CONDITIONING"), mask=(mask, "MASK"), regions=(regions, "CONDITIONING?"))
         mask = as_mask(mask)
         spec = RegionSpec(bootstrap_fraction=bootstrap_fraction, soft=soft_mask)
         region = [[emb, {**opts, "mask": mask, "set_area_to_bounds": False, "mask_strength": 1.0, REGION_KEY: spec}]

@@ -4,12 +4,16 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..syncdiff_core.inputs import expect, expect_option
 from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, POSITIONS, PanoramaJob,
-                                 Windowing, require_multiple)
+                                 Windowing, check_canvas_pixels, require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
 AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
+
+#: The Anchor Selector's modes ("reference image" is the core's "image" anchor).
+ANCHOR_OPTIONS = ["center", "index", "reference image"]
 
 #: Pixels per latent pixel of the empty canvas PanoramaLatent makes (as ComfyUI's EmptyLatentImage).
 LATENT_PX = 8
@@ -113,6 +117,7 @@ class PanoramaLatent(io.ComfyNode):
     def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
         require_multiple("width", width, LATENT_PX)
         require_multiple("height", height, LATENT_PX)
+        check_canvas_pixels(width, height, batch_size, "PanoramaLatent")
         samples = torch.zeros([batch_size, 4, height // LATENT_PX, width // LATENT_PX])
         # the sampler resizes an empty canvas to its model's grid (16 px for Flux.2, 32 for HunyuanImage 2.1)
         return io.NodeOutput({"samples": samples, "downscale_ratio_spacial": LATENT_PX})
@@ -127,7 +132,7 @@ class AnchorSelector(io.ComfyNode):
             category=CATEGORY,
             description="Chooses what the other windows are synchronized toward.",
             inputs=[
-                io.Combo.Input("mode", options=["center", "index", "reference image"], default="center",
+                io.Combo.Input("mode", options=ANCHOR_OPTIONS, default="center",
                                tooltip="center: the middle window (the reference code). index: the window of "
                                        "that number in raster order (0 = top-left, the paper's algorithm). "
                                        "reference image: pull every window toward the given image instead."),
@@ -143,6 +148,8 @@ class AnchorSelector(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode: str, index: int, image: torch.Tensor | None = None) -> io.NodeOutput:
+        expect(image=(image, "IMAGE?"))
+        expect_option("mode", mode, ANCHOR_OPTIONS)
         if mode == "reference image":
             if image is None:
                 raise ValueError("mode 'reference image' needs an image connected to the image input")
@@ -195,6 +202,9 @@ class SyncDiffusionSampler(io.ComfyNode):
                 positions=POSITIONS[0], anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import sample_panorama
 
+        expect(model=(model, "MODEL"), positive=(positive, "CONDITIONING"), negative=(negative, "CONDITIONING"),
+               vae=(vae, "VAE"), latent_image=(latent_image, "LATENT"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
+
         job = PanoramaJob(
             seed=seed, steps=steps, cfg=cfg, denoise=denoise, compile=COMPILE_BACKEND if compile else "",
             **windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
@@ -230,6 +240,8 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
                 loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, checkpoint_model=False, positions=POSITIONS[0],
                 anchor=None) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import WindowedSampler
+
+        expect(vae=(vae, "VAE?"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
 
         windowing = Windowing(**windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every,
                                                wrap, window_batch, loss_decoder, sync_batch, anchor, checkpoint_model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..syncdiff_core.inputs import expect
 from ..syncdiff_core.job import MAX_PX, MAX_WINDOW_BATCH, PanoramaJob
 from ..syncdiff_core.seams import SEAM_CONTEXT, seam_score
 from ..syncdiff_core.sync import SyncSettings
@@ -30,6 +31,7 @@ class PanoramaSeamScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: torch.Tensor) -> io.NodeOutput:
+        expect(image=(image, "IMAGE"))
         scores = seam_score(image)
         summary = "seam score " + ", ".join(f"{float(s):.2f}" for s in scores) + " (about 1 = seamless)"
         return io.NodeOutput(float(scores.mean()), summary, ui=ui.PreviewText(summary))
@@ -83,6 +85,9 @@ class PanoramaSeamRepair(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, image, seed, steps, cfg, denoise, band_width, feather,
                 window_size, stride, window_batch) -> io.NodeOutput:
         from ..syncdiff_core.comfy.seam_repair import repair_seam
+
+        expect(model=(model, "MODEL"), positive=(positive, "CONDITIONING"), negative=(negative, "CONDITIONING"),
+               vae=(vae, "VAE"), image=(image, "IMAGE"))
 
         job = PanoramaJob(seed=seed, steps=steps, cfg=cfg, denoise=denoise, window_px=window_size, stride_px=stride,
                           window_batch=window_batch, sync=SyncSettings(weight=0.0, steps=0))

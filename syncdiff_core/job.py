@@ -7,6 +7,7 @@ units of the widgets the user typed (pixels).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 from .batching import BatchPolicy
@@ -17,11 +18,19 @@ log = logging.getLogger("syncdiffusion")
 
 #: The largest canvas side, window or stride the nodes accept, in pixels.
 MAX_PX = 32768
+#: The most pixels (batch x width x height) one run may make, decode or encode: 2^28, about 268 megapixels (one
+#: 32768x8192 px panorama, or 64 of 2048x2048). The decoded IMAGE alone takes 12 bytes a pixel (3.2 GB here) and the
+#: VAE's activations many times that: beyond it a run would fail for memory anyway, after long work, or take the
+#: machine's memory from everything else. Checked before anything is allocated.
+MAX_CANVAS_PIXELS = 2**28
 #: What decodes x0 for the synchronization loss; the first is the default. ``vae_checkpointed``: the full VAE as in
 #: the paper, its blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the full
 #: VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
 #: (approximate, much cheaper).
 LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
+#: The smallest window side, in latent pixels, that the loss decoder takes while synchronizing (its GroupNorms need
+#: more than one value per group, LPIPS' VGG a few pixels after its pooling); twice that for ``vae_half``.
+MIN_SYNC_WINDOW_LATENT = 2
 #: Windows per gradient batch when ``sync_batch`` is 0, for 512 px windows. Measured on an H100 (SD2-base size,
 #: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 2.8 GiB with
 #: "vae_checkpointed"; 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
@@ -42,6 +51,24 @@ def require_multiple(name: str, value_px: int, scale: int) -> None:
     if value_px <= 0 or value_px % scale:
         raise ValueError(f"{name} must be a positive multiple of {scale} pixels (one latent pixel of this "
                          f"model), got {value_px}")
+
+
+def check_canvas_pixels(width_px: int, height_px: int, batch: int = 1, what: str = "the canvas",
+                        names: tuple[str, str, str] = ("batch_size", "width", "height")) -> None:
+    """``batch`` images of ``width_px`` x ``height_px`` must stay within :data:`MAX_CANVAS_PIXELS`, or a clear error
+    that names the widgets (``names``: the batch, width and height inputs) before anything is allocated."""
+    total = int(batch) * int(width_px) * int(height_px)
+    if total > MAX_CANVAS_PIXELS:
+        b, w, h = names
+        raise ValueError(
+            f"{what}: {b} {batch} x {w} {width_px} x {h} {height_px} px = {total / 1e6:,.0f} megapixels, more than "
+            f"the {MAX_CANVAS_PIXELS / 1e6:.0f} megapixels one run may make (the decoded images alone would take "
+            f"{12 * total / 1e9:,.1f} GB of memory); lower {w}, {h} or {b}")
+
+
+def require_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +128,12 @@ class Windowing:
         if self.window_px:
             require_multiple("window_size", self.window_px, scale)
         window = self.window_px // scale if self.window_px else native_window
+        least = MIN_SYNC_WINDOW_LATENT * (2 if self.loss_decoder == "vae_half" else 1)
+        if self.sync.active and window < least:
+            raise ValueError(f"window_size must be at least {least * scale} px while synchronizing (sync_weight > 0 "
+                             f"and sync_steps > 0): loss_decoder '{self.loss_decoder}' and LPIPS cannot take smaller "
+                             f"windows; got {window * scale} px. Raise window_size (0 = the model's native size) or "
+                             f"set sync_weight to 0")
         plan = plan_windows(canvas_height, canvas_width, window, stride_px // scale, wrap=self.wrap,
                             px_per_unit=scale)
         self.anchor.window_index(plan)  # an index anchor must be on the grid
@@ -132,6 +165,7 @@ class PanoramaJob(Windowing):
         super().__post_init__()
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        require_finite("cfg", self.cfg)
         if not 0.0 < self.denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
         object.__setattr__(self, "sync", self.for_steps(self.steps).sync)

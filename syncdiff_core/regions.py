@@ -25,6 +25,10 @@ class RegionSpec:
     bootstrap_fraction: float = 0.2
     soft: bool = False
 
+    def __post_init__(self):
+        if not 0.0 <= self.bootstrap_fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"bootstrap_fraction must be in [0, 1], got {self.bootstrap_fraction}")
+
     def bootstrap_steps(self, steps: int) -> int:
         return int(round(self.bootstrap_fraction * steps))
 

@@ -4,113 +4,30 @@ runs the pack's sampler ends in an image file written by SaveImage."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
 import comfy_harness as h
+from comfy_server import LINK_NAME, Server, ServerError
+from comfy_server import get as _get
+from comfy_server import post as _post
 
 pytestmark = pytest.mark.slow  # starts the real server in a subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 300  # generous: a busy 2-core CI machine
 RUN_TIMEOUT_S = 480
-LINK_NAME = "comfyui-syncdiffusion"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def _post(url: str, payload: dict, timeout: float = 30.0):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read().decode())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read().decode() or "{}")
-
-
-class Server:
-    def __init__(self, base: Path, models_dir: Path):
-        self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("custom_nodes", "output", "input", "temp", "user"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        # The pack as a user installs it: a folder (here a link to this checkout) in custom_nodes/.
-        (base / "custom_nodes" / LINK_NAME).symlink_to(ROOT, target_is_directory=True)
-        extra = base / "extra_model_paths.yaml"
-        extra.write_text(
-            "syncdiffusion_tests:\n"
-            f"    base_path: {models_dir}\n"
-            "    checkpoints: checkpoints\n"
-            "    lpips: lpips\n")
-        self.log_path = base / "server.log"
-        self.cmd = [sys.executable, str(h.comfy_headless.comfyui_path() / "main.py"),
-                    "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),
-                    "--base-directory", str(base),
-                    "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
-                    "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
-                    "--extra-model-paths-config", str(extra),
-                    "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--log-stdout"]
-        self.proc = None
-
-    def start(self):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.base, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {self.proc.returncode} during startup:\n{self.tail()}")
-            try:
-                _get(self.url + "/system_stats", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
-        pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        if getattr(self, "log", None):
-            self.log.close()
-
-    def tail(self, n: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
     srv = Server(tmp_path_factory.mktemp("server"), comfy.models_dir)
     try:
-        srv.start()
+        try:
+            srv.start()
+        except ServerError as e:
+            pytest.fail(str(e))
         yield srv
     finally:
         srv.stop()

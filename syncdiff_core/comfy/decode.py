@@ -6,6 +6,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
+from ..job import check_canvas_pixels
 from ..panorama_decode import decode_panorama, encode_panorama, plan_tiles, tiles_from_pixels
 
 
@@ -35,7 +36,14 @@ def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padd
                          f"{tuple(samples.shape)}")
     scale = vae_spatial_scale(vae)
     tile, overlap = tiles_from_pixels(tile_width_px, tile_overlap_px, scale)
-    total = len(plan_tiles(samples.shape[-1], tile, overlap, padding, wrap, px_per_unit=scale))
+    tiles = plan_tiles(samples.shape[-1], tile, overlap, padding, wrap, px_per_unit=scale)
+    images = samples.shape[0] * (samples.shape[2] if samples.ndim == 5 else 1)
+    height, width = samples.shape[-2] * scale, samples.shape[-1] * scale
+    check_canvas_pixels(width, height, images, "PanoramaDecode: the decoded image", ("batch", "width", "height"))
+    widest = max(t.context_left + t.width + t.context_right for t in tiles) * scale
+    check_canvas_pixels(widest, height, images, "PanoramaDecode: one decoded piece with its padding",
+                        ("batch", "width", "height"))
+    total = len(tiles)
     pbar = comfy.utils.ProgressBar(total)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
@@ -61,6 +69,9 @@ def encode_panorama_image(vae, image: torch.Tensor, *, wrap: bool = True, paddin
         raise ValueError(f"pixels must be an IMAGE (batch, height, width, channels), got shape {tuple(image.shape)}")
     scale = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else \
         vae_spatial_scale(vae)
+    width_px = image.shape[2] + (2 * padding * scale if wrap else 0)
+    check_canvas_pixels(width_px, image.shape[1], image.shape[0], "pixels (with the circular padding)",
+                        ("batch", "width", "height"))
     if image.shape[1] % scale:
         raise ValueError(f"pixels: the image's height ({image.shape[1]} px) must be a multiple of the VAE's {scale} px "
                          "per latent pixel")

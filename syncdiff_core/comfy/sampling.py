@@ -19,7 +19,7 @@ import latent_preview
 
 from .. import regions as core_regions
 from .. import sampler as core_sampler
-from ..job import PanoramaJob, Windowing
+from ..job import PanoramaJob, Windowing, check_canvas_pixels
 from ..gradients import saved_activation_copies
 from ..weights import trainable_weights
 from ..windows import crop_stack
@@ -43,12 +43,24 @@ def check_sigmas(sigmas: torch.Tensor) -> None:
                          "scheduler's output (flipped sigmas cannot be sampled)")
 
 
+def check_latent_size(samples: torch.Tensor, scale: int) -> None:
+    """The canvas a latent stands for must be within the pack's pixel limit (``job.MAX_CANVAS_PIXELS``)."""
+    if samples.ndim < 3:
+        raise ValueError(f"latent_image must be a LATENT (batch, channels, height, width), got shape "
+                         f"{tuple(samples.shape)}")
+    frames = samples.shape[0] * (samples.shape[2] if samples.ndim == 5 else 1)
+    check_canvas_pixels(samples.shape[-1] * scale, samples.shape[-2] * scale, frames, "latent_image",
+                        names=("batch", "width", "height"))
+
+
 def check_inputs(windowing: Windowing, model, vae, latent: torch.Tensor) -> tuple[families.Facts, object]:
     """Every rule that needs the model, before any model call: the family can be sampled (and synchronized) on this
-    latent, the windows fit the canvas in the family's pixels, synchronization has its VAE (or TAESD file), canvas
-    positions have the model's RoPE hook. Returns the family's facts and the window plan."""
+    latent, the canvas is within the pixel limit, the windows fit the canvas in the family's pixels, synchronization
+    has its VAE (or TAESD file), canvas positions have the model's RoPE hook. Returns the family's facts and the
+    window plan."""
     sync = windowing.sync.active
     facts = families.check_supported(model, latent, sync=sync, vae=vae if sync else None)
+    check_latent_size(latent, facts.pixel_scale)
     plan = windowing.plan(latent.shape[-2], latent.shape[-1], facts.pixel_scale, facts.native_latent,
                           facts.default_stride_px)
     if sync and windowing.loss_decoder == "taesd":
@@ -178,6 +190,7 @@ class WindowedSampler(comfy.samplers.Sampler):
 def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, vae=None, loss=None) -> dict:
     """Run SyncDiffusion (MultiDiffusion when sync is off) on a LATENT; returns a new LATENT dict."""
     # 1. check every input against the model, before any model is loaded
+    check_latent_size(latent["samples"], int(latent.get("downscale_ratio_spacial", 8)))  # before any allocation
     latent_image = families.prepare_latent(model, latent)
     facts, plan = check_inputs(job, model, vae, latent_image)
     positive, region_specs = prepare_layout(positive, latent_image, negative)

@@ -11,12 +11,12 @@ LPIPS's linear heads ship with the ``lpips`` package and are loaded from it.
 from .cache import clear_cache, load_lpips, load_style_features
 from .metrics import crop_counts, crop_grid, intra_lpips, intra_style_l
 from .networks import STYLE_LAYERS, LPIPSLoss, StyleFeatures, build_lpips, build_style_features, gram
-from .trunks import (TRUNKS, TrunkSpec, TrunkWeightsNotFound, find_trunk, hub_checkpoint_path, load_trunk_state_dict,
-                     resolve_trunk, vgg_features)
+from .trunks import (TRUNKS, TrunkFileError, TrunkSpec, TrunkWeightsNotFound, find_trunk, hub_checkpoint_path,
+                     load_trunk_state_dict, resolve_trunk, vgg_features)
 
 __all__ = [
-    "LPIPSLoss", "STYLE_LAYERS", "StyleFeatures", "TRUNKS", "TrunkSpec", "TrunkWeightsNotFound", "build_lpips",
-    "build_style_features", "clear_cache", "crop_counts", "crop_grid", "find_trunk", "gram", "hub_checkpoint_path",
-    "intra_lpips", "intra_style_l", "load_lpips", "load_style_features", "load_trunk_state_dict", "resolve_trunk",
-    "vgg_features",
+    "LPIPSLoss", "STYLE_LAYERS", "StyleFeatures", "TRUNKS", "TrunkFileError", "TrunkSpec", "TrunkWeightsNotFound",
+    "build_lpips", "build_style_features", "clear_cache", "crop_counts", "crop_grid", "find_trunk", "gram",
+    "hub_checkpoint_path", "intra_lpips", "intra_style_l", "load_lpips", "load_style_features", "load_trunk_state_dict",
+    "resolve_trunk", "vgg_features",
 ]

@@ -8,18 +8,33 @@ import torch
 
 from .networks import gram
 
+#: The most crops one image is cut into (32,640 pairs): the paper's 512x3072 px panoramas give 6. More would take
+#: hours and memory without changing what the mean says.
+MAX_CROPS = 256
+
+
 def crop_counts(height: int, width: int, window_px: int) -> tuple[int, int]:
     """Rows and columns of the non-overlapping ``window_px`` crops of a ``width`` x ``height`` px image; an image that
-    holds fewer than two crops cannot be measured (the metrics compare pairs) and gets a clear error."""
+    holds fewer than two crops cannot be measured (the metrics compare pairs) and gets a clear error, and so does
+    one cut into more than :data:`MAX_CROPS`."""
     if window_px < 1:
         raise ValueError(f"window_size must be positive, got {window_px}")
     rows, cols = height // window_px, width // window_px
+    if rows * cols > MAX_CROPS:
+        least = window_px
+        while (height // least) * (width // least) > MAX_CROPS:
+            least += 8
+        raise ValueError(
+            f"window_size {window_px} px cuts this {width}x{height} px image into {rows * cols} crops "
+            f"({rows * cols * (rows * cols - 1) // 2:,} pairs); at most {MAX_CROPS} crops are compared: use a "
+            f"window_size of at least {least} px (the model's native size, e.g. 512)"
+        )
     if rows * cols < 2:
         raise ValueError(
             f"image: a {width}x{height} px image holds {rows * cols} non-overlapping {window_px} px crop(s); the "
             f"coherence metrics compare pairs of crops, so it must hold at least two: make the image at least "
-            f"{2 * window_px}x{window_px} px (two windows wide, or tall), or window_size at most "
-            f"{max(width, height) // 2} px"
+            f"{2 * window_px}x{window_px} px (two windows wide, or tall)"
+            + (f", or window_size at most {max(width, height) // 2} px" if max(width, height) >= 32 else "")
         )
     return rows, cols
 
@@ -99,6 +114,10 @@ def intra_style_l(panorama_image: torch.Tensor, window_px: int, vgg19_features: 
     for b in range(n):
         per_crop = _chunked(lambda x: [gram(f.float()) for f in vgg19_features(x)], crops[b], chunk)
         grams = [torch.cat(layer) for layer in zip(*per_crop)]
-        terms = torch.stack([((g[ii] - g[jj]) ** 2).mean(dim=(1, 2)).mean() for g in grams])
+        pair_chunk = max(1, chunk * 16)  # (pairs, C, C) differences of relu5_1 take 1 MB a pair: bounded chunks
+        terms = torch.stack([
+            sum(((g[ii[s:s + pair_chunk]] - g[jj[s:s + pair_chunk]]) ** 2).mean(dim=(1, 2)).sum()
+                for s in range(0, len(ii), pair_chunk)) / len(ii)
+            for g in grams])
         out.append(terms if per_layer else terms.sum())
     return torch.stack(out)

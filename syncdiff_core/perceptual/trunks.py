@@ -154,32 +154,69 @@ def resolve_trunk(name: str, search_paths=None, *, allow_download: bool = True, 
     return dst
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+class TrunkFileError(ValueError):
+    """A trunk file that exists but is not a usable torchvision VGG file (truncated, another format, another
+    network, non-finite values). The message names the file and what was expected."""
+
+
+def _expected(spec: TrunkSpec) -> str:
+    return (f"Expected torchvision's ImageNet {spec.name.upper()} weights: '{spec.file_name}' ({spec.size_mb} MB, from "
+            f"{spec.url}), or a .safetensors with the same key names (features.0.weight, ...)")
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size / 2**20:.1f} MB"
+    except OSError:
+        return "size unknown"
+
+
+def _unreadable(spec: TrunkSpec, path: Path, kind: str, error: BaseException) -> TrunkFileError:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    reason = f"{type(error).__name__}: {text.split('. ')[0]}"[:300]  # the first sentence
+    return TrunkFileError(
+        f"{path} ({_size(path)}) cannot be read as a {kind} file ({reason}); it may be truncated (an interrupted "
+        f"download or copy) or another kind of file. {_expected(spec)}. Replace the file.")
+
+
+def _read_state_dict(path: Path, spec: TrunkSpec) -> dict[str, torch.Tensor]:
+    """The tensors of a trunk file, through safetensors or ``torch.load(weights_only=True)`` only (a file's pickled
+    code never runs); any failure to read it becomes a :class:`TrunkFileError` that names it."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         out = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                if k.startswith("features.") or k.split(".", 1)[0].isdigit():
-                    out[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    if k.startswith("features.") or k.split(".", 1)[0].isdigit():
+                        out[k] = f.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError, ...)
+            raise _unreadable(spec, path, "safetensors", e) from e
         return out
-    try:  # new zip format: memory-map, so the classifier's 470 MB are never read
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy format cannot be memory-mapped
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        try:  # new zip format: memory-map, so the classifier's 470 MB are never read
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # a damaged zip file: the legacy reader would only obscure the reason
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format cannot be mapped
+    except Exception as e:  # noqa: BLE001 - zip, unpickling (weights_only refusals too), EOF, OS errors
+        raise _unreadable(spec, path, "PyTorch (torch.save, weights only)", e) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, found a {type(sd).__name__}")
-    return sd
+        raise TrunkFileError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors. {_expected(spec)}.")
+    return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 def load_trunk_state_dict(name: str, path: str | os.PathLike, upto: int | None = None) -> dict[str, torch.Tensor]:
     """``features.*`` of a torchvision VGG file, as keys of :func:`vgg_features` (``"0.weight"``, ...), checked
-    against the architecture: a wrong or truncated file gives an error that names it."""
+    against the architecture: a wrong or truncated file gives a :class:`TrunkFileError` that names it and says
+    what was expected."""
     path = Path(path)
-    raw = _read_state_dict(path)
+    spec = TRUNKS[name]
+    raw = _read_state_dict(path, spec)
     feats = {}
     for k, v in raw.items():
         key = k[len("module."):] if k.startswith("module.") else k
@@ -194,10 +231,11 @@ def load_trunk_state_dict(name: str, path: str | os.PathLike, upto: int | None =
     if missing or wrong:
         detail = (f"missing features.{missing[0]} and {len(missing) - 1} more keys" if missing
                   else "wrong shapes: " + ", ".join(wrong[:3]))
-        raise ValueError(
-            f"{path} is not torchvision's {name.upper()} ({detail}). Use '{TRUNKS[name].file_name}' from "
-            f"{TRUNKS[name].url}, or a .safetensors with the same key names."
-        )
+        raise TrunkFileError(f"{path} is not torchvision's {name.upper()} ({detail}). {_expected(spec)}.")
+    bad = [f"features.{k}" for k in expected if not feats[k].is_floating_point() or not torch.isfinite(feats[k]).all()]
+    if bad:
+        raise TrunkFileError(f"{path} has non-float or non-finite (NaN/Inf) values in {', '.join(bad[:3])}"
+                             f"{' and more' if len(bad) > 3 else ''}; it is damaged. {_expected(spec)}.")
     return {k: feats[k].float() for k in expected}
 
 
