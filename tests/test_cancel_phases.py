@@ -15,7 +15,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as h
 from layout_helpers import one_thread
 
 SEED = 21
