@@ -161,7 +161,7 @@ def child(opts) -> dict:
             "sync_weight": 20.0, "sync_decay": 0.95, "sync_steps": opts.sync_steps, "sync_every": 1, "wrap": False,
             "window_batch": 8}},
     }
-    runs = []
+    runs, latents = [], []
     for k in range(2):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -175,13 +175,16 @@ def child(opts) -> dict:
             if torch.cuda.is_available() else (None, None)
         runs.append({"seconds": round(seconds, 3), "peak_allocated_gib": peak[0], "peak_reserved_gib": peak[1]})
         latent = result["6"][0]["samples"]
+        latents.append(latent.float().cpu())
     torch.save(latent.cpu(), Path(opts.out) / f"latent-{lane}-{mode}.pt")
     after = _checksums(model.model)
     changed = [k for k in before if before[k] != after.get(k)]
     return {"lane": lane, "mode": mode, "flags_found": found, "aimdo": aimdo, "dynamic_patcher": dynamic,
             "device": str(mm.get_torch_device()), "torch": torch.__version__, "runs": runs,
             "model_unchanged": not changed and before.keys() == after.keys(), "changed": changed[:5],
-            "latent_std": float(latent.float().std()), "finite": bool(torch.isfinite(latent).all())}
+            "latent_std": float(latent.float().std()), "finite": bool(torch.isfinite(latent).all()),
+            # the same prompt twice in one process: the GPU's own run-to-run spread (the floor for the comparisons)
+            "repeat_relative_difference": float((latents[1] - latents[0]).norm() / latents[0].norm())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,6 +270,8 @@ def main(argv=None) -> int:
               f"  {r['model_unchanged']}")
     for k, v in report["differences"].items():
         print(f"relative difference {k}: {v:.2e}")
+    for r in report["results"]:
+        print(f"same prompt twice, {r['lane']}/{r['mode']}: {r['repeat_relative_difference']:.2e}")
     for e in report["errors"]:
         print("ERROR", e)
     return 1 if report["errors"] else 0
