@@ -330,18 +330,15 @@ def fc_weights(module):
     return trainable_weights(module)
 
 
-def test_prepare_latent_resizes_empty_latents_where_comfyui_can(fm, families):
-    """ComfyUI 0.33's KSampler resizes an empty LATENT made at 8 px (EmptyLatentImage) to the model's own grid;
-    0.3.75 has no such parameter. ``prepare_latent`` does what this ComfyUI's KSampler does."""
-    import inspect
-
-    import comfy.sample
+def test_prepare_latent_resizes_empty_latents_to_the_models_grid(fm, families):
+    """An empty LATENT made at 8 px (EmptyLatentImage, Panorama Latent) is resized to the model's own grid: by
+    ComfyUI 0.33's fix_empty_latent_channels, by ``prepare_latent`` itself on 0.3.75 (which cannot). A latent without
+    the ratio key, or with content, keeps its shape."""
     fam = _family(fm, "flux2")
     empty = {"samples": torch.zeros(1, 4, 16, 24), "downscale_ratio_spacial": 8}
-    out = families.prepare_latent(fam.model, empty)
-    if "downscale_ratio_spacial" in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters:
-        assert out.shape == (1, 128, 8, 12)  # 128 x 192 px at 16 px per latent px
-    else:
-        assert out.shape == (1, 128, 16, 24)
+    assert families.prepare_latent(fam.model, empty).shape == (1, 128, 8, 12)  # 128 x 192 px at 16 px per latent px
+    assert families.prepare_latent(fam.model, {"samples": torch.zeros(1, 4, 16, 24)}).shape == (1, 128, 16, 24)
+    full = {"samples": torch.ones(1, 128, 16, 24), "downscale_ratio_spacial": 8}
+    assert families.prepare_latent(fam.model, full).shape == (1, 128, 16, 24)
     qwen = families.prepare_latent(_family(fm, "qwen_image").model, {"samples": torch.zeros(1, 4, 16, 24)})
     assert qwen.shape == (1, 16, 1, 16, 24)
