@@ -161,6 +161,22 @@ class Server:
         return not q.get("queue_running") and not q.get("queue_pending")
 
 
+def running(base: Path, models_dir: Path, env: dict | None = None):
+    """A started :class:`Server` for a pytest fixture to yield (``yield from running(...)``): a start that fails
+    fails the test with the server's reason; the server stops afterwards in any case."""
+    import pytest
+
+    srv = Server(base, models_dir, **({"env": env} if env is not None else {}))
+    try:
+        try:
+            srv.start()
+        except ServerError as e:
+            pytest.fail(str(e))
+        yield srv
+    finally:
+        srv.stop()
+
+
 def saved_files(server: Server, entry: dict) -> list[Path]:
     """The output files a finished prompt's history entry lists."""
     files = []

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,15 +35,8 @@ class PageProblem(AssertionError):
 
 # ----------------------------------------------------------------------------- server
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode())
+from comfy_server import free_port as _free_port  # noqa: E402
+from comfy_server import get as get_json  # noqa: E402
 
 
 class FrontendServer:

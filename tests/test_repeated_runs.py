@@ -14,7 +14,7 @@ import time
 import pytest
 
 import comfy_harness as h
-from comfy_server import ONE_THREAD, Server, ServerError, process_stats, saved_files
+from comfy_server import ONE_THREAD, process_stats, running, saved_files
 
 RUNS = int(os.environ.get("SYNCDIFF_REPEAT_RUNS", "25"))
 REFERENCE_RUN = 10  # the figures after this run are the baseline (first-run caches, allocator pools are warm)
@@ -24,15 +24,7 @@ RUN_TIMEOUT_S = 120  # one run takes a few seconds; this only guards against a h
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
-    srv = Server(tmp_path_factory.mktemp("repeat_server"), comfy.models_dir, env=ONE_THREAD)
-    try:
-        try:
-            srv.start()
-        except ServerError as e:
-            pytest.fail(str(e))
-        yield srv
-    finally:
-        srv.stop()
+    yield from running(tmp_path_factory.mktemp("repeat_server"), comfy.models_dir, env=ONE_THREAD)
 
 
 def panorama_prompt(ckpt_name: str, seed: int) -> dict:

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 import comfy_harness as h
-from comfy_server import LINK_NAME, Server, ServerError
+from comfy_server import LINK_NAME, running
 from comfy_server import get as _get
 from comfy_server import post as _post
 
@@ -22,15 +22,7 @@ RUN_TIMEOUT_S = 480
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
-    srv = Server(tmp_path_factory.mktemp("server"), comfy.models_dir)
-    try:
-        try:
-            srv.start()
-        except ServerError as e:
-            pytest.fail(str(e))
-        yield srv
-    finally:
-        srv.stop()
+    yield from running(tmp_path_factory.mktemp("server"), comfy.models_dir)
 
 
 def _panorama_prompt(ckpt_name: str) -> dict:
