@@ -209,3 +209,29 @@ def test_stride_errors_speak_pixels(comfy, run_prompt, object_node, micro):
         run_prompt(prompt)
     message = info.value.exception_message
     assert "stride (72 px)" in message and "window size (64 px)" in message and "latent px" not in message
+
+
+@pytest.mark.slow
+def test_a_flux_graph_with_basic_guider_and_flux_guidance(comfy, run_prompt, object_node, lpips):
+    """The graph Flux users build: FluxGuidance -> BasicGuider -> SamplerCustomAdvanced with the SyncDiffusion
+    SAMPLER, BasicScheduler's sigmas for the model; synchronized, on a tiny Flux.1 (tests/family_models.py)."""
+    import family_models
+    if "flux" not in family_models.available():
+        pytest.skip("this ComfyUI has no Flux family")
+    fam = family_models.build("flux")
+    latent = {"samples": fam.latent(32, 96)}
+    prompt = {
+        "1": object_node(fam.model, "MODEL"), "2": object_node(fam.positive, "CONDITIONING"),
+        "4": object_node(latent, "LATENT"), "5": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+        "12": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
+        "6": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["12", 0]}},
+        "7": scheduler(comfy, 2, name="simple"),
+        "8": sampler_node(window_size=32, stride=16, sync_weight=20.0, sync_steps=1),
+        "9": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["5", 0], "guider": ["6", 0], "sampler": ["8", 0], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
+        "10": object_node(fam.vae, "VAE"),
+    }
+    prompt["8"]["inputs"]["vae"] = ["10", 0]
+    output, denoised = run_prompt(prompt)["9"]
+    assert output["samples"].shape == latent["samples"].shape and torch.isfinite(output["samples"]).all()
+    assert torch.allclose(output["samples"], denoised["samples"], rtol=0, atol=1e-5)  # the schedule ends at 0
