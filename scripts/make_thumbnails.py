@@ -5,8 +5,9 @@ ComfyUI's template browser shows a custom node pack's templates with the file na
 one-line description: both come from the workflow's note, whose first line is ``## Title`` and whose next paragraph
 is the description in italics (``*...*``).
 
-Below them, a diagram of what the workflow samples, for each SyncDiffusion Sampler: the canvas (from its Panorama
-Latent), the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
+Below them, a diagram of what the workflow samples, for each windowed node (SyncDiffusion Sampler, the SAMPLER of
+SyncDiffusion Custom Sampler, Panorama Seam Repair): the canvas (its Panorama Latent, scaled by an Image Scale By on
+the way; a loaded image is drawn as a 2:1 equirectangular one), the seam band of a repair, the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
 and what conditions them, evaluated from the stock nodes that build it: the ControlNet hint image (EmptyImage,
 ImageCompositeMasked, ImageFlip) as the canvas, and the layout regions' masks (SolidMask, MaskComposite).
 
@@ -27,9 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = (512, 288)
 QUALITY = 90
 BACKGROUND = (24, 26, 33)
-# SyncDiffusionSampler widget order: seed, control, steps, cfg, window_size, stride, sync_weight, sync_decay,
-# sync_steps, sync_every, wrap, window_batch, loss_decoder, sync_batch, compile
-WINDOW, STRIDE, SYNC_WEIGHT, WRAP = 4, 5, 6, 10
+# Where window_size, stride, sync_weight and wrap sit in each windowed node's widgets_values (schema order; the
+# seed's "control after generate" value counts as a widget).
+WIDGET_INDEX = {"SyncDiffusionSampler": (4, 5, 6, 10), "SyncDiffusionCustomSampler": (0, 1, 2, 6),
+                "PanoramaSeamRepair": (7, 8, None, None)}
+SEAM_BAND, SEAM_FEATHER = 5, 6  # PanoramaSeamRepair's band_width and feather
+# A LoadImage's size is not in the workflow: a seam-repair thumbnail draws a 2:1 equirectangular image.
+LOADED_IMAGE_SIZE = (2048, 1024)
 REGION_COLOURS = [(255, 120, 90), (120, 170, 255), (200, 120, 255), (255, 220, 90)]
 
 
@@ -77,6 +82,30 @@ class Graph:
                     order.append(src)
                     queue.append(src)
         return order
+
+    def consumers(self, node: dict) -> list[dict]:
+        """The nodes that take one of ``node``'s outputs."""
+        ids = {link for out in node.get("outputs") or [] for link in out.get("links") or []}
+        return [n for n in self.nodes.values() if any(i.get("link") in ids for i in n.get("inputs") or [])]
+
+    def canvas_size(self, node: dict | None, depth: int = 0) -> tuple[int, int] | None:
+        """(width, height) in pixels of the LATENT or IMAGE ``node`` outputs, followed back through the stock
+        and pack nodes a panorama passes: Panorama Latent, samplers, decoders, encoders, Image Scale By, Load Image."""
+        if node is None or depth > 32:
+            return None
+        w = node.get("widgets_values") or []
+        kind = node["type"]
+        if kind == "PanoramaLatent":
+            return int(w[0]), int(w[1])
+        if kind == "LoadImage":
+            return LOADED_IMAGE_SIZE
+        if kind == "ImageScaleBy":
+            size = self.canvas_size(self.source(node, "image"), depth + 1)
+            return None if size is None else (round(size[0] * float(w[1])), round(size[1] * float(w[1])))
+        for name in ("latent_image", "samples", "pixels", "image"):
+            if self.source(node, name) is not None:
+                return self.canvas_size(self.source(node, name), depth + 1)
+        return None
 
     def mask(self, node: dict | None) -> np.ndarray | None:
         """A mask (h, w) in [0, 1] evaluated from SolidMask / MaskComposite nodes; None for anything else."""
@@ -141,9 +170,12 @@ def _canvas_background(width: int, height: int) -> Image.Image:
 
 def _sampler_row(d: ImageDraw.ImageDraw, img: Image.Image, g: Graph, sampler: dict, box: tuple) -> None:
     x0, y0, avail_w, avail_h = box
-    latent = next((n for n in g.upstream(sampler) if n["type"] == "PanoramaLatent"), None)
-    width, height = (latent.get("widgets_values") or [2048, 512])[:2] if latent else (2048, 512)
+    # a SAMPLER's canvas is the latent of the node that runs it (SamplerCustomAdvanced)
+    runner = next((n for n in g.consumers(sampler) if g.source(n, "sampler") is sampler), sampler)
+    width, height = g.canvas_size(runner) or (2048, 512)
     sw = sampler.get("widgets_values") or []
+    at = WIDGET_INDEX[sampler["type"]]
+    widget = lambda k, default: sw[at[k]] if at[k] is not None and len(sw) > at[k] else default  # noqa: E731
     scale = min(avail_w / width, (avail_h - 16) / height)
     cw, ch = max(1, round(width * scale)), max(1, round(height * scale))
 
@@ -171,10 +203,18 @@ def _sampler_row(d: ImageDraw.ImageDraw, img: Image.Image, g: Graph, sampler: di
             label = (prompt.get("title") if prompt else None) or region.get("title") or f"region {k + 1}"
             d.text((x0 + bbox[0] + 3, y0 + bbox[1] + 2), label, fill=(255, 255, 255), font=small)
 
-    win = (sw[WINDOW] if len(sw) > WINDOW else 0) or 512
-    stride = (sw[STRIDE] if len(sw) > STRIDE else 0) or 128
-    wrap = bool(sw[WRAP]) if len(sw) > WRAP else False
-    synced = bool(sw[SYNC_WEIGHT]) if len(sw) > SYNC_WEIGHT else True
+    win = widget(0, 0) or 512
+    stride = widget(1, 0) or 128
+    synced = bool(widget(2, sampler["type"] != "PanoramaSeamRepair"))  # seam repair: MultiDiffusion
+    wrap = bool(widget(3, False))
+    if sampler["type"] == "PanoramaSeamRepair":  # the band around the seam, rolled to the middle
+        band, feather = int(sw[SEAM_BAND]), int(sw[SEAM_FEATHER])
+        left, right = width / 2 - band / 2 - feather, width / 2 + band / 2 + feather
+        tint = Image.new("RGB", (cw, ch), (255, 90, 90))
+        box_px = (round(x0 + left * scale), y0, round(x0 + right * scale), y0 + ch)
+        region = img.crop(box_px)
+        img.paste(Image.blend(region, tint.crop((0, 0) + region.size), 0.45), box_px[:2])
+        d.text((box_px[0] + 3, y0 + 2), f"seam band {band} px", fill=(255, 255, 255), font=small)
     tops = range(0, max(height - win, 0) + 1, stride)
     lefts = range(0, width, stride) if wrap else range(0, max(width - win, 0) + 1, stride)
     colour = (255, 200, 60) if synced else (120, 200, 255)
@@ -213,7 +253,7 @@ def draw(workflow: dict, fallback_title: str) -> Image.Image:
         d.text((16, y), line, fill=(190, 195, 205), font=font(14))
         y += 18
     g = Graph(workflow)
-    samplers = sorted((n for n in workflow["nodes"] if n["type"] == "SyncDiffusionSampler"), key=lambda n: n["pos"][1])
+    samplers = sorted((n for n in workflow["nodes"] if n["type"] in WIDGET_INDEX), key=lambda n: n["pos"][1])
     top = y + 10
     row_h = (SIZE[1] - top - 6) / max(len(samplers), 1)
     for r, sampler in enumerate(samplers):

@@ -179,6 +179,72 @@ def link_checkpoint(existing: Path, name: str) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- what example workflows name
+
+# The stock loaders' file inputs and the models folder each lists (what a workflow's ``models`` entries name).
+MODEL_LOADERS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints", ("CheckpointLoader", "ckpt_name"): "checkpoints",
+    ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
+    ("ControlNetLoader", "control_net_name"): "controlnet", ("DiffControlNetLoader", "control_net_name"): "controlnet",
+    ("UNETLoader", "unet_name"): "diffusion_models", ("VAELoader", "vae_name"): "vae",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders", ("DualCLIPLoader", "clip_name2"): "text_encoders",
+}
+
+
+def _active_widgets(workflow: dict, classes: dict):
+    """(node, {widget name: value}) of every node of the workflow that runs (not muted), in file order."""
+    import workflow_convert as wc
+    for n in workflow["nodes"]:
+        if n.get("mode", 0) == wc.MODE_MUTED or n["type"] not in classes:
+            continue
+        specs = [s for s in wc.node_inputs(classes[n["type"]]) if s.is_widget]
+        yield n, wc.assign_widgets(n, specs).values
+
+
+def named_models(workflow: dict, classes: dict) -> set[tuple[str, str]]:
+    """(file name, models folder) of every model file the workflow's active loaders select."""
+    return {(values[inp], folder) for n, values in _active_widgets(workflow, classes)
+            for (ntype, inp), folder in MODEL_LOADERS.items() if n["type"] == ntype and inp in values}
+
+
+def named_input_images(workflow: dict, classes: dict) -> set[str]:
+    """File names the workflow's LoadImage nodes read from ComfyUI's input folder."""
+    return {values["image"] for n, values in _active_widgets(workflow, classes) if n["type"] == "LoadImage"}
+
+
+def provide_workflow_files(workflow: dict, classes: dict, models_dir: Path, input_dir: Path, tiny_ckpt: Path,
+                           family: str = "sd15") -> None:
+    """Put a file under every name the workflow's loaders and LoadImage nodes select: the tiny checkpoint
+    (linked) for checkpoints, a tiny random ControlNet of ``family`` for ControlNets, a small 2:1 test picture for
+    images, and an empty placeholder for the rest (diffusion models, text encoders, VAEs): enough for ComfyUI's
+    validation and the frontend's model lists, which only read names; a run replaces those loaders
+    (``tests/test_example_workflows.py``, ``stand_in_family``)."""
+    import numpy as np
+    from PIL import Image
+
+    import tiny_models as tm
+    for name, folder in named_models(workflow, classes):
+        target = models_dir / folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            continue
+        if folder == "checkpoints":
+            target.symlink_to(tiny_ckpt)
+        elif folder == "controlnet":
+            tm.write_controlnet(target, family=family, seed=SEED + 5)
+        else:
+            target.write_bytes(b"")
+    for name in named_input_images(workflow, classes):
+        target = input_dir / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            x = np.linspace(0, 255, 128, dtype=np.float32)
+            rgb = np.stack([np.broadcast_to(x, (64, 128)), np.broadcast_to(x[::-1], (64, 128)),
+                            np.full((64, 128), 96.0)], axis=-1)
+            Image.fromarray(rgb.astype(np.uint8), "RGB").save(target)
+
+
 def write_random_lpips_trunk(seed: int = SEED) -> Path:
     """A random VGG16 trunk in ComfyUI's ``models/lpips``, where the pack looks first, so synchronization runs
     offline in tests. Random weights: the loss is meaningless as a perception measure but has the real

@@ -39,6 +39,10 @@ from comfy_server import free_port as _free_port  # noqa: E402
 from comfy_server import get as get_json  # noqa: E402
 
 
+# The models folders the server lists from the tests' models directory (what the example workflows load).
+MODEL_FOLDERS = ("checkpoints", "controlnet", "diffusion_models", "text_encoders", "vae", "lpips")
+
+
 class FrontendServer:
     """``main.py --cpu`` with a temp base directory, the pack linked into its custom_nodes, the test models'
     folders as extra model paths, and a user whose first-run template dialog has already been seen."""
@@ -55,9 +59,7 @@ class FrontendServer:
         extra = base / "extra_model_paths.yaml"
         extra.write_text("syncdiffusion_frontend_test:\n"
                          f"    base_path: {models_dir}\n"
-                         "    checkpoints: checkpoints\n"
-                         "    controlnet: controlnet\n"
-                         "    lpips: lpips\n")
+                         + "".join(f"    {folder}: {folder}\n" for folder in MODEL_FOLDERS))
         self.log_path = base / "server.log"
         self.cmd = [sys.executable, str(comfy_headless.comfyui_path() / "main.py"),
                     "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),

@@ -1,16 +1,19 @@
 """Every UI-format workflow in example_workflows/ (what ComfyUI's template browser shows) is checked against the
 live node schemas and executed, converted to API format, through ComfyUI's PromptExecutor with the tiny model.
 
-How the tiny model stands in: each checkpoint file a workflow names (any checkpoint combo, e.g.
-``v1-5-pruned-emaonly.safetensors``) is provided in the temp checkpoints folder as a link to the tiny SD1.x
-checkpoint, so the workflow's own ``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged; each
-ControlNet file a workflow names gets a tiny random ControlNet for that UNet (``tiny_models.write_controlnet``). A
-random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only, the executed copy
-is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride) divided by 8 (window 0 =
-native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema checks use the file as it is.
+How the tiny models stand in: every file a workflow's loaders name is provided under that name
+(``comfy_harness.provide_workflow_files``): checkpoints as links to the tiny SD1.x checkpoint, so the workflow's own
+``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged; ControlNets as tiny random ControlNets for
+that UNet; images a LoadImage reads as a small 2:1 test picture; other model files as empty placeholders. Workflows
+of families whose text encoders ComfyUI builds only at full size (SDXL, Flux, Qwen-Image; ``FAMILY_STAND_INS``) run
+with that family's tiny random model, VAE and conditioning in place of their loaders and text encoders
+(``stand_in_family``). A random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only,
+the executed copy is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride, a seam band and
+its feather) divided by 8 (window 0 = native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema
+checks use the file as it is.
 
-What a user sees of each workflow is checked too: its ``models`` list offers every checkpoint and ControlNet it
-loads for download (what the frontend needs to offer it), its note starts with the template's title and one-line
+What a user sees of each workflow is checked too: its ``models`` list offers every model file its loaders
+select for download (what the frontend needs to offer it), its note starts with the template's title and one-line
 description and says what it costs on a GPU and that a CPU is too slow, and its thumbnail is what
 ``scripts/make_thumbnails.py`` draws from it. (How the frontend draws it: ``tests/test_frontend.py``.)
 """
@@ -28,14 +31,10 @@ from PIL import Image
 
 import comfy_harness as h
 import make_thumbnails
-import tiny_models
 import workflow_convert as wc
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
-CHECKPOINT_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"), ("CheckpointLoader", "ckpt_name"),
-                     ("ImageOnlyCheckpointLoader", "ckpt_name")}
-CONTROLNET_INPUTS = {("ControlNetLoader", "control_net_name"), ("DiffControlNetLoader", "control_net_name")}
 # What ComfyUI's frontend (1.32, MissingModelsWarning) accepts for a download offer
 DOWNLOAD_URL = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/(?P<file>[^?#]+)$")
 DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
@@ -45,27 +44,43 @@ def test_there_are_example_workflows():
     assert WORKFLOWS, "example_workflows/ holds no .json workflow"
 
 
-def _provide_named_files(workflow: dict, tiny) -> list[str]:
-    """Link the tiny checkpoint under every checkpoint name the workflow uses, and write a tiny random
-    ControlNet (for the tiny UNet's family) under every ControlNet name. Returns the names."""
-    names = []
-    for n in workflow["nodes"]:
-        if n.get("mode", 0) in (wc.MODE_MUTED,):
-            continue
-        for (ntype, inp) in CHECKPOINT_INPUTS | CONTROLNET_INPUTS:
-            if n.get("type") != ntype:
-                continue
-            cls = h.runtime().nodes.NODE_CLASS_MAPPINGS[ntype]
-            widgets = [s for s in wc.node_inputs(cls) if s.is_widget]
-            assigned = wc.assign_widgets(n, widgets).values
-            if inp in assigned and (ntype, inp) in CONTROLNET_INPUTS:
-                path = h.runtime().model_folder("controlnet") / assigned[inp]
-                if not path.exists():
-                    tiny_models.write_controlnet(path, family=tiny.family, seed=h.SEED + 5)
-                names.append(assigned[inp])
-            elif inp in assigned:
-                names.append(h.link_checkpoint(tiny.ckpt_path, assigned[inp]))
-    return names
+# Text encoders that ComfyUI builds only at their real size (SDXL's CLIP-G, Flux's T5-XXL, Qwen-Image's 7 B
+# Qwen2.5-VL) are out of reach of a CPU test: a workflow that loads one of these model files runs with the tiny
+# random model of that family (tests/family_models.py) in place of its loaders and text encoders; every other node
+# (guidance, model sampling, guider, scheduler, the pack's nodes, decode, save) runs as saved.
+FAMILY_STAND_INS = {"sd_xl_base_1.0.safetensors": "sdxl", "flux1-dev.safetensors": "flux",
+                    "qwen_image_fp8_e4m3fn.safetensors": "qwen_image"}
+TEXT_ENCODERS = {"CLIPTextEncode"}
+
+
+def _provide_files(comfy, tiny, wf: dict) -> None:
+    h.provide_workflow_files(wf, comfy.nodes.NODE_CLASS_MAPPINGS, comfy.models_dir, comfy.input_dir,
+                             tiny.ckpt_path, tiny.family)
+
+
+def stand_in_family(prompt: dict, family: str, node_classes: dict) -> dict:
+    """A copy of ``prompt`` whose model loaders and text encoders are replaced by the tiny ``family``'s model, VAE
+    and conditioning (a text encoder feeding an input named ``negative`` gives the negative conditioning)."""
+    import family_models as fm
+    fam = fm.build(family)
+    loaders = {ntype for ntype, _ in h.MODEL_LOADERS}
+    gone = {nid for nid, n in prompt.items() if n["class_type"] in loaders | TEXT_ENCODERS}
+    objects = {"MODEL": h.object_node(fam.model, "MODEL"), "VAE": h.object_node(fam.vae, "VAE"),
+               "positive": h.object_node(fam.positive, "CONDITIONING"),
+               "negative": h.object_node(fam.negative, "CONDITIONING")}
+    p = {nid: copy.deepcopy(n) for nid, n in prompt.items() if nid not in gone}
+    for node in p.values():
+        for name, v in node["inputs"].items():
+            if isinstance(v, list) and v[0] in gone:
+                src = prompt[v[0]]
+                if src["class_type"] in TEXT_ENCODERS:
+                    kind = "negative" if name == "negative" else "positive"
+                else:
+                    kind = node_classes[src["class_type"]].RETURN_TYPES[v[1]]
+                assert kind in objects, f"no stand-in for {src['class_type']} output {kind} (into {name})"
+                node["inputs"][name] = [f"standin_{kind}", 0]
+    p.update({f"standin_{kind}": n for kind, n in objects.items()})
+    return p
 
 
 def shrink_for_cpu(prompt: dict, node_classes: dict) -> dict:
@@ -88,7 +103,7 @@ def shrink_for_cpu(prompt: dict, node_classes: dict) -> dict:
                 ins[name] = snap(v, spec, lo=64)
             elif name == "window_size" and spec.type == "INT":
                 ins[name] = snap(v or 512, spec, lo=64)
-            elif name == "stride" and spec.type == "INT":
+            elif name in ("stride", "band_width", "feather") and spec.type == "INT":
                 ins[name] = snap(v, spec)
             elif name == "steps" and spec.type == "INT":
                 ins[name] = max(spec.options.get("min", 1), min(v, 2))
@@ -114,7 +129,7 @@ def test_workflow_matches_current_schemas(prepared, path):
     known = comfy.nodes.NODE_CLASS_MAPPINGS
     unknown = sorted({n["type"] for n in wf["nodes"]} - set(known) - wc.FRONTEND_ONLY)
     assert not unknown, f"{path.name}: node types that do not exist: {unknown}"
-    _provide_named_files(wf, tiny)
+    _provide_files(comfy, tiny, wf)
     conv = wc.convert(wf, known, strict=False)
     assert not conv.problems, f"{path.name}:\n  " + "\n  ".join(conv.problems)
     # the pack's nodes are used, and what the template browser shows is a graph that ends in an output
@@ -128,8 +143,14 @@ def test_workflow_matches_current_schemas(prepared, path):
 def test_workflow_executes_with_the_tiny_model(prepared, path):
     comfy, tiny = prepared
     wf = wc.load_workflow(path)
-    _provide_named_files(wf, tiny)
-    prompt = shrink_for_cpu(wc.convert(wf, comfy.nodes.NODE_CLASS_MAPPINGS).prompt, comfy.nodes.NODE_CLASS_MAPPINGS)
+    _provide_files(comfy, tiny, wf)
+    classes = comfy.nodes.NODE_CLASS_MAPPINGS
+    prompt = wc.convert(wf, classes).prompt
+    families = {FAMILY_STAND_INS[name] for name, _ in h.named_models(wf, classes) if name in FAMILY_STAND_INS}
+    assert len(families) <= 1, f"{path.name} loads models of several families: {families}"
+    if families:
+        prompt = stand_in_family(prompt, families.pop(), classes)
+    prompt = shrink_for_cpu(prompt, classes)
     result = comfy.run_prompt(prompt)
     assert result.success
     saved = result.image_files()
@@ -137,25 +158,11 @@ def test_workflow_executes_with_the_tiny_model(prepared, path):
         assert saved and all(f.is_file() for f in saved), f"{path.name}: SaveImage wrote nothing"
 
 
-def _loaded_models(workflow: dict, classes: dict) -> set[tuple[str, str]]:
-    """(file name, models folder) of every checkpoint and ControlNet the workflow's active loaders select."""
-    found = set()
-    for n in workflow["nodes"]:
-        if n.get("mode", 0) == wc.MODE_MUTED:
-            continue
-        for (ntype, inp) in CHECKPOINT_INPUTS | CONTROLNET_INPUTS:
-            if n.get("type") == ntype:
-                widgets = [s for s in wc.node_inputs(classes[ntype]) if s.is_widget]
-                folder = "controlnet" if (ntype, inp) in CONTROLNET_INPUTS else "checkpoints"
-                found.add((wc.assign_widgets(n, widgets).values[inp], folder))
-    return found
-
-
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_offers_its_models_for_download(comfy, path):
     wf = wc.load_workflow(path)
     listed = wf.get("models") or []
-    assert {(m["name"], m["directory"]) for m in listed} == _loaded_models(wf, comfy.nodes.NODE_CLASS_MAPPINGS), \
+    assert {(m["name"], m["directory"]) for m in listed} == h.named_models(wf, comfy.nodes.NODE_CLASS_MAPPINGS), \
         f"{path.name}: the models list does not match the models its loaders select"
     for m in listed:
         match = DOWNLOAD_URL.match(m["url"])

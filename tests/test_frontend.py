@@ -1,8 +1,10 @@
 """The real frontend: ComfyUI's server (``main.py --cpu``) with this pack, driven in headless Chromium.
 
-One server and one browser for the whole module. The server gets tiny random-weight models under the names the
-example workflows use (the tiny SD1.x checkpoint linked as ``v1-5-pruned-emaonly.safetensors``, a tiny ControlNet
-for each ControlNet name, a random LPIPS trunk in ``models/lpips``). For every example workflow, opened as a user
+One server and one browser for the whole module. The server gets a file under every name the example workflows'
+loaders and LoadImage nodes select (``comfy_harness.provide_workflow_files``: the tiny SD1.x checkpoint linked as
+``v1-5-pruned-emaonly.safetensors``, a tiny ControlNet for each ControlNet name, a test picture, placeholders for
+the diffusion models, text encoders and VAEs of the workflows that are only opened), a random LPIPS trunk in
+``models/lpips``. For every example workflow, opened as a user
 opens it (sidebar Templates -> the pack's category -> the card), the test checks:
 
 * no dialog (missing nodes, missing models, load errors), no error toast, no uncaught page error after loading;
@@ -44,24 +46,10 @@ pytestmark = pytest.mark.slow
 
 WORKFLOWS = sorted((fp.ROOT / "example_workflows").glob("*.json"))
 RUN_TIMEOUT_S = 240
-CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
-                      "ImageOnlyCheckpointLoader": "ckpt_name"}
-CONTROLNET_LOADERS = {"ControlNetLoader": "control_net_name", "DiffControlNetLoader": "control_net_name"}
 # The workflow queued from the UI, and the sizes it is shrunk to (2 CPU cores): 3 windows, 2 steps, 1 sync step.
 RUN_WORKFLOW = "syncdiffusion_panorama"
 SHRINK = {"PanoramaLatent": {"width": 128, "height": 64, "batch_size": 1},
           "SyncDiffusionSampler": {"steps": 2, "window_size": 64, "stride": 32, "sync_steps": 1}}
-
-
-def _named_models(workflow: dict, classes: dict) -> dict[str, set[str]]:
-    """{"checkpoints": {names}, "controlnet": {names}} that the workflow's loaders select."""
-    found: dict[str, set[str]] = {"checkpoints": set(), "controlnet": set()}
-    for n in workflow["nodes"]:
-        for folder, loaders in (("checkpoints", CHECKPOINT_LOADERS), ("controlnet", CONTROLNET_LOADERS)):
-            if n["type"] in loaders and n.get("mode", 0) != wc.MODE_MUTED:
-                specs = [s for s in wc.node_inputs(classes[n["type"]]) if s.is_widget]
-                found[folder].add(wc.assign_widgets(n, specs).values[loaders[n["type"]]])
-    return found
 
 
 def _ensure_browser():
@@ -95,13 +83,8 @@ def frontend_server(comfy, tmp_path_factory):
         if not tiny_ckpt.exists():
             tiny_models.write_checkpoint(tiny_ckpt, family="sd15", seed=h.SEED)
         for path in WORKFLOWS:
-            named = _named_models(json.loads(path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS)
-            for name in named["checkpoints"]:
-                h.link_checkpoint(tiny_ckpt, name)
-            for name in named["controlnet"]:
-                target = rt.model_folder("controlnet") / name
-                if not target.exists():
-                    tiny_models.write_controlnet(target, family="sd15", seed=h.SEED + 5)
+            h.provide_workflow_files(json.loads(path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS, comfy.models_dir,
+                                     srv.base / "input", tiny_ckpt)
         h.write_random_lpips_trunk()
         yield srv
     finally:
