@@ -152,7 +152,10 @@ class UI:
             raise PageProblem(f"{e}\n\nartefacts: {shot}\n           {log}\nlast page errors:\n{extra}") from e
 
 
-OPEN_DIALOGS_JS = """() => Array.from(document.querySelectorAll('.p-dialog'))
+# Dialogs as the frontend draws them: PrimeVue's (1.32) and the role=dialog ones of later frontends (1.49).
+DIALOG_SELECTOR = '.p-dialog, [role="dialog"]'
+OPEN_DIALOGS_JS = "() => Array.from(document.querySelectorAll('" + DIALOG_SELECTOR + """'))
+    .filter((d, i, all) => !all.some(o => o !== d && o.contains(d)))
     .filter(d => d.offsetParent !== null || d.getClientRects().length)
     .map(d => d.innerText.trim().slice(0, 1500))"""
 ERROR_TOASTS_JS = """() => Array.from(document.querySelectorAll('.p-toast-message-error'))
@@ -193,7 +196,13 @@ PROMPT_JS = "async () => (await app.graphToPrompt()).output"
 NOTES_JS = """() => app.graph._nodes.filter(n => n.type === 'MarkdownNote' || n.type === 'Note').map(n => {
   const el = (n.widgets || []).map(w => w.element || w.inputEl).find(e => e);
   if (!el) return {id: String(n.id), title: n.title, shown: false};
-  const r = el.getBoundingClientRect();
+  let r = el.getBoundingClientRect();
+  if (!r.width) {  // frontends from 1.4x fit a template to the screen and, zoomed out, draw no DOM widgets
+    const [l, t] = app.canvasPosToClientPos([n.pos[0], n.pos[1]]);
+    const [ri, b] = app.canvasPosToClientPos([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+    return {id: String(n.id), title: n.title, overflow: 0, lod: true,
+            shown: l >= 0 && t >= 0 && ri <= innerWidth && b <= innerHeight};
+  }
   let bottom = 0;
   for (const c of el.querySelectorAll('p,li,h1,h2,h3,h4,pre,blockquote')) bottom = Math.max(bottom, c.getBoundingClientRect().bottom);
   if (el.tagName === 'TEXTAREA') bottom = r.top + el.scrollHeight;
@@ -220,9 +229,9 @@ def open_template(ui: UI, name: str) -> dict:
     wf = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     page = ui.page
     page.get_by_role("button", name="Templates", exact=True).click()
-    dialog = page.locator(".p-dialog").filter(has=page.locator('[data-testid^="template-workflow-"]'))
+    dialog = page.locator(DIALOG_SELECTOR).filter(has=page.locator('[data-testid^="template-workflow-"]')).last
     dialog.wait_for()
-    dialog.get_by_text(LINK_NAME, exact=True).click()
+    dialog.get_by_text(LINK_NAME, exact=True).first.click()
     card = dialog.locator(f'[data-testid="template-workflow-{name}"]')
     card.click()
     dialog.wait_for(state="hidden")
@@ -334,22 +343,76 @@ def prompt_problems(frontend: dict, ours: dict) -> list[str]:
 MISSING_MODELS_JS = """() => Array.from(document.querySelectorAll('.comfy-missing-models li, .comfy-missing-models [role=option]'))
     .map(li => ({text: li.innerText, downloads: Array.from(li.querySelectorAll('button'))
                  .filter(b => b.innerText.startsWith('Download') && !b.disabled).map(b => b.title)}))"""
+# Frontends from 1.4x: no dialog; an error overlay whose "View details" opens the Errors panel. There a missing model
+# is a row with its file name, its folder and a Download button (the URL is only copied, never shown).
+ERROR_OVERLAY_JS = """() => { const o = document.querySelector('[data-testid="error-overlay"]');
+    return o && o.getClientRects().length ? o.innerText.trim() : null }"""
+ERRORS_PANEL_JS = """() => { let p = document.querySelector('[data-testid="panel-tab-errors"]');
+    while (p && !/Errors? detected/.test(p.innerText)) p = p.parentElement;
+    return p ? p.innerText.trim() : null }"""
+MISSING_MODEL_ROWS_JS = """() => Array.from(document.querySelectorAll('[data-testid="missing-model-download"]')).map(b => {
+    let row = b.parentElement;
+    while (row.parentElement && row.innerText.split('\\n').filter(l => l.trim()).length < 3) row = row.parentElement;
+    return {text: row.innerText, label: b.getAttribute('aria-label') || '', enabled: !b.disabled} })"""
+
+
+def wait_for_error_report(ui: UI, timeout_s: float = 30) -> str:
+    """Whichever way this frontend reports a problem: "dialog" (1.32) or "panel" (1.4x: overlay and Errors panel)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ui.js(OPEN_DIALOGS_JS):
+            return "dialog"
+        if ui.js(ERROR_OVERLAY_JS) or ui.js(ERRORS_PANEL_JS):
+            return "panel"
+        time.sleep(0.25)
+    raise PageProblem(f"neither a dialog nor an error overlay within {timeout_s} s")
+
+
+def run_button(ui: UI):
+    """The Run button (1.4x also names its queue-mode menu "Run"; there the button is ``queue-button``)."""
+    by_role = ui.page.get_by_role("button", name="Run", exact=True)
+    return by_role if by_role.count() == 1 else ui.page.locator('[data-testid="queue-button"]')
+
+
+def open_error_details(ui: UI, expect: tuple[str, ...] = (), timeout_s: float = 30) -> str:
+    """1.4x: the error overlay's and the Errors panel's text, once the panel holds every string of ``expect`` and its
+    text has stopped changing (the error report fills in after the panel opens). Opens the panel from the overlay
+    unless it is open already (then the frontend shows no overlay)."""
+    deadline = time.monotonic() + timeout_s
+    overlay = None
+    last, stable_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        if ui.js(ERROR_OVERLAY_JS):
+            overlay = ui.js(ERROR_OVERLAY_JS)
+            ui.page.locator('[data-testid="error-overlay-see-errors"]').click()
+        text = ui.js(ERRORS_PANEL_JS)
+        if text != last:
+            last, stable_since = text, time.monotonic()
+        elif text and all(e in text for e in expect) and time.monotonic() - stable_since >= 1.0:
+            return f"{overlay or ''}\n{text}"
+        time.sleep(0.25)
+    raise PageProblem(f"the Errors panel did not show {list(expect)} within {timeout_s} s: {last}")
 
 
 def queue_and_wait_for_error_dialog(ui: UI, timeout_s: float) -> str:
-    """Click Run; the text of the dialog that the run ends in."""
-    ui.page.get_by_role("button", name="Run", exact=True).click()
+    """Click Run; the text of the dialog (1.32) or of the error overlay and its details (1.4x) the run ends in."""
+    run_button(ui).click()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         dialogs = ui.js(OPEN_DIALOGS_JS)
         if dialogs:
             return "\n".join(dialogs)
+        if ui.js(ERROR_OVERLAY_JS):
+            return open_error_details(ui)
         ui.server.alive()
         time.sleep(0.25)
     raise PageProblem(f"no error dialog within {timeout_s} s; toasts: {ui.js(ERROR_TOASTS_JS)}")
 
 
 def close_dialogs(ui: UI) -> None:
+    dismiss = ui.page.locator('[data-testid="error-overlay-dismiss"]')
+    if ui.js(ERROR_OVERLAY_JS) and dismiss.count():
+        dismiss.first.click()
     ui.page.keyboard.press("Escape")
     ui.page.wait_for_function(f"() => ({OPEN_DIALOGS_JS})().length === 0")
 

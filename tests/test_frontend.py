@@ -17,6 +17,11 @@ opens it (sidebar Templates -> the pack's category -> the card), the test checks
 
 With its models renamed to files the server lacks, every workflow must make the frontend offer their download.
 
+Both frontends the two CI lanes ship are driven: 1.32 (ComfyUI 0.3.75) reports problems in dialogs; 1.49 (ComfyUI
+0.33) in an error overlay whose details open an Errors panel (missing models are rows with a Download button there;
+it opens templates fitted to the screen, so a note counts as shown when its node is on screen). The test
+detects which one it meets from what the page shows (``frontend_page.wait_for_error_report``, ``run_button``).
+
 Then one workflow, shrunk through the page (widget values set by the page's JS) to a CPU-sized canvas, is queued
 with the Run button and its image must load in the page; and two bad inputs typed into the widgets (a stride larger
 than the window; under wrap, a width the stride does not divide) must end in an error dialog that names the node
@@ -82,9 +87,11 @@ def frontend_server(comfy, tmp_path_factory):
         tiny_ckpt = rt.model_folder("checkpoints") / "tiny_sd15.safetensors"
         if not tiny_ckpt.exists():
             tiny_models.write_checkpoint(tiny_ckpt, family="sd15", seed=h.SEED)
+        # input images in the server's folder and in this process's (the converter's LoadImage lists that one)
         for path in WORKFLOWS:
-            h.provide_workflow_files(json.loads(path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS, comfy.models_dir,
-                                     srv.base / "input", tiny_ckpt)
+            for input_dir in (srv.base / "input", comfy.input_dir):
+                h.provide_workflow_files(json.loads(path.read_text()), comfy.nodes.NODE_CLASS_MAPPINGS,
+                                         comfy.models_dir, input_dir, tiny_ckpt)
         h.write_random_lpips_trunk()
         yield srv
     finally:
@@ -148,9 +155,10 @@ def test_template_opens_cleanly(ui, object_info, comfy, path):
 
 
 def test_missing_models_are_offered_for_download(ui):
-    """A user without the models: every workflow's checkpoints and ControlNets (renamed here to files the server
-    does not have) are listed by the frontend's Missing Models dialog with a working Download button for the
-    workflow's URL -- no 'download not allowed', 'invalid directory' or suffix error."""
+    """A user without the models: every workflow's model files (renamed here to files the server does not have)
+    are listed by the frontend's Missing Models dialog with a working Download button for the workflow's URL -- no
+    'download not allowed', 'invalid directory' or suffix error (1.4x: rows of the Errors panel, each with its
+    folder and an enabled Download button)."""
     problems = []
     with ui.artefacts_on_failure("missing-models"):
         for path in WORKFLOWS:
@@ -162,7 +170,18 @@ def test_missing_models_are_offered_for_download(ui):
             ui.js("wf => app.loadGraphData(wf, true, true, 'missing-models-check')", absent)
             if not absent.get("models"):
                 continue
-            ui.page.wait_for_function(f"() => ({fp.OPEN_DIALOGS_JS})().length > 0")
+            if fp.wait_for_error_report(ui) == "panel":  # 1.4x: the Errors panel's rows; the URL is only copied
+                dialog = fp.open_error_details(ui, expect=tuple(m["name"] for m in absent["models"]))
+                rows = ui.js(fp.MISSING_MODEL_ROWS_JS)
+                for m in absent["models"]:
+                    row = next((r for r in rows if r["label"] == f"Download {m['name']}"), None)
+                    if row is None or m["directory"] not in row["text"]:
+                        problems.append(f"{path.stem}: the Errors panel offers no download of {m['directory']} / "
+                                        f"{m['name']}:\n{dialog}\n{rows}")
+                    elif not row["enabled"]:
+                        problems.append(f"{path.stem}: the download of {m['name']} is disabled: {row}")
+                fp.close_dialogs(ui)
+                continue
             dialog = "\n".join(ui.js(fp.OPEN_DIALOGS_JS))
             items = ui.js(fp.MISSING_MODELS_JS)
             for m in absent["models"]:
@@ -199,7 +218,7 @@ def test_shrunk_workflow_runs_from_the_ui(ui, comfy):
         assert not problems, "\n".join(problems)
 
         save = next(n for n in wf["nodes"] if n["type"] == "SaveImage")
-        ui.page.get_by_role("button", name="Run", exact=True).click()
+        fp.run_button(ui).click()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         image = None
         while image is None and time.monotonic() < deadline:
