@@ -132,7 +132,9 @@ def test_one_window_at_denoise_half_equals_stock_euler(comfy, run_prompt, object
         result = run_prompt(custom_graph(comfy, object_node, micro, guider=cfg_guider(), latent=latent,
                                          sigmas=scheduler(comfy, 4, denoise=0.5), sampler=sampler))
         out[name] = result["9"][0]["samples"]
-    assert torch.allclose(out["windowed"], out["stock"], rtol=1e-5, atol=1e-5)
+    # float32 over |x| up to ~20: summation order (batched windows, threads) moves single elements by ~1e-4
+    rel = float((out["windowed"] - out["stock"]).norm() / out["stock"].norm())
+    assert rel < 1e-5, rel
     assert float((out["windowed"] - latent["samples"]).abs().max()) > 1e-3  # it did denoise
 
 
