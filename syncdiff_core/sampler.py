@@ -16,6 +16,7 @@ import torch
 
 from .batching import BatchPolicy
 from .fusion import Fusion
+from .lanes import Lane, Lanes
 from .sync import Anchor, SyncSettings, synchronize
 from .windows import WindowPlan, crop
 
@@ -36,16 +37,21 @@ def sample(
     batching: BatchPolicy = BatchPolicy(),
     callback: Callable | None = None,
     interrupt: Callable[[], None] = lambda: None,
+    lanes: Lanes | None = None,
 ) -> torch.Tensor:
     """Run the windowed loop from the noisy canvas ``x`` (N, C, ..., H, W) along ``sigmas``; return the last x.
 
     ``callback(step, x, x0)`` is called after each step with the fused canvas and the fused x0 prediction.
     ``interrupt()`` is called before each batch of windows; it should raise to stop. ``batching`` says how many
     windows go through ``denoise`` together and what an out-of-memory error does (see :class:`BatchPolicy`).
+    ``lanes`` (instead of ``denoise``, ``decode`` and ``loss``): several devices share each pass's windows
+    (:mod:`lanes`); each lane batches its own part by ``batching``.
     """
-    if sync.active and (decode is None or loss is None):
+    if lanes is None:
+        lanes = Lanes([Lane(x.device, denoise, decode, loss)])
+    if sync.active and any(lane.decode is None or lane.loss is None for lane in lanes):
         raise ValueError("synchronization needs decode and loss callables")
-    window_batch, sync_batch = batching.sizes(len(plan))
+    window_batch, sync_batch = zip(*(batching.sizes(len(plan)) for _ in range(len(lanes))))
     n = x.shape[0]
     order = list(range(len(plan)))
     for i in range(len(sigmas) - 1):
@@ -55,26 +61,30 @@ def sample(
         # 2. on a sync step, move every window but the anchor by the LPIPS gradient
         if sync.is_sync_step(i):
             views = synchronize(
-                views, sigma, i, plan, denoise=denoise, decode=decode, loss=loss, anchor=anchor,
-                weight=sync.weight_at(i), input_scale=input_scale(sigma), batch=sync_batch, interrupt=interrupt,
+                views, sigma, i, plan, anchor=anchor, weight=sync.weight_at(i), input_scale=input_scale(sigma),
+                batch=sync_batch, interrupt=interrupt, lanes=lanes,
             )
         fused, fused_x0 = Fusion(x), Fusion(x) if callback else None
 
-        # 3. one DDIM (eta 0) step of every window
-        def step(group):
-            interrupt()
-            xb = torch.cat([views[j] for j in group])
-            with torch.no_grad():
-                x0 = denoise(xb, sigma.reshape(1).expand(xb.shape[0]), [plan[j] for j in group], i)
-            return x0, x0 + (sigma_next / sigma) * (xb - x0)
+        # 3. one DDIM (eta 0) step of every window, each lane its part
+        def lane_pass(k, part, views=views, sigma=sigma, sigma_next=sigma_next, i=i):
+            def step(group):
+                interrupt()
+                xb = torch.cat([views[j] for j in group])
+                with torch.no_grad():
+                    x0 = lanes[k].denoise(xb, sigma.reshape(1).expand(xb.shape[0]), [plan[j] for j in group], i)
+                return x0, x0 + (sigma_next / sigma) * (xb - x0)
 
-        # 4. fuse the windows (MultiDiffusion)
-        for group, (x0, x_next) in window_batch.run(order, step):
-            for k, j in enumerate(group):
-                part = slice(k * n, (k + 1) * n)
-                fused.add(plan[j], x_next[part])
-                if fused_x0 is not None:
-                    fused_x0.add(plan[j], x0[part])
+            return list(window_batch[k].run(part, step))
+
+        # 4. fuse the windows in window order (MultiDiffusion)
+        for results in lanes.map(order, lane_pass):
+            for group, (x0, x_next) in results:
+                for k, j in enumerate(group):
+                    part = slice(k * n, (k + 1) * n)
+                    fused.add(plan[j], x_next[part])
+                    if fused_x0 is not None:
+                        fused_x0.add(plan[j], x0[part])
         x = fused.result(x)
         if callback is not None:
             callback(i, x, fused_x0.result(x))

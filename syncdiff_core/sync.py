@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .batching import BatchSize
+from .lanes import Lane, Lanes
 from .windows import WindowPlan
 
 ANCHOR_MODES = ("center", "index", "image")
@@ -92,20 +93,28 @@ def synchronize(
     step: int,
     plan: WindowPlan,
     *,
-    denoise: Callable,
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    denoise: Callable | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     anchor: Anchor,
     weight: float,
     input_scale: float,
-    batch: int | BatchSize,
+    batch: int | BatchSize | Sequence[BatchSize],
     interrupt: Callable[[], None] = lambda: None,
+    lanes: Lanes | None = None,
 ) -> list[torch.Tensor]:
     """One synchronization step: returns the window latents moved by ``-weight · ∂L/∂x`` in the model's input space.
 
     ``views[j]`` is window j's noisy latent (N, C, h, w) in the sampler's space; the model's input is
     ``input_scale * x`` (the variance-preserving latent for SD), and the step is taken there, as in the paper.
+    ``lanes`` (instead of ``denoise``/``decode``/``loss``): the moving windows are shared out among several
+    devices, ``batch`` then being one BatchSize per lane; the anchor is decoded by the first lane.
     """
+    if lanes is None:
+        lanes = Lanes([Lane(views[0].device, denoise, decode, loss)])
+    if isinstance(batch, (int, BatchSize)):
+        batch = [batch if isinstance(batch, BatchSize) else BatchSize(max(1, min(batch, len(plan))))
+                 for _ in range(len(lanes))]
     n = views[0].shape[0]
     sig = lambda k: sigma.reshape(1).expand(k * n)  # noqa: E731
     a = anchor.window_index(plan)
@@ -116,26 +125,31 @@ def synchronize(
                 raise ValueError(f"anchor image batch {target.shape[0]} must be 1 or the latent batch {n}")
             target = target.expand(n, -1, -1, -1)
         else:
-            target = decode(denoise(views[a], sig(1), [plan[a]], step))
+            target = lanes[0].decode(lanes[0].denoise(views[a], sig(1), [plan[a]], step))
     out = list(views)
     movers = [j for j in range(len(plan)) if j != a]
-    batches = batch if isinstance(batch, BatchSize) else BatchSize(max(1, min(batch, len(plan))))
-    per_item_loss = _against_fixed_target(loss, target)
     finite = []  # one flag per window, checked once at the end: no host sync per batch
 
-    def grad_step(group):
-        interrupt()
-        with torch.enable_grad():
-            u = (torch.cat([views[j] for j in group]) * input_scale).detach().requires_grad_(True)
-            x0 = denoise(u / input_scale, sig(len(group)), [plan[j] for j in group], step)
-            per_item = per_item_loss(decode(x0), len(group))
-            (grad,) = torch.autograd.grad(per_item.sum(), u)
-        return (u.detach() - weight * grad) / input_scale, torch.isfinite(grad.flatten(1)).all(dim=1)
+    def lane_pass(k, part):
+        lane = lanes[k]
+        per_item_loss = _against_fixed_target(lane.loss, target.to(lane.device))
 
-    for group, (moved, ok) in batches.run(movers, grad_step):
-        finite.append(ok)
-        for k, j in enumerate(group):
-            out[j] = moved[k * n : (k + 1) * n]
+        def grad_step(group):
+            interrupt()
+            with torch.enable_grad():
+                u = (torch.cat([views[j] for j in group]) * input_scale).detach().requires_grad_(True)
+                x0 = lane.denoise(u / input_scale, sig(len(group)), [plan[j] for j in group], step)
+                per_item = per_item_loss(lane.decode(x0), len(group))
+                (grad,) = torch.autograd.grad(per_item.sum(), u)
+            return (u.detach() - weight * grad) / input_scale, torch.isfinite(grad.flatten(1)).all(dim=1)
+
+        return list(batch[k].run(part, grad_step))
+
+    for results in lanes.map(movers, lane_pass):
+        for group, (moved, ok) in results:
+            finite.append(ok)
+            for k, j in enumerate(group):
+                out[j] = moved[k * n : (k + 1) * n]
     if finite:
         bad = ~torch.cat(finite)
         if bad.any():
