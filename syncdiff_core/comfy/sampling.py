@@ -7,6 +7,7 @@ their conditioning cropped, and a latent noise mask applied as KSampler applies 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -21,6 +22,7 @@ from .. import regions as core_regions
 from .. import sampler as core_sampler
 from ..job import PanoramaJob, Windowing, check_canvas_pixels
 from ..gradients import saved_activation_copies
+from ..lanes import Lane, Lanes
 from ..weights import trainable_weights
 from ..windows import crop_stack
 from .assets import get_lpips
@@ -28,7 +30,7 @@ from .compile import check_compile_backend, compiled_patcher
 from .conds import WindowConds, clone_skips_for_gradients, window_size_conditioning
 from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients, taesd_path
-from . import families
+from . import families, multigpu
 from .autograd_patches import block_keys, with_block_checkpointing
 from .model import gradient_ready_patcher, gradient_section, oom_errors
 
@@ -56,8 +58,9 @@ def check_latent_size(samples: torch.Tensor, scale: int) -> None:
 def check_inputs(windowing: Windowing, model, vae, latent: torch.Tensor) -> tuple[families.Facts, object]:
     """Every rule that needs the model, before any model call: the family can be sampled (and synchronized) on this
     latent, the canvas is within the pixel limit, the windows fit the canvas in the family's pixels, synchronization
-    has its VAE (or TAESD file), canvas positions have the model's RoPE hook. Returns the family's facts and the
-    window plan."""
+    has its VAE (or TAESD file), canvas positions have the model's RoPE hook, the GPUs ComfyUI's MultiGPU prepared
+    the model for are present. Returns the family's facts and the window plan."""
+    multigpu.check_devices_present(multigpu.prepared_devices(model))
     sync = windowing.sync.active
     facts = families.check_supported(model, latent, sync=sync, vae=vae if sync else None)
     check_latent_size(latent, facts.pixel_scale)
@@ -110,46 +113,51 @@ class WindowedSampler(comfy.samplers.Sampler):
         # DiTs may add into saved activations in place (Flux's blocks): their gradient forward saves private copies
         copies = not _is_unet(guider.inner_model.diffusion_model)
 
-        def call(x, sigma, windows, options):
-            if not canvas_positions:
-                return guider(x, sigma, model_options=options, seed=seed)
-            rows = x.shape[0] // len(windows)
-            return torch.cat([guider(x[k * rows:(k + 1) * rows], sigma[k * rows:(k + 1) * rows],
-                                     model_options=families.with_canvas_positions(options, w.top, w.left, facts.patch),
-                                     seed=seed) for k, w in enumerate(windows)])
+        def denoiser(g, plain_options, grad_options):
+            """``denoise(x, sigma, windows, step)`` through the guider ``g`` (a lane has its own view of the guider:
+            the conds are set per batch), with ``grad_options`` as the model options when gradients are on."""
+            def call(x, sigma, windows, options):
+                if not canvas_positions:
+                    return g(x, sigma, model_options=options, seed=seed)
+                rows = x.shape[0] // len(windows)
+                return torch.cat([g(x[k * rows:(k + 1) * rows], sigma[k * rows:(k + 1) * rows],
+                                    model_options=families.with_canvas_positions(options, w.top, w.left, facts.patch),
+                                    seed=seed) for k, w in enumerate(windows)])
 
-        def predict(x, sigma, windows, step):
-            if self.bootstrap is not None and self.bootstrap.active(step, steps):
-                return self.bootstrap.denoise(guider, window_conds, x, sigma, windows, step, steps, model_options,
-                                              seed)
-            parts = []
-            for rows, conds in window_conds.batches(windows):
-                guider.conds = conds
-                parts.append(call(x[rows], sigma[rows], windows if rows.stop - rows.start == x.shape[0] else
-                                  [windows[rows.start // n]], model_options))
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            def predict(x, sigma, windows, step):
+                options = grad_options if torch.is_grad_enabled() else plain_options
+                if self.bootstrap is not None and self.bootstrap.active(step, steps):
+                    return self.bootstrap.denoise(g, window_conds, x, sigma, windows, step, steps, options, seed)
+                parts = []
+                for rows, conds in window_conds.batches(windows):
+                    g.conds = conds
+                    parts.append(call(x[rows], sigma[rows], windows if rows.stop - rows.start == x.shape[0] else
+                                      [windows[rows.start // n]], options))
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        def guided(x, sigma, windows, step):
-            if copies and torch.is_grad_enabled():
-                with saved_activation_copies():
-                    return predict(x, sigma, windows, step)
-            return predict(x, sigma, windows, step)
+            def guided(x, sigma, windows, step):
+                if copies and torch.is_grad_enabled():
+                    with saved_activation_copies():
+                        return predict(x, sigma, windows, step)
+                return predict(x, sigma, windows, step)
 
-        def denoise(x, sigma, windows, step):
-            if denoise_mask is None:
-                return guided(x, sigma, windows, step)
-            mask, kept = crop_stack(denoise_mask, windows, n), crop_stack(latent_image, windows, n)
-            noised = guider.inner_model.scale_latent_inpaint(x=x, sigma=sigma, noise=crop_stack(noise, windows, n),
-                                                             latent_image=kept)
-            x0 = guided(x * mask + noised * (1 - mask), sigma, windows, step)
-            return x0 * mask + kept * (1 - mask)
+            def denoise(x, sigma, windows, step):
+                if denoise_mask is None:
+                    return guided(x, sigma, windows, step)
+                mask, kept = crop_stack(denoise_mask, windows, n), crop_stack(latent_image, windows, n)
+                noised = g.inner_model.scale_latent_inpaint(x=x, sigma=sigma, noise=crop_stack(noise, windows, n),
+                                                            latent_image=kept)
+                x0 = guided(x * mask + noised * (1 - mask), sigma, windows, step)
+                return x0 * mask + kept * (1 - mask)
+
+            return denoise
 
         def report(i, x, x0):
             if callback is not None:
                 callback(i, x0, x, steps)
 
         # 3. the gradient path: trainable weights, the loss decoder, LPIPS
-        decode, loss, grad_modules, swap = None, self.loss, [], None
+        decode, loss, grad_modules, swap, grad_patcher = None, self.loss, [], None, patcher
         if windowing.sync.active:
             uses_vae = windowing.loss_decoder != "taesd"
             grad_patcher = gradient_ready_patcher(patcher)
@@ -166,13 +174,26 @@ class WindowedSampler(comfy.samplers.Sampler):
             decode = decoder_for_gradients(self.vae, grad_patcher, windowing.loss_decoder, windowing.compile)
             loss = loss if loss is not None else get_lpips(patcher.load_device)
 
-        # 4. the windowed loop
+        # 4. the lanes: one per GPU that ComfyUI's MultiGPU prepared, else the model's own device. ControlNet hints
+        # and layout bootstrapping set state shared by every call: one lane; with hints on the main GPU alone (the
+        # window crops are set on the main GPU's ControlNet, not on ComfyUI's per-GPU clones of it)
+        devices = multigpu.device_patchers(model_options)
+        if devices and not window_conds.hints and self.bootstrap is None:
+            multigpu.check_devices_present(list(devices))
+            lanes = self._lanes(guider, devices, patcher, grad_patcher, model_options, denoiser, decode, loss,
+                                grad_modules)
+        else:
+            plain = multigpu.without_multigpu(model_options) if window_conds.hints else model_options
+            lanes = Lanes([Lane(patcher.load_device, denoiser(guider, plain, multigpu.without_multigpu(model_options)),
+                                decode, loss)])
+
+        # 5. the windowed loop
         x = families.start_state(ms, sigmas, noise, latent_image, self.max_denoise(model_wrap, sigmas))
         try:
             with trainable_weights(*grad_modules), gradient_section():
                 x = core_sampler.sample(
-                    denoise, x, sigmas, plan,
-                    sync=windowing.sync, decode=decode, loss=loss, anchor=windowing.anchor,
+                    None, x, sigmas, plan, lanes=lanes,
+                    sync=windowing.sync, anchor=windowing.anchor,
                     input_scale=lambda sigma: families.input_scale(ms, sigma),
                     batching=windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache,
                                                 plan.window_height * plan.window_width * facts.pixel_scale ** 2),
@@ -185,6 +206,36 @@ class WindowedSampler(comfy.samplers.Sampler):
             if swap is not None:
                 guider.inner_model = swap
         return families.final_latent(ms, sigmas, x)
+
+    def _lanes(self, guider, devices, patcher, grad_patcher, model_options, denoiser, decode, loss, grad_modules):
+        """A lane per GPU of ComfyUI's MultiGPU (see ``multigpu``): its own view of the guider, ComfyUI's MultiGPU
+        path on its device for the plain pass, the single-device path on its model for the gradient pass, its own
+        loss decoder and LPIPS. Adds the lanes' gradient modules to ``grad_modules``."""
+        windowing, sync = self.windowing, self.windowing.sync.active
+        main = patcher.load_device
+        runner = multigpu.pool_runner(model_options.get("multigpu_thread_pool"))
+        loaded, lanes = [], []
+        for device, device_patcher in devices.items():
+            if device == main:
+                lane_patcher, lane_grad, lane_decode, lane_loss = grad_patcher, \
+                    multigpu.without_multigpu(model_options), decode, loss
+            elif sync:
+                lane_patcher = gradient_ready_patcher(device_patcher)
+                lane_grad = multigpu.gradient_options(model_options, device, lane_patcher.model)
+                vae = multigpu.vae_on(self.vae, device) if windowing.loss_decoder != "taesd" else None
+                lane_decode = decoder_for_gradients(vae, lane_patcher, windowing.loss_decoder, windowing.compile)
+                lane_loss = get_lpips(device)
+                grad_modules += [lane_patcher.model] + ([vae.first_stage_model] if vae is not None else [])
+                if lane_patcher is not device_patcher:
+                    loaded.append(lane_patcher)
+            else:
+                lane_patcher, lane_grad, lane_decode, lane_loss = device_patcher, None, None, None
+            view = copy.copy(guider)  # its own conds attribute
+            lanes.append(Lane(device, denoiser(view, multigpu.plain_options(model_options, device, lane_patcher),
+                                               lane_grad), lane_decode, lane_loss))
+        if loaded:
+            comfy.model_management.load_models_gpu(loaded)
+        return Lanes(lanes, runner)
 
 
 def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, vae=None, loss=None) -> dict:
