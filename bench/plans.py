@@ -11,7 +11,6 @@ import statistics
 
 import torch
 
-from syncdiff_core.comfy import loss_decoders
 from syncdiff_core.job import SYNC_BATCH_AUTO
 
 from .runs import baseline_run, loss_decoder_grad, pack_run, per_step
@@ -111,20 +110,15 @@ def levers(b: Bench, models, est):
                 + [(4, "vae_half"), (8, "taesd"), (20, "taesd")]
             variants.append((4, "vae", "lpips_repeat"))  # the anchor's LPIPS features per window, as before
         else:
-            variants = [(2, "vae_checkpointed"), (2, "vae_checkpointed", "native_norms"), (2, "vae"),
-                        (2, "vae", "native_norms"), (1, "vae"), (4, "vae_checkpointed"), (2, "vae_half"),
-                        (2, "taesd")]
+            variants = [(1, "vae"), (2, "vae"), (1, "vae_checkpointed"), (4, "vae_checkpointed"),
+                        (2, "vae_half"), (2, "taesd")]
         if a.tiny:
             variants = [(2, "vae"), (4, "vae_checkpointed"), (4, "vae_half"), (4, "taesd")]
-        if a.plan == "final":
-            norm_lever(b, models)
         for sb, dec, *flag in variants:
             if not b.allow(f"lever {sb} {dec}", ns * est["pack_sync"] * 3 + 5):
                 continue
             try:
-                repeat = flag == ["lpips_repeat"]
-                plain_loss = (lambda x, y, _l=models.loss: _l(x, y)) if repeat else None  # no .features
-                loss_decoders.SPLIT_GROUP_NORM = flag != ["native_norms"]
+                plain_loss = (lambda x, y, _l=models.loss: _l(x, y)) if flag else None  # no .features
                 rec = pack_run(b, models, steps=ns, w=W, sync_steps=ns, window_batch=max(8, sb), sync_batch=sb,
                                loss_decoder=dec, label=f"lever sb={sb} {dec} {flag}", loss=plain_loss)
                 if flag:
@@ -133,8 +127,6 @@ def levers(b: Bench, models, est):
             except Exception as e:  # noqa: BLE001
                 rec = {"sync_batch": sb, "loss_decoder": dec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 b.fresh_memory()
-            finally:
-                loss_decoders.SPLIT_GROUP_NORM = True
             lev.append(rec)
             print("lever", {k: rec.get(k) for k in ("sync_batch", "loss_decoder", "sync_step_s", "peak_alloc_gib",
                                                       "peak_reserved_gib", "notes", "error")}, flush=True)
@@ -167,25 +159,6 @@ def levers(b: Bench, models, est):
                     unet.to(memory_format=torch.contiguous_format)
                     first.to(memory_format=torch.contiguous_format)
                 b.save()
-
-
-def norm_lever(b: Bench, models):
-    """The loss decoder's gradient pass alone (2 windows) with the split GroupNorm and with the native kernel: time,
-    peak memory, and how far the two gradients are apart (relative norm of the difference)."""
-    rows = b.results["norm_lever"] = []
-    with b.section("norm_lever"):
-        for dec in ("vae_checkpointed", "vae"):
-            if not b.allow(f"norm lever {dec}", 30):
-                continue
-            recs = {split: loss_decoder_grad(b, models, loss_decoder=dec, batch=2, split_norms=split, keep_grad=True)
-                    for split in (False, True)}
-            g0, g1 = recs[False].pop("grad"), recs[True].pop("grad")
-            rel = float((g1 - g0).norm() / g0.norm())
-            for split, rec in recs.items():
-                rows.append(rec | {"grad_rel_diff_vs_native": rel if split else 0.0})
-            print("norm lever", dec, {s: (r.get("median_ms"), r.get("peak_alloc_gib")) for s, r in recs.items()},
-                  "grad rel diff", rel, flush=True)
-            b.save()
 
 
 def window_batch_sweep(b: Bench, models, est):

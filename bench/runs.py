@@ -145,17 +145,15 @@ def baseline_run(b: Bench, models, *, width=None, steps=None, w=0.0, sync_steps=
     return rec
 
 
-def loss_decoder_grad(b: Bench, models, *, avoid_efficient_attention: bool = True, loss_decoder=None, batch=None,
-                      reps=None, split_norms=None, keep_grad: bool = False) -> dict:
+def loss_decoder_grad(b: Bench, models, *, avoid_efficient_attention: bool, loss_decoder=None, batch=None,
+                      reps=None) -> dict:
     """The loss decoder's gradient pass alone (decode + input gradient of ``batch`` windows, eager), built by the
     pack's ``decoder_for_gradients`` with ``avoid_efficient_attention`` as given: the part of a sync step that
-    the attention lever changes; ``split_norms`` as ``decoder_for_gradients`` takes it. ``timed``'s record plus
-    the settings (and, with ``keep_grad``, the gradient of one more run under ``"grad"``)."""
+    the attention lever changes. ``timed``'s record plus the settings."""
     dec = loss_decoder or b.args.loss_decoder or LOSS_DECODERS[0]
     batch = batch or b.args.sync_batch or min(b.args.window_batch, SYNC_BATCH_AUTO)  # the job's gradient batch
     reps = reps or (3 if b.args.tiny else 10)
-    decode = decoder_for_gradients(models.vae, models.model, dec, avoid_efficient_attention=avoid_efficient_attention,
-                                   split_norms=split_norms)
+    decode = decoder_for_gradients(models.vae, models.model, dec, avoid_efficient_attention=avoid_efficient_attention)
     win = b.window_latent
     z = torch.randn(batch, 4, win, win, generator=torch.Generator().manual_seed(b.args.seed)).to(b.device)
 
@@ -165,7 +163,4 @@ def loss_decoder_grad(b: Bench, models, *, avoid_efficient_attention: bool = Tru
 
     with trainable_weights(models.vae.first_stage_model), gradient_section():
         rec = timed(b, run, reps)
-        if keep_grad:
-            rec["grad"] = run().float()
-    return {"loss_decoder": dec, "sync_batch": batch, "avoid_efficient_attention": avoid_efficient_attention,
-            "split_norms": split_norms} | rec
+    return {"loss_decoder": dec, "sync_batch": batch, "avoid_efficient_attention": avoid_efficient_attention} | rec
