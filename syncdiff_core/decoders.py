@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 
 def attention_backends(avoid_efficient: bool = True):
@@ -31,78 +30,6 @@ def attention_backends(avoid_efficient: bool = True):
     if hasattr(SDPBackend, "CUDNN_ATTENTION"):
         backends.insert(1, SDPBackend.CUDNN_ATTENTION)
     return sdpa_kernel(backends)
-
-
-#: Groups at least this large (elements per group) go through :class:`GroupNorm`'s split reductions.
-SPLIT_GROUP_NORM_MIN = 1 << 15
-
-
-class GroupNorm(torch.autograd.Function):
-    """``F.group_norm`` with its statistics from PyTorch's general reductions, which spread one group's elements over
-    many thread blocks. The native kernel gives each group one block: the loss decoder's 512 px stages have 2 x 32
-    groups of a million elements, which leaves most of the GPU idle (GroupNorm took a sixth of a sync step's kernel
-    time on an H100, bench/results/PERFORMANCE-history-2026-11.md). Statistics and the backward are computed in
-    float32 or wider (as the native kernel accumulates); the result equals ``F.group_norm``'s to float rounding.
-
-    ``GroupNorm.apply(x, groups, weight, bias, eps)``; the backward is the exact GroupNorm gradient."""
-
-    @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps):
-        n, acc = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-        xg = x.reshape(n, groups, -1).to(acc)
-        var, mean = torch.var_mean(xg, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        y = ((xg - mean) * rstd).reshape(x.shape)
-        y = _affine(y, weight, bias, acc).to(x.dtype)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.groups, ctx.bias_dtype = groups, None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, mean, rstd, weight = ctx.saved_tensors
-        n, groups, acc = x.shape[0], ctx.groups, mean.dtype
-        xhat = (x.reshape(n, groups, -1).to(acc) - mean) * rstd
-        dy = dy.to(acc)
-        g = dy if weight is None else dy * _per_channel(weight.to(acc), dy.ndim)
-        g = g.reshape(n, groups, -1)
-        dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-        dx = dx.reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dims = [0] + list(range(2, dy.ndim))
-        dw = (dy * xhat.reshape(x.shape)).sum(dims).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        db = dy.sum(dims).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return dx, None, dw, db, None
-
-
-def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (ndim - 2)))
-
-
-def _affine(y, weight, bias, acc):
-    if weight is not None:
-        y = y * _per_channel(weight.to(acc), y.ndim)
-    if bias is not None:
-        y = y + _per_channel(bias.to(acc), y.ndim)
-    return y
-
-
-class _SplitGroupNorm(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.group_norm and torch.is_grad_enabled():
-            x, groups = args[0], (args[1] if len(args) > 1 else kwargs["num_groups"])
-            rest = dict(zip(("weight", "bias", "eps"), args[2:]), **{k: v for k, v in kwargs.items()
-                                                                     if k != "num_groups"})
-            if x.ndim >= 3 and x[0].numel() // groups >= SPLIT_GROUP_NORM_MIN:
-                return GroupNorm.apply(x, groups, rest.get("weight"), rest.get("bias"), rest.get("eps", 1e-5))
-        return func(*args, **kwargs)
-
-
-def split_group_norm(enabled: bool = True):
-    """A context in which ``F.group_norm`` of large groups, while gradients are on, runs as :class:`GroupNorm`
-    (a ``TorchFunctionMode``: the modules are only called, never changed); a no-op when not ``enabled``. Scope it to
-    the loss decoder: it costs one Python call per torch op."""
-    return _SplitGroupNorm() if enabled else contextlib.nullcontext()
 
 
 def is_walkable(first_stage) -> bool:

@@ -5,7 +5,6 @@ full VAE with its blocks checkpointed (same gradients, less memory), the VAE on 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -13,24 +12,18 @@ import torch
 import comfy.model_management
 import comfy.taesd.taesd
 
-from ..decoders import (attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable,
-                        split_group_norm)
+from ..decoders import attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable
 from .families import latent_out
 
 _TAESD_CACHE: dict = {}
-#: The default of ``decoder_for_gradients(split_norms=...)`` (the bench turns it off to measure the native kernel).
-SPLIT_GROUP_NORM = True
 
 
-def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True,
-                          split_norms: bool | None = None):
+def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True):
     """The loss decoder ``mode`` (one of ``job.LOSS_DECODERS``) for ``model``'s latents through ``vae``.
 
     ``compile_backend`` (e.g. "inductor"): the decoder's gradient pass runs through ``torch.compile`` (static shapes;
     compiled once per process and shape); the anchor's decode without gradient stays eager.
-    ``avoid_efficient_attention``: see :func:`decoders.attention_backends`. ``split_norms`` (default
-    ``SPLIT_GROUP_NORM``, off when compiling): the gradient pass's GroupNorms run as
-    :class:`decoders.GroupNorm` (same values and gradients, faster on a GPU)."""
+    ``avoid_efficient_attention``: see :func:`decoders.attention_backends`."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
@@ -38,12 +31,7 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     checkpointed = mode == "vae_checkpointed" and is_walkable(first_stage)  # else (3-D decoders) a plain decode
     walk = compiled(checkpointed_decode, compile_backend) if compile_backend else checkpointed_decode
     plain = compiled(_decode, compile_backend) if compile_backend else _decode
-    split = (SPLIT_GROUP_NORM if split_norms is None else split_norms) and not compile_backend
-
-    @contextlib.contextmanager
-    def backends():
-        with attention_backends(avoid_efficient_attention), split_group_norm(split):
-            yield
+    backends = lambda: attention_backends(avoid_efficient_attention)  # noqa: E731
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
