@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plan compile: eager headline and baseline first, then compile warm-up as full-length runs "
                         "(what a user's first run costs), the compiled headline, then compiled sync_batch 3 and 4 "
                         "if the budget allows")
+    p.add_argument("--compile-only", action="store_true",
+                   help="plan compile --lean: only the compiled runs (first run and headline), for a second process "
+                        "that finds the first one's compile cache")
     add_run_options(p)
     return apply_tiny(p.parse_args(argv))
 

@@ -292,14 +292,15 @@ def lean_compile_plan(b: Bench, models, C):
     """Eager headline, baseline, then compiled: one full-length warm-up run per mode (compiles every graph
     for this schedule; its time is what a user's first run costs) and ``--repeats`` timed runs."""
     a, R = b.args, b.results
-    with b.section("eager_headline"):
-        for k in range(a.repeats):
-            b.add_run("b_md", pack_run(b, models, label="b", empty=k == 0))
-            b.add_run("c_sync", pack_run(b, models, w=W, label="c", empty=k == 0))
-    with b.section("baseline"):
-        for k in range(a.baseline_repeats):
-            b.add_run("a_md", baseline_run(b, models, label="a md"))
-            b.add_run("a_sync", baseline_run(b, models, w=W, label="a sync"))
+    if not a.compile_only:
+        with b.section("eager_headline"):
+            for k in range(a.repeats):
+                b.add_run("b_md", pack_run(b, models, label="b", empty=k == 0))
+                b.add_run("c_sync", pack_run(b, models, w=W, label="c", empty=k == 0))
+        with b.section("baseline"):
+            for k in range(a.baseline_repeats):
+                b.add_run("a_md", baseline_run(b, models, label="a md"))
+                b.add_run("a_sync", baseline_run(b, models, w=W, label="a sync"))
     with b.section("compile_warmup"):
         b.add_run("warm_compiled_b", pack_run(b, models, label="b compiled, first run", compile=C))
         b.add_run("warm_compiled_c", pack_run(b, models, w=W, label="c compiled, first run", compile=C))
@@ -309,5 +310,5 @@ def lean_compile_plan(b: Bench, models, C):
         for k in range(a.repeats):
             b.add_run("b_md_compiled", pack_run(b, models, label="b compiled", empty=k == 0, compile=C))
             b.add_run("c_sync_compiled", pack_run(b, models, w=W, label="c compiled", empty=k == 0, compile=C))
-    # with the gradient pass's weight copies gone (1ed6f51): does a larger gradient batch fit 10 GiB, and pay?
-    compiled_levers(b, models, C, ((3, "vae_checkpointed"), (4, "vae_checkpointed")))
+    if not a.compile_only:  # does a larger gradient batch fit 10 GiB, and pay?
+        compiled_levers(b, models, C, ((3, "vae_checkpointed"), (4, "vae_checkpointed")))
