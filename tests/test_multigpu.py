@@ -119,6 +119,46 @@ def test_controlnet_keeps_every_window_on_the_main_gpu(pack, multigpu, monkeypat
     assert {n for n, _, _ in log} == {"main"} and any(g for _, _, g in log)
 
 
+@pytest.mark.slow
+def test_a_dit_with_canvas_positions_and_checkpointed_blocks(pack, multigpu, monkeypatch, lpips):
+    """Flux.1 (tiny): RoPE canvas positions per window and checkpointed DiT blocks in the gradient pass, both lanes
+    synchronizing their windows; the result is the one-device result."""
+    import family_models as fm
+
+    if "flux" not in fm.available():
+        pytest.skip("this ComfyUI has no Flux family")
+    fam = fm.build("flux")
+
+    def factory():  # the loader's factory: the same weights again
+        with torch.inference_mode():
+            return fm.build_model(fam.spec, fm.SEED)
+
+    base = fam.model.clone()
+    base.cached_patcher_init = (factory, ())
+    scale = int(fam.vae.spacial_compression_decode())
+    job = h.make_job(pack, w=200.0, sync_steps=1, seed=7, steps=2, cfg=2.0, window_px=4 * scale,
+                     stride_px=2 * scale, positions="canvas", checkpoint_model=True, window_batch=1, sync_batch=1)
+
+    def sample(model):
+        with torch.inference_mode():
+            return pack.sampling.sample_panorama(model, fam.positive, fam.negative,
+                                                 {"samples": fam.latent(4 * scale, 8 * scale)}, job, vae=fam.vae,
+                                                 loss=lpips)["samples"]
+
+    one = sample(base)
+    model = prepare(multigpu, monkeypatch, base.clone())
+    log = []
+    hooks = [rows_seen(model, log, "main"), rows_seen(model.get_additional_models_with_key("multigpu")[0], log,
+                                                       "second")]
+    try:
+        two = sample(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert (two - one).norm() / one.norm() < 1e-5
+    assert {(n, g) for n, _, g in log} == {("main", False), ("main", True), ("second", False), ("second", True)}
+
+
 def test_gradient_options_run_the_model_on_the_lane_device_and_keep_the_gradient(pack):
     """The gradient pass's model function wrapper: the lane's model gets inputs on its device (conditioning and
     transformer options included), the result comes back, and the gradient flows through both moves; a wrapper
