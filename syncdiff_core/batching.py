@@ -122,11 +122,16 @@ def even_group_sizes(count: int, size: int) -> list[int]:
     larger groups first: ``even_group_sizes(21, 8) == [7, 7, 7]``, ``even_group_sizes(7, 3) == [3, 2, 2]``."""
     if size < 1:
         raise ValueError(f"group size must be at least 1, got {size}")
-    groups = -(-count // size)
-    if groups == 0:
+    return even_split(count, -(-count // size))
+
+
+def even_split(count: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` groups covering ``count`` items, as even as possible, larger groups first (some are 0
+    when ``parts > count``): ``even_split(21, 2) == [11, 10]``, ``even_split(1, 2) == [1, 0]``."""
+    if parts == 0:
         return []
-    base, extra = divmod(count, groups)
-    return [base + 1] * extra + [base] * (groups - extra)
+    base, extra = divmod(count, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
 
 
 class _Retry:

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .batching import even_split
+
 __all__ = ["Lane", "Lanes", "run_in_turn", "shares"]
 
 
@@ -44,10 +46,8 @@ def shares(count: int, parts: int) -> list[range]:
     left out: ``shares(21, 2) == [range(0, 11), range(11, 21)]``, ``shares(1, 2) == [range(0, 1)]``."""
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")
-    base, extra = divmod(count, parts)
     out, start = [], 0
-    for k in range(parts):
-        size = base + (1 if k < extra else 0)
+    for size in even_split(count, parts):
         if size:
             out.append(range(start, start + size))
         start += size

@@ -67,7 +67,7 @@ def sample(
         fused, fused_x0 = Fusion(x), Fusion(x) if callback else None
 
         # 3. one DDIM (eta 0) step of every window, each lane its part
-        def lane_pass(k, part, views=views, sigma=sigma, sigma_next=sigma_next, i=i):
+        def lane_pass(k, part):
             def step(group):
                 interrupt()
                 xb = torch.cat([views[j] for j in group])

@@ -67,10 +67,8 @@ def without_multigpu(model_options: dict) -> dict:
 
 def plain_options(model_options: dict, device, patcher) -> dict:
     """``model_options`` whose MultiGPU path runs every model call on ``device`` alone, in the calling thread."""
-    options = without_multigpu(model_options)
+    options = {k: v for k, v in model_options.items() if k != "multigpu_thread_pool"}
     options["multigpu_clones"] = {device: patcher}
-    if "multigpu_options" in model_options:
-        options["multigpu_options"] = model_options["multigpu_options"]
     return options
 
 

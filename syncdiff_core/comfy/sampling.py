@@ -178,8 +178,7 @@ class WindowedSampler(comfy.samplers.Sampler):
         # and layout bootstrapping set state shared by every call: one lane; with hints on the main GPU alone (the
         # window crops are set on the main GPU's ControlNet, not on ComfyUI's per-GPU clones of it)
         devices = multigpu.device_patchers(model_options)
-        if devices and not window_conds.hints and self.bootstrap is None:
-            multigpu.check_devices_present(list(devices))
+        if devices and not window_conds.hints and self.bootstrap is None:  # devices checked in check_inputs
             lanes = self._lanes(guider, devices, patcher, grad_patcher, model_options, denoiser, decode, loss,
                                 grad_modules)
         else:
