@@ -382,7 +382,36 @@ def install_packages(py: Path, venv: Path, comfy: Path, force: bool) -> None:
     # A quick import check, so a broken install does not get stamped as good.
     run([py, "-c", "import torch, torchvision, lpips, safetensors, aiohttp, pytest; print('torch', torch.__version__)"])
     install_torchaudio(py)
+    share_identical_files(venv, [ROOT / lane.venv for lane in LANES.values()])
     stamp.write_text(digest + "\n")
+
+
+def share_identical_files(venv: Path, others: list[Path]) -> None:
+    """Hard-link this venv's large files to identical ones in the other venvs (the other lanes'; torch
+    and its CUDA libraries are the same wheels in both: about 5 GB each). CI installs both lanes on one disk, which
+    may be nearly full. Files are compared byte for byte; anything that differs, or another filesystem, is left as
+    it is."""
+    import filecmp
+
+    saved = 0
+    for other in (o for o in others if o.resolve() != venv.resolve() and venv_python(o).exists()):
+        for path in venv.rglob("*"):
+            twin = other / path.relative_to(venv)
+            try:
+                if path.is_symlink() or not path.is_file() or not twin.is_file() or twin.is_symlink():
+                    continue
+                a, b = path.stat(), twin.stat()
+                if (a.st_size < (1 << 20) or a.st_size != b.st_size or a.st_dev != b.st_dev
+                        or a.st_ino == b.st_ino or not filecmp.cmp(path, twin, shallow=False)):
+                    continue
+                tmp = path.with_name(path.name + ".syncdiff-link")
+                os.link(twin, tmp)
+                os.replace(tmp, path)
+                saved += a.st_size
+            except OSError as e:
+                log(f"not shared: {path} ({e})")
+    if saved:
+        log(f"{saved / 2**30:.1f} GiB of files shared (hard links) with the other lane's venv")
 
 
 def install_torchaudio(py: Path) -> None:

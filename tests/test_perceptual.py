@@ -36,7 +36,11 @@ def trunks(tmp_path_factory):
     try:
         torch.manual_seed(0)
         vgg16 = torchvision.models.vgg16()
-        torch.save(vgg16.state_dict(), pth_dir / V16)
+        # torchvision's keys and shapes; the classifier (unused by LPIPS, 500 MB at full size) saved as one zero
+        # broadcast to each shape, so the file stays small on disk
+        whole = {k: (torch.zeros(()).expand(v.shape) if k.startswith("classifier.") else v)
+                 for k, v in vgg16.state_dict().items()}
+        torch.save(whole, pth_dir / V16)
         f16 = {k: v.clone() for k, v in vgg16.state_dict().items() if k.startswith("features.")}
         save_file(f16, str(st_dir / "vgg16.safetensors"))
         vgg16.classifier = None  # keep only what the LPIPS reference below needs

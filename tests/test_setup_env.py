@@ -100,3 +100,38 @@ def test_lane_tarball_search_order(tmp_path):
                          capture_output=True, text=True).stdout.split()
     assert out == [str(tmp_path / "x.tar.gz"), str(ROOT.parent / "shared" / "comfyui" / "ComfyUI-0.33.0.tar.gz"),
                    "/work/shared/comfyui/ComfyUI-0.33.0.tar.gz"]
+
+
+def test_identical_large_files_are_hard_linked_between_venvs(tmp_path):
+    """The second lane's venv shares torch's files with the first (CI's disk holds both): identical files of 1 MiB
+    or more become hard links; a file that differs, a small one, or one the other venv lacks stays its own."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import setup_env
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    big = os.urandom(1 << 20)
+    venvs = {}
+    for name, other_byte in (("a", b"x"), ("b", b"y")):
+        v = tmp_path / name
+        (v / "bin").mkdir(parents=True)
+        (v / "bin" / "python").write_text("")
+        lib = v / "lib" / "site-packages" / "torch"
+        lib.mkdir(parents=True)
+        (lib / "same.so").write_bytes(big)
+        (lib / "differs.so").write_bytes(big[:-1] + other_byte)
+        (lib / "small.py").write_text("x = 1\n")
+        venvs[name] = v
+    (venvs["b"] / "lib" / "site-packages" / "torch" / "only_b.so").write_bytes(big)
+
+    setup_env.share_identical_files(venvs["b"], [venvs["a"], venvs["b"]])
+
+    def ino(v, f):
+        return (v / "lib" / "site-packages" / "torch" / f).stat().st_ino
+
+    assert ino(venvs["a"], "same.so") == ino(venvs["b"], "same.so")
+    assert (venvs["b"] / "lib" / "site-packages" / "torch" / "same.so").read_bytes() == big
+    for f in ("differs.so", "small.py"):
+        assert ino(venvs["a"], f) != ino(venvs["b"], f)
+    assert (venvs["b"] / "lib" / "site-packages" / "torch" / "differs.so").read_bytes()[-1:] == b"y"
+    assert not list(venvs["b"].rglob("*.syncdiff-link"))
