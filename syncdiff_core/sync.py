@@ -1,6 +1,7 @@
 """The SyncDiffusion synchronization step: settings, weight schedule, anchors, and the gradient step."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -108,13 +109,16 @@ def synchronize(
     ``views[j]`` is window j's noisy latent (N, C, h, w) in the sampler's space; the model's input is
     ``input_scale * x`` (the variance-preserving latent for SD), and the step is taken there, as in the paper.
     ``lanes`` (instead of ``denoise``/``decode``/``loss``): the moving windows are shared out among several
-    devices, ``batch`` then being one BatchSize per lane; the anchor is decoded by the first lane.
+    devices, ``batch`` then being one BatchSize per lane; the anchor is decoded by the first lane. One BatchSize
+    given for several lanes serves the first; the others get copies, so one lane's halving on out-of-memory
+    (its own device's memory) does not shrink the others' batches.
     """
     if lanes is None:
         lanes = Lanes([Lane(views[0].device, denoise, decode, loss)])
-    if isinstance(batch, (int, BatchSize)):
-        batch = [batch if isinstance(batch, BatchSize) else BatchSize(max(1, min(batch, len(plan))))
-                 for _ in range(len(lanes))]
+    if isinstance(batch, int):
+        batch = BatchSize(max(1, min(batch, len(plan))))
+    if isinstance(batch, BatchSize):
+        batch = [batch] + [copy.copy(batch) for _ in range(len(lanes) - 1)]
     n = views[0].shape[0]
     sig = lambda k: sigma.reshape(1).expand(k * n)  # noqa: E731
     a = anchor.window_index(plan)

@@ -146,3 +146,36 @@ def test_sync_with_lanes_needs_decode_and_loss():
     with pytest.raises(ValueError, match="decode and loss"):
         sample(None, canvas(), SIGMAS, plan_windows(8, 40, 8, 4), sync=SyncSettings(weight=1.0, steps=1),
                lanes=lanes)
+
+
+class FakeOOM(RuntimeError):
+    pass
+
+
+def test_one_batch_size_for_two_lanes_halves_per_lane():
+    """``synchronize`` called directly with one BatchSize and two lanes: the first lane's out-of-memory halving
+    stays its own (the caller's object); the second lane keeps the size it was given."""
+    from syncdiff_core.batching import BatchSize
+    from syncdiff_core.sync import Anchor, synchronize
+
+    plan = plan_windows(16, 24, 8, 4)  # 15 windows; 14 move, 7 a lane
+    views = [canvas(j, 8, 8) for j in range(len(plan))]
+    toys, sizes = [Toy(seed=3), Toy(seed=3)], [[], []]
+
+    def denoise_of(k, fail_first):
+        def denoise(x, sigma, windows=None, step=None):
+            if torch.is_grad_enabled():
+                if fail_first and not sizes[k]:
+                    sizes[k].append(-len(windows))
+                    raise FakeOOM("out of memory (simulated)")
+                sizes[k].append(len(windows))
+            return toys[k].denoise(x, sigma, windows, step)
+        return denoise
+
+    lanes = Lanes([Lane(d, denoise_of(k, k == 0), toys[k].decode, toys[k].loss) for k, d in enumerate(DEVICES)])
+    batch = BatchSize(4, "sync_batch", oom_errors=(FakeOOM,))
+    synchronize(views, torch.tensor(5.0), 0, plan, anchor=Anchor(), weight=1.0, input_scale=input_scale(5.0),
+                batch=batch, lanes=lanes)
+    assert sizes[0] == [-4, 2, 2, 2, 1]  # halved to 2 after the failed 4
+    assert sizes[1] == [4, 3]
+    assert batch.halved and batch.size == 2
