@@ -233,23 +233,24 @@ def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
 
 
 @pytest.mark.slow
-def test_comfy_taesd_loss_decoder(pack, comfy, micro, lpips, tmp_path):
+def test_comfy_taesd_loss_decoder(pack, comfy, micro, lpips):
     with pytest.raises(ValueError, match="taesd_decoder"):
         run(pack, micro.model, micro, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     import comfy.taesd.taesd as taesd
-    import folder_paths
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     dec = taesd.TAESD().taesd_decoder
     for p in dec.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(tmp_path / "taesd_decoder.safetensors"))
-    folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
+    # in the session's own vae_approx folder: a folder registered with ComfyUI stays in its file-list cache,
+    # which fails later lookups once pytest deletes a passed test's tmp_path
+    path = comfy.model_folder("vae_approx") / "taesd_decoder.safetensors"
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
     try:
         out = run(pack, micro.model, micro, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
     finally:
-        folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
+        path.unlink()
     assert torch.isfinite(out).all()
 
 
