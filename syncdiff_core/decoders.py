@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def attention_backends(avoid_efficient: bool = True):
@@ -30,6 +31,71 @@ def attention_backends(avoid_efficient: bool = True):
     if hasattr(SDPBackend, "CUDNN_ATTENTION"):
         backends.insert(1, SDPBackend.CUDNN_ATTENTION)
     return sdpa_kernel(backends)
+
+
+#: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics.
+WIDE_GROUP = 1 << 18
+
+
+class GroupNormStats(torch.autograd.Function):
+    """``F.group_norm`` whose statistics come from PyTorch's general reduction, which spreads one group over many
+    thread blocks. The native CUDA kernel gives each group one block: the loss decoder's 512 px stages have 2 x 32
+    groups of a million elements, which leaves most of an H100 idle (the kernel took a sixth of a sync step,
+    bench/results/h100-2026-11-25-probe.json).
+
+    Everything else is the native op's: the mean and 1/std are stored in the input's dtype as the native forward
+    stores them, the output is ``x * a + b`` with ``a``, ``b`` per channel in float32, and the backward is
+    ``aten.native_group_norm_backward`` itself. Only the statistics' rounding can differ from ``F.group_norm``'s.
+
+    ``GroupNormStats.apply(x, groups, weight, bias, eps)``."""
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps):
+        n, c = x.shape[:2]
+        var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=-1, correction=0)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        rstd = torch.rsqrt(var.to(acc) + eps)
+        mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)  # as the native forward keeps them
+        a = rstd.to(acc).repeat_interleave(c // groups, dim=1)  # (n, c)
+        if weight is not None:
+            a = a * weight.to(acc)
+        b = -mean.to(acc).repeat_interleave(c // groups, dim=1) * a
+        if bias is not None:
+            b = b + bias.to(acc)
+        shape = (n, c) + (1,) * (x.ndim - 2)
+        y = torch.empty_like(x)
+        torch.addcmul(b.reshape(shape), x, a.reshape(shape), out=y)  # float32 arithmetic, one pass
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.groups = groups
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, weight = ctx.saved_tensors
+        n, c = x.shape[:2]
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups, wanted)
+        return dx, None, dw, db if ctx.has_bias else None, None
+
+
+class _WideGroupNorm(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.group_norm and torch.is_grad_enabled():
+            named = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args), **kwargs)
+            x, groups = named["input"], named["num_groups"]
+            if x.ndim >= 3 and x.is_contiguous() and x[0].numel() // groups >= WIDE_GROUP:
+                return GroupNormStats.apply(x, groups, named.get("weight"), named.get("bias"), named.get("eps", 1e-5))
+        return func(*args, **kwargs)
+
+
+def wide_group_norm(enabled: bool = True):
+    """A context in which ``F.group_norm`` of wide groups (:data:`WIDE_GROUP`), while gradients are on, runs as
+    :class:`GroupNormStats`; a no-op when not ``enabled``. A ``TorchFunctionMode``: the modules are only called,
+    never changed; it costs one Python call per torch op, so scope it to the loss decoder."""
+    return _WideGroupNorm() if enabled else contextlib.nullcontext()
 
 
 def is_walkable(first_stage) -> bool:

@@ -219,6 +219,32 @@ def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, mic
     assert seen == [False] * (2 if mode == "vae_checkpointed" else 1)
 
 
+@pytest.mark.parametrize("mode", ["vae", "vae_checkpointed"])
+def test_loss_decoder_wide_norms_keep_the_gradient(pack, micro, tiny_kl_vae, mode, monkeypatch):
+    """``wide_norms``: the decoder's GroupNorms (all of them, with the threshold lowered for the tiny VAE) run as
+    GroupNormStats in the forward pass and the checkpointed recompute; the gradient is the native one."""
+    calls = []
+    real = pack.decoders.GroupNormStats.apply
+    monkeypatch.setattr(pack.decoders.GroupNormStats, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pack.decoders, "WIDE_GROUP", 1)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_kl_vae.first_stage_model.decoder.modules())
+    z = torch.randn(1, 4, WIN, WIN, generator=torch.Generator().manual_seed(5))
+    grads = []
+    with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
+        for wide in (False, True):
+            decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, mode, wide_norms=wide)
+            u = z.clone().requires_grad_(True)
+            loss = decode(u).square().mean()
+            forward = len(calls)
+            grads.append(torch.autograd.grad(loss, u)[0])
+    assert forward == norms
+    if mode == "vae_checkpointed":  # the recompute (every checkpointed block's norms) took it too
+        assert norms < len(calls) < 2 * norms + 1
+    else:
+        assert len(calls) == norms
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5
+
+
 @pytest.mark.slow
 def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
     assert pack.decoders.is_walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"

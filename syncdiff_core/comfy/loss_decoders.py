@@ -5,6 +5,7 @@ full VAE with its blocks checkpointed (same gradients, less memory), the VAE on 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -12,18 +13,23 @@ import torch
 import comfy.model_management
 import comfy.taesd.taesd
 
-from ..decoders import attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable
+from ..decoders import (attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable,
+                        wide_group_norm)
 from .families import latent_out
 
 _TAESD_CACHE: dict = {}
+#: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`.
+WIDE_GROUP_NORM = False
 
 
-def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True):
+def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True,
+                          wide_norms: bool | None = None):
     """The loss decoder ``mode`` (one of ``job.LOSS_DECODERS``) for ``model``'s latents through ``vae``.
 
     ``compile_backend`` (e.g. "inductor"): the decoder's gradient pass runs through ``torch.compile`` (static shapes;
     compiled once per process and shape); the anchor's decode without gradient stays eager.
-    ``avoid_efficient_attention``: see :func:`decoders.attention_backends`."""
+    ``avoid_efficient_attention``: see :func:`decoders.attention_backends`. ``wide_norms`` (default
+    :data:`WIDE_GROUP_NORM`; off when compiling): see :func:`decoders.wide_group_norm`."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
@@ -31,7 +37,12 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     checkpointed = mode == "vae_checkpointed" and is_walkable(first_stage)  # else (3-D decoders) a plain decode
     walk = compiled(checkpointed_decode, compile_backend) if compile_backend else checkpointed_decode
     plain = compiled(_decode, compile_backend) if compile_backend else _decode
-    backends = lambda: attention_backends(avoid_efficient_attention)  # noqa: E731
+    wide = (WIDE_GROUP_NORM if wide_norms is None else wide_norms) and not compile_backend
+
+    @contextlib.contextmanager
+    def backends():
+        with attention_backends(avoid_efficient_attention), wide_group_norm(wide):
+            yield
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
