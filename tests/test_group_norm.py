@@ -70,3 +70,29 @@ def test_mode_routes_wide_groups_with_gradients_only(monkeypatch):
     with wide_group_norm(enabled=False):
         norm(x)
     assert len(seen) == 1
+
+
+@pytest.mark.slow
+def test_decoder_levers_bench_runs_tiny(tmp_path):
+    """bench/decoder_levers.py (the GPU measurement of GroupNormStats) on the CPU with tiny models: it finishes,
+    and its own checks say the gradients agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import comfy_headless
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["COMFYUI_PATH"] = str(comfy_headless.comfyui_path())
+    cmd = [sys.executable, str(root / "bench" / "decoder_levers.py"), "--tiny", "--out", str(tmp_path),
+           "--short-repeats", "1", "--full-repeats", "0"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads((tmp_path / "decoder_levers.json").read_text())
+    assert res["errors"] == []
+    assert len(res["group_norm"]) == 6 and all(r["grad_rel_diff"] < 1e-5 for r in res["group_norm"])
+    assert [r["grad_rel_diff"] < 1e-5 for r in res["decoder"] if "grad_rel_diff" in r] == [True, True]
+    assert set(res["pack"]["summary"]) >= {"sync_step_s_wide_False", "sync_step_s_wide_True"}
