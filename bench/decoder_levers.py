@@ -16,12 +16,8 @@ Writes ``decoder_levers.json`` to ``--out``. ``--tiny`` checks the script on the
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the bench's modules as bench.<name>
@@ -30,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: import the bench's modules as 
 
     script_path_fix(Path(__file__).parent)
 
-from bench.options import add_run_options, apply_tiny, start_comfy  # noqa: E402
+from bench.options import add_run_options, apply_tiny, run_in_comfy  # noqa: E402
 
 #: (channels, pixels of a side) of the SD VAE decoder's GroupNorms for a 64 x 64 latent (the tiny: 8 x 8).
 NORM_SHAPES = [(512, 64), (512, 128), (512, 256), (256, 256), (256, 512), (128, 512)]
@@ -47,7 +43,7 @@ def relative(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def group_norms(b):
+def group_norms(b, dtype):
     import torch
     import torch.nn.functional as F
 
@@ -58,9 +54,9 @@ def group_norms(b):
     scale = 8 if b.args.tiny else 1
     for c, side in NORM_SHAPES:
         side //= scale
-        x = torch.randn(2, c, side, side, device=b.device, dtype=b.vae_dtype) * 2 + 0.5
-        w = torch.randn(c, device=b.device, dtype=b.vae_dtype)
-        bias = torch.randn(c, device=b.device, dtype=b.vae_dtype)
+        x = torch.randn(2, c, side, side, device=b.device, dtype=dtype) * 2 + 0.5
+        w = torch.randn(c, device=b.device, dtype=dtype)
+        bias = torch.randn(c, device=b.device, dtype=dtype)
         g = torch.randn_like(x)
 
         def grad_of(norm):
@@ -146,30 +142,15 @@ def pack(b, models):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="syncdiff-decoder-levers-") as base:
-        start_comfy(args.tiny, base)
-        for name in ("bench.models", "bench.runs", "bench.timing"):  # imports ComfyUI and the pack
-            importlib.import_module(name)
-        from bench.state import Bench
-
-        b = Bench(args, file_name="decoder_levers.json", results={"errors": []})
-        try:
-            run(b, Path(base) / "models")
-        finally:
-            b.save()
+    run_in_comfy(parse_args(argv), "syncdiff-decoder-levers-", ("bench.models", "bench.runs", "bench.timing"), run,
+                 file_name="decoder_levers.json", results={"errors": []})
 
 
 def run(b, models_dir: Path):
-    import torch
-
     from bench.models import build_models
     from bench.probe import guarded
-    from bench.state import commit
 
-    b.results["env"] = {"device": torch.cuda.get_device_name() if b.cuda else "cpu", "torch": torch.__version__,
-                        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit()}
+    b.results["env"] = b.env()
     print(b.results["env"], flush=True)
     models = guarded(b, "build", lambda: build_models(b, models_dir))
     if models is None:
@@ -178,9 +159,8 @@ def run(b, models_dir: Path):
         import syncdiff_core.decoders
 
         syncdiff_core.decoders.WIDE_GROUP = 1 << 10
-    b.vae_dtype = models.vae.vae_dtype
-    b.results["env"]["vae_dtype"] = str(b.vae_dtype)
-    guarded(b, "group_norm", lambda: group_norms(b))
+    b.results["env"]["vae_dtype"] = str(models.vae.vae_dtype)
+    guarded(b, "group_norm", lambda: group_norms(b, models.vae.vae_dtype))
     guarded(b, "decoder", lambda: decoders(b, models))
     guarded(b, "pack", lambda: pack(b, models))
     print("errors", b.results["errors"], "seconds", b.results.get("seconds"), flush=True)

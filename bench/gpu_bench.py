@@ -26,11 +26,8 @@ clock, budget, results), ``models`` (the random-weight models), ``timing`` (step
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the bench's modules as bench.<name>
@@ -39,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: import the bench's modules as 
 
     script_path_fix(Path(__file__).parent)
 
-from bench.options import add_run_options, apply_tiny, start_comfy  # noqa: E402
+from bench.options import add_run_options, apply_tiny, run_in_comfy  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,19 +65,7 @@ def is_count(v):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="syncdiff-bench-") as base:
-        start_comfy(args.tiny, base)
-        for name in ("bench.floor", "bench.models", "bench.plans"):  # imports ComfyUI and the pack
-            importlib.import_module(name)
-        from bench.state import Bench
-
-        b = Bench(args)
-        try:
-            run(b, Path(base) / "models")
-        finally:
-            b.save()
+    run_in_comfy(parse_args(argv), "syncdiff-bench-", ("bench.floor", "bench.models", "bench.plans"), run)
 
 
 def run(b, models_dir: Path):

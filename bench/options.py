@@ -60,6 +60,28 @@ def start_comfy(tiny: bool, base_dir: Path | str) -> None:
     sys.path.insert(1, str(ROOT))
 
 
+def run_in_comfy(args: argparse.Namespace, prefix: str, modules: tuple[str, ...], run, **bench_kwargs) -> None:
+    """A bench script's body: ComfyUI started (``start_comfy``) with a throw-away base folder named ``prefix...``,
+    ``modules`` imported (they import ComfyUI and the pack), then ``run(b, models_dir)`` with a
+    ``bench.state.Bench(args, **bench_kwargs)``, whose results are saved however ``run`` ends."""
+    import importlib
+    import logging
+    import tempfile
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix=prefix) as base:
+        start_comfy(args.tiny, base)
+        for name in modules:
+            importlib.import_module(name)
+        from bench.state import Bench
+
+        b = Bench(args, **bench_kwargs)
+        try:
+            run(b, Path(base) / "models")
+        finally:
+            b.save()
+
+
 def script_path_fix(script_dir: Path) -> None:
     """A script in bench/ has bench/ first on ``sys.path``; its modules are imported as ``bench.<name>`` instead
     (one name each, and none of them shadows a top-level module of ComfyUI or a library)."""

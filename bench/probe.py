@@ -20,10 +20,7 @@ options of one pack run that ``gpu_bench.py`` takes (``bench.options``); shares 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the bench's modules as 
 
     script_path_fix(Path(__file__).parent)
 
-from bench.options import add_run_options, apply_tiny, start_comfy  # noqa: E402
+from bench.options import add_run_options, apply_tiny, run_in_comfy  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -263,30 +260,15 @@ def pack_compiled(b, models):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="syncdiff-probe-") as base:
-        start_comfy(args.tiny, base)
-        for name in ("bench.models", "bench.runs", "bench.timing"):  # imports ComfyUI and the pack
-            importlib.import_module(name)
-        from bench.state import Bench
-
-        b = Bench(args, file_name="probe.json", results={"errors": []})
-        try:
-            run(b, Path(base) / "models")
-        finally:
-            b.save()
+    run_in_comfy(parse_args(argv), "syncdiff-probe-", ("bench.models", "bench.runs", "bench.timing"), run,
+                 file_name="probe.json", results={"errors": []})
 
 
 def run(b, models_dir: Path):
-    import torch
-
     from bench.models import build_models
-    from bench.state import commit
 
     P = b.results
-    P["env"] = {"device": torch.cuda.get_device_name() if b.cuda else "cpu", "torch": torch.__version__,
-                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit()}
+    P["env"] = b.env()
     print(P["env"], flush=True)
     models = guarded(b, "build", lambda: build_models(b, models_dir))
     if models is None:
