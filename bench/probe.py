@@ -138,7 +138,7 @@ def micro(b, models):
 
     from bench.timing import timed
     from syncdiff_core.comfy.model import gradient_section
-    from syncdiff_core.decoders import checkpointed_decode
+    from syncdiff_core.decoders import checkpointed_decode, decoder_input
     from syncdiff_core.weights import trainable_weights
 
     model, vae, loss, cond, uncond = models
@@ -194,7 +194,7 @@ def micro(b, models):
         return run
 
     plain_decode = first.decode
-    ckpt_decode = lambda z: checkpointed_decode(first, z)  # noqa: E731
+    ckpt_decode = lambda z: checkpointed_decode(first.decoder, decoder_input(first, z))  # noqa: E731
 
     def record(name, fn):
         r = guarded(b, name, lambda: timed(b, fn, reps))
