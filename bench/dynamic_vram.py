@@ -31,16 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SD2_BASE_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "context_dim": 1024,
-    "use_linear_in_transformer": True, "adm_in_channels": None, "use_temporal_attention": False,
-    "use_temporal_resblock": False, "num_head_channels": 64,
-}
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 MODES = {"default": [], "no-dynamic": ["disable_dynamic_vram"]}
 
 
@@ -194,35 +184,15 @@ def write_checkpoint(opts, comfy_path: str, path: Path) -> None:
     """A random-weight SD2-base-size checkpoint, written by a process of the first lane (ComfyUI's own
     ``save_checkpoint``); with ``--tiny`` the test suite's tiny SD2 checkpoint (one-level UNet, TAESD)."""
     if opts.tiny:
-        code = f"""
+        write = f"import tiny_models; tiny_models.write_checkpoint({str(path)!r}, family='sd20', seed=0)"
+    else:
+        write = f"from bench.sizes import write_sd2_base_checkpoint; write_sd2_base_checkpoint({str(path)!r}, seed=0)"
+    code = f"""
 import sys
 sys.path[:0] = [{str(ROOT / 'scripts')!r}, {str(ROOT)!r}]
 import comfy_headless as ch
-ch.bootstrap(None, cpu=True)
-import tiny_models
-tiny_models.write_checkpoint({str(path)!r}, family="sd20", seed=0)
-"""
-        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COMFYUI_PATH": comfy_path})
-        return
-    code = f"""
-import sys, torch
-sys.path[:0] = [{str(ROOT / 'scripts')!r}, {str(ROOT)!r}]
-import comfy_headless as ch
-ch.bootstrap(None, cpu=False)
-import comfy.supported_models, comfy.model_patcher, comfy.sd, comfy.model_management as mm
-from comfy.ldm.models.autoencoder import AutoencoderKL
-import tiny_models
-unet, vae_cfg = {SD2_BASE_UNET!r}, {SD_VAE!r}
-mc = comfy.supported_models.SD20(unet)
-mc.set_inference_dtype(torch.float16, None)
-base = mc.get_model({{}})
-tiny_models.init_weights_(base.diffusion_model, 0)
-model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=torch.device('cpu'))
-params = {{"embed_dim": 4, "ddconfig": vae_cfg}}
-net = AutoencoderKL(**params)
-tiny_models.init_weights_(net, 1)
-vae = comfy.sd.VAE(sd=net.state_dict(), config={{"params": params}})
-comfy.sd.save_checkpoint({str(path)!r}, model, vae=vae, metadata={{"syncdiffusion": "random SD2-base-size"}})
+ch.bootstrap(None, cpu={bool(opts.tiny)})
+{write}
 print("checkpoint written", {str(path)!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COMFYUI_PATH": comfy_path})

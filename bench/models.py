@@ -20,20 +20,11 @@ from tiny_models import init_weights_, write_random_trunk
 
 from syncdiff_core.comfy.assets import get_lpips, register_lpips_folder
 
+from .sizes import SD2_BASE_UNET, SD_VAE
 from .state import Bench, gib, now
 
-SD2_BASE_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "context_dim": 1024,
-    "use_linear_in_transformer": True, "adm_in_channels": None, "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 TINY_UNET = {**SD2_BASE_UNET, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
              "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1}
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 TINY_VAE = {**SD_VAE, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}
 
 

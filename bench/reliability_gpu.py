@@ -28,7 +28,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -79,6 +78,7 @@ import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
+from bench.sizes import write_sd2_base_checkpoint  # noqa: E402
 from syncdiff_core import perceptual  # noqa: E402
 from syncdiff_core.comfy import assets  # noqa: E402
 from syncdiff_core.comfy.decode import decode_panorama_image  # noqa: E402
@@ -92,17 +92,6 @@ T0 = time.monotonic()
 RESULTS: dict = {"errors": [], "sections": {}}
 log = logging.getLogger("syncdiffusion")
 
-# SD 2.0-base (865M parameters); the tiny run uses the tests' one-level UNet (detected as SD2 from its file).
-SD2_BASE_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "context_dim": 1024,
-    "use_linear_in_transformer": True, "num_head_channels": 64, "adm_in_channels": None,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
 def elapsed() -> float:
@@ -153,36 +142,6 @@ def section(name):
 
 # ----------------------------------------------------------------------------------------------------------- models
 
-@torch.no_grad()
-def init_weights(module, seed, std=1.0):
-    """Matrices and kernels N(0, std/sqrt(fan_in)), norm scales 1, biases 0 (ComfyUI's layers start empty)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            p.copy_((torch.randn(p.shape, generator=g) * (std / math.sqrt(p[0].numel()))).to(p.dtype))
-        elif p.ndim == 1 and name.endswith("weight"):
-            p.fill_(1.0)
-        elif p.ndim == 1:
-            p.zero_()
-
-
-def write_full_checkpoint(path: Path):
-    """SD2-base UNet + SD's KL VAE (fp16, random) as one checkpoint file, written with ComfyUI's save_checkpoint."""
-    import comfy.model_patcher
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    mc = comfy.supported_models.SD20(dict(SD2_BASE_UNET))
-    mc.set_inference_dtype(torch.float16, None)
-    base = mc.get_model({})
-    init_weights(base.diffusion_model, ARGS.seed)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    params = {"embed_dim": 4, "ddconfig": SD_VAE}
-    net = AutoencoderKL(**params)
-    init_weights(net, ARGS.seed + 1)
-    vae = comfy.sd.VAE(sd=net.state_dict(), config={"params": params})
-    comfy.sd.save_checkpoint(str(path), model, clip=None, vae=vae, metadata={"syncdiffusion": "random SD2 size"})
-
-
 def load_models(tmp: Path):
     """(model, vae, positive, negative, lpips) loaded as CheckpointLoaderSimple loads them (under inference mode)."""
     t = time.monotonic()
@@ -192,7 +151,7 @@ def load_models(tmp: Path):
 
         tiny_models.write_checkpoint(ckpt, family="sd20", seed=ARGS.seed)
     else:
-        write_full_checkpoint(ckpt)
+        write_sd2_base_checkpoint(ckpt, seed=ARGS.seed)
     lpips_dir = tmp / "lpips"
     import tiny_models
 
