@@ -44,7 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sync-steps", type=int, default=5)
     p.add_argument("--child", default="", help=argparse.SUPPRESS)  # "lane:mode:comfyui path:checkpoint"
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.tiny:  # a check of the script: a few windows of 64 px and a short schedule
+        opts.width, opts.height = min(opts.width, 256), min(opts.height, 64)
+        opts.steps, opts.sync_steps = min(opts.steps, 3), min(opts.sync_steps, 1)
+    return opts
 
 
 # ----------------------------------------------------------------------------------------------------------------
