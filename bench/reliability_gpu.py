@@ -74,7 +74,6 @@ if ARGS.tiny:
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
-import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
@@ -91,7 +90,6 @@ CUDA = DEVICE.type == "cuda"
 T0 = time.monotonic()
 RESULTS: dict = {"errors": [], "sections": {}}
 log = logging.getLogger("syncdiffusion")
-
 
 
 def elapsed() -> float:

@@ -33,7 +33,7 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
-def write_sd2_base_checkpoint(path, seed: int = 0, metadata: str = "random SD2-base-size") -> None:
+def write_sd2_base_checkpoint(path, seed: int = 0) -> None:
     """A random-weight checkpoint of SD 2.0-base's size (the UNet in fp16, the KL VAE) written with ComfyUI's own
     ``save_checkpoint``, for graphs that load it with ``CheckpointLoaderSimple`` as a user's would be loaded.
     Needs ComfyUI started and ``scripts/`` on ``sys.path`` (``tiny_models``)."""
@@ -55,4 +55,4 @@ def write_sd2_base_checkpoint(path, seed: int = 0, metadata: str = "random SD2-b
     net = AutoencoderKL(**params)
     init_weights_(net, seed + 1)
     vae = comfy.sd.VAE(sd=net.state_dict(), config={"params": params})
-    comfy.sd.save_checkpoint(str(path), model, vae=vae, metadata={"syncdiffusion": metadata})
+    comfy.sd.save_checkpoint(str(path), model, vae=vae, metadata={"syncdiffusion": "random SD2-base-size"})
