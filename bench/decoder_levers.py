@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Wide GroupNorms in the loss decoder: the native kernel against ``decoders.GroupNormStats`` (issue 16).
+"""Exact levers of the checkpointed loss decoder (issue 16): wide GroupNorms through ``decoders.GroupNormStats``
+against the native kernel, and ``plain_stages`` (the cheap low-resolution stages not checkpointed).
 
 One device call, the SD 2.0-base-sized random-weight models of ``gpu_bench.py``:
 
 1. ``group_norm``: each GroupNorm shape of the SD VAE decoder at 2 windows of 512 px, forward + input gradient,
    ``F.group_norm`` against ``GroupNormStats`` (median of CUDA-event timings; largest output and gradient
    differences);
-2. ``decoder``: the pack's loss decoder (``vae_checkpointed``, ``vae``) at 2 windows, forward + input gradient, with
-   ``wide_norms`` off and on (median ms, peak memory, the gradient's relative difference);
-3. ``pack``: short runs with every step synchronized, then (budget allowing) the headline 50-step run with 10 sync
-   steps, ``loss_decoders.WIDE_GROUP_NORM`` off and on, alternated.
+2. ``decoder``: the pack's ``vae_checkpointed`` loss decoder at 2 windows, forward + input gradient, under each of
+   :data:`SETTINGS` (median ms, peak memory, the gradient's relative difference to the default's);
+3. ``pack``: short runs with every step synchronized under each setting, then (budget allowing) the headline
+   50-step run with 10 sync steps, the default against the fastest setting within 10 GiB, alternated.
 
 Writes ``decoder_levers.json`` to ``--out``. ``--tiny`` checks the script on the CPU.
 """
@@ -69,75 +70,117 @@ def group_norms(b, dtype):
         native = grad_of(lambda u: F.group_norm(u, 32, w, bias, 1e-6))
         stats = grad_of(lambda u: GroupNormStats.apply(u, 32, w, bias, 1e-6))
         (y0, d0), (y1, d1) = native(), stats()
+        u = x.float().requires_grad_(True)  # the float32 reference: how far each half-precision path is from it
+        y = F.group_norm(u, 32, w.float(), bias.float(), 1e-6)
+        dy = torch.autograd.grad(y, u, g.float())[0]
         row = {"shape": [2, c, side, side], "native_ms": timed(b, native, 20)["median_ms"],
                "stats_ms": timed(b, stats, 20)["median_ms"],
-               "out_max_diff": float((y0.float() - y1.float()).abs().max()), "grad_rel_diff": relative(d1, d0)}
+               "out_max_diff": float((y0.float() - y1.float()).abs().max()), "grad_rel_diff": relative(d1, d0),
+               "native_vs_fp32": {"out_max": float((y0.float() - y).abs().max()), "grad_rel": relative(d0, dy)},
+               "stats_vs_fp32": {"out_max": float((y1.float() - y).abs().max()), "grad_rel": relative(d1, dy)}}
         res.append(row)
         print("group_norm", row, flush=True)
         b.save()
 
 
+#: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk).
+SETTINGS = {"default": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plain3": (False, 3),
+            "plain4": (False, 4), "wide+plain3": (True, 3)}
+
+
+def use(setting: str):
+    from syncdiff_core.comfy import loss_decoders
+
+    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting]
+
+
 def decoders(b, models):
+    """The checkpointed loss decoder at 2 windows under each setting, round-robin (so drift hits all alike): median
+    ms of forward + input gradient, peak memory; and each setting's gradient of a linear functional of the raw
+    (unclamped: random weights saturate the clamp) images against the default's."""
+    import contextlib
+
     import torch
 
     from bench.timing import timed
     from syncdiff_core.comfy.loss_decoders import decoder_for_gradients
     from syncdiff_core.comfy.model import gradient_section
+    from syncdiff_core.decoders import attention_backends, checkpointed_decode, decoder_input, wide_group_norm
     from syncdiff_core.weights import trainable_weights
 
     model, vae = models.model, models.vae
+    first = vae.first_stage_model
     side = 8 if b.args.tiny else 64
     z = torch.randn(2, 4, side, side, device=b.device) * 0.8
-    res = b.results["decoder"] = []
-    with trainable_weights(vae.first_stage_model), gradient_section():
-        for mode in ("vae_checkpointed", "vae"):
-            grads = {}
-            for wide in (False, True):
-                decode = decoder_for_gradients(vae, model, mode, wide_norms=wide)
+    rows = b.results["decoder"] = {name: [] for name in SETTINGS}
+    grads = {}
+    with trainable_weights(first), gradient_section():
+        for name, (wide, plain) in SETTINGS.items():
+            @contextlib.contextmanager
+            def backends(wide=wide):
+                with attention_backends(True), wide_group_norm(wide):
+                    yield
+
+            u = z.clone().requires_grad_(True)
+            with backends():
+                images = checkpointed_decode(first.decoder, decoder_input(first, u.to(vae.vae_dtype)),
+                                             lambda: (backends(), backends()), plain)
+            g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
+            grads[name] = torch.autograd.grad((images.float() * g).mean(), u)[0]
+            del images
+        for _ in range(3):
+            for name, (wide, plain) in SETTINGS.items():
+                decode = decoder_for_gradients(vae, model, "vae_checkpointed", wide_norms=wide, plain_stages=plain)
 
                 def run():
                     u = z.clone().requires_grad_(True)
                     return torch.autograd.grad(decode(u).square().mean(), u)[0]
 
-                r = timed(b, run, 10)
-                grads[wide] = run()
-                row = {"mode": mode, "wide_norms": wide, **r}
-                res.append(row)
-                print("decoder", row, flush=True)
-            res[-1]["grad_rel_diff"] = relative(grads[True], grads[False])
-            print("decoder", mode, "gradient relative difference", res[-1]["grad_rel_diff"], flush=True)
-            b.save()
+                rows[name].append(timed(b, run, 5))
+    summary = b.results["decoder_summary"] = {
+        name: {"median_ms": statistics.median(r["median_ms"] for r in rows[name]),
+               "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in rows[name]),
+               "grad_rel_diff": relative(grads[name], grads["default"]),
+               "grad_finite": bool(torch.isfinite(grads[name]).all())}
+        for name in SETTINGS}
+    for name, row in summary.items():
+        print("decoder", name, row, flush=True)
+    b.save()
 
 
 def pack(b, models):
+    """Short runs (every step synchronized) under each setting, round-robin; then full runs, the default against
+    the fastest setting of the short runs whose peak stays within 10 GiB reserved, alternated."""
     from bench.runs import median_time, pack_run, per_step
-    from syncdiff_core.comfy import loss_decoders
 
     a, res = b.args, b.results.setdefault("pack", {})
     ns = 2 if a.tiny else 4
     for k in range(a.short_repeats):
-        for wide in (False, True):
-            loss_decoders.WIDE_GROUP_NORM = wide
-            rec = pack_run(b, models, steps=ns, w=20.0, sync_steps=ns, label=f"short wide={wide}", empty=k == 0)
-            res.setdefault(f"short_wide_{wide}", []).append(rec)
+        for name in SETTINGS:
+            use(name)
+            rec = pack_run(b, models, steps=ns, w=20.0, sync_steps=ns, label=f"short {name}", empty=k == 0)
+            res.setdefault(f"short {name}", []).append(rec)
             print("pack", rec["label"], rec["step_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
-    est = max(per_step(r) or 1.0 for r in res["short_wide_False"]) * a.sync_steps + 0.15 * (a.steps - a.sync_steps)
-    for k in range(a.full_repeats):
-        for wide in (False, True):
+    short = {name: {"sync_step_s": statistics.median(per_step(r) for r in res[f"short {name}"]),
+                    "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in res[f"short {name}"])}
+             for name in SETTINGS}
+    fits = [n for n in SETTINGS if n != "default" and short[n]["peak_reserved_gib"] <= 10.0]
+    best = min(fits, key=lambda n: short[n]["sync_step_s"]) if fits else None
+    est = short["default"]["sync_step_s"] * a.sync_steps + 0.15 * (a.steps - a.sync_steps)
+    for k in range(a.full_repeats if best else 0):
+        for name in ("default", best):
             if b.left() < est * 1.3 + 10:
-                b.results["errors"].append(f"skipped full wide={wide}: {b.left():.0f} s left, wanted {est * 1.3:.0f}")
+                b.results["errors"].append(f"skipped full {name}: {b.left():.0f} s left, wanted {est * 1.3:.0f}")
                 continue
-            loss_decoders.WIDE_GROUP_NORM = wide
-            rec = pack_run(b, models, w=20.0, label=f"full wide={wide}", empty=k == 0)
-            res.setdefault(f"full_wide_{wide}", []).append(rec)
+            use(name)
+            rec = pack_run(b, models, w=20.0, label=f"full {name}", empty=k == 0)
+            res.setdefault(f"full {name}", []).append(rec)
             print("pack", rec["label"], rec["time_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
-    loss_decoders.WIDE_GROUP_NORM = False
-    res["summary"] = {
-        **{f"sync_step_s_wide_{w}": statistics.median(per_step(r) for r in res[f"short_wide_{w}"])
-           for w in (False, True)},
-        **{f"full_s_wide_{w}": median_time(res.get(f"full_wide_{w}", [])) for w in (False, True)}}
+    use("default")
+    res["summary"] = {"short": short, "best": best,
+                      "full_s": {n: median_time(res.get(f"full {n}", [])) for n in ("default", best) if n}}
     print("pack summary", res["summary"], flush=True)
 
 

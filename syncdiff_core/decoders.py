@@ -33,8 +33,10 @@ def attention_backends(avoid_efficient: bool = True):
     return sdpa_kernel(backends)
 
 
-#: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics.
-WIDE_GROUP = 1 << 18
+#: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics:
+#: on an H100 it was faster from 2**20 (the SD VAE decoder's 256 and 512 px stages at 2 windows) and slower below
+#: (bench/results/h100-2026-12-06-decoder-levers.json).
+WIDE_GROUP = 1 << 20
 
 
 class GroupNormStats(torch.autograd.Function):
@@ -130,26 +132,34 @@ def decoder_input(first_stage, z: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("the VAE's decode did not call its decoder module")
 
 
-def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None) -> torch.Tensor:
+def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None, plain_stages: int = 0) -> torch.Tensor:
     """The KL ``Decoder``'s forward from its input ``h``, block by block, each block under ``torch.utils.checkpoint``:
     backward keeps only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window).
-    The modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts."""
+    The modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts.
+
+    ``plain_stages``: the first stages in decoding order (the middle, then the up levels from the lowest
+    resolution) keep their activations instead: their blocks are not recomputed in backward. They are the cheap
+    ones to keep: the SD VAE's middle and 64 and 128 px levels (3 stages) hold a sixth of the saved activations and
+    cost two fifths of the recompute. The gradient is the same for any value."""
     from torch.utils.checkpoint import checkpoint
 
     extra = {"context_fn": context_fn} if context_fn is not None else {}
-    run = lambda block, *a: checkpoint(block, *a, use_reentrant=False, **extra)  # noqa: E731
+
+    def run(stage: int, block, *a):
+        return block(*a) if stage < plain_stages else checkpoint(block, *a, use_reentrant=False, **extra)
+
     h = decoder.conv_in(h)
-    h = run(decoder.mid.block_1, h, None)
-    h = run(decoder.mid.attn_1, h)
-    h = run(decoder.mid.block_2, h, None)
-    for level in reversed(range(decoder.num_resolutions)):
+    h = run(0, decoder.mid.block_1, h, None)
+    h = run(0, decoder.mid.attn_1, h)
+    h = run(0, decoder.mid.block_2, h, None)
+    for stage, level in enumerate(reversed(range(decoder.num_resolutions)), start=1):
         up = decoder.up[level]
         for i, block in enumerate(up.block):
-            h = run(block, h, None)
+            h = run(stage, block, h, None)
             if len(up.attn) > 0:
-                h = run(up.attn[i], h)
+                h = run(stage, up.attn[i], h)
         if level != 0:
-            h = run(up.upsample, h)
+            h = run(stage, up.upsample, h)
     h = decoder.norm_out(h)
     return decoder.conv_out(torch.nn.functional.silu(h))
 

@@ -245,6 +245,35 @@ def test_loss_decoder_wide_norms_keep_the_gradient(pack, micro, tiny_kl_vae, mod
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5
 
 
+
+@pytest.mark.parametrize("plain_stages", [1, 3, 9])
+def test_loss_decoder_plain_stages_keep_the_gradient(pack, micro, tiny_kl_vae, plain_stages, monkeypatch):
+    """``plain_stages``: the first stages (the middle, then the lowest-resolution up levels) run without
+    checkpointing, the rest with it; the images and the gradient are those of every block checkpointed."""
+    import torch.utils.checkpoint as tuc
+
+    dec = tiny_kl_vae.first_stage_model.decoder
+    stages = [[dec.mid.block_1, dec.mid.attn_1, dec.mid.block_2]] + [
+        list(dec.up[lv].block) + list(dec.up[lv].attn) + ([dec.up[lv].upsample] if lv else [])
+        for lv in reversed(range(dec.num_resolutions))]
+    wanted = [id(m) for stage in stages[plain_stages:] for m in stage]
+    seen = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **k: seen.append(id(fn)) or real(fn, *a, **k))
+    z = torch.randn(1, 4, WIN, WIN, generator=torch.Generator().manual_seed(6))
+    out = []
+    with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
+        for stages_kept in (0, plain_stages):
+            seen.clear()
+            decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, "vae_checkpointed",
+                                                              plain_stages=stages_kept)
+            u = z.clone().requires_grad_(True)
+            images = decode(u)
+            out.append((images.detach(), torch.autograd.grad(images.square().mean(), u)[0]))
+    assert sorted(seen) == sorted(wanted)
+    assert torch.allclose(out[1][0], out[0][0], atol=1e-6)
+    assert (out[1][1] - out[0][1]).norm() / out[0][1].norm() < 1e-5
+
 @pytest.mark.slow
 def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
     assert pack.decoders.is_walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"

@@ -74,8 +74,8 @@ def test_mode_routes_wide_groups_with_gradients_only(monkeypatch):
 
 @pytest.mark.slow
 def test_decoder_levers_bench_runs_tiny(tmp_path):
-    """bench/decoder_levers.py (the GPU measurement of GroupNormStats) on the CPU with tiny models: it finishes,
-    and its own checks say the gradients agree."""
+    """bench/decoder_levers.py (the GPU measurement of GroupNormStats and plain_stages) on the CPU with tiny models:
+    it finishes, and its own checks say the gradients agree."""
     import json
     import os
     import subprocess
@@ -94,5 +94,9 @@ def test_decoder_levers_bench_runs_tiny(tmp_path):
     res = json.loads((tmp_path / "decoder_levers.json").read_text())
     assert res["errors"] == []
     assert len(res["group_norm"]) == 6 and all(r["grad_rel_diff"] < 1e-5 for r in res["group_norm"])
-    assert [r["grad_rel_diff"] < 1e-5 for r in res["decoder"] if "grad_rel_diff" in r] == [True, True]
-    assert set(res["pack"]["summary"]) >= {"sync_step_s_wide_False", "sync_step_s_wide_True"}
+    summary = res["decoder_summary"]
+    assert set(summary) == set(res["pack"]["summary"]["short"]) == {
+        "default", "wide", "plain2", "plain3", "plain4", "wide+plain3"}
+    assert all(r["grad_finite"] and r["grad_rel_diff"] < 1e-5 for r in summary.values())
+    assert summary["default"]["grad_rel_diff"] == 0.0
+    assert all(r["sync_step_s"] > 0 for r in res["pack"]["summary"]["short"].values())

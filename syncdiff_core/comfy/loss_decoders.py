@@ -20,16 +20,19 @@ from .families import latent_out
 _TAESD_CACHE: dict = {}
 #: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`.
 WIDE_GROUP_NORM = False
+#: The default of ``decoder_for_gradients(plain_stages=...)``: see :func:`decoders.checkpointed_decode`.
+PLAIN_STAGES = 0
 
 
 def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True,
-                          wide_norms: bool | None = None):
+                          wide_norms: bool | None = None, plain_stages: int | None = None):
     """The loss decoder ``mode`` (one of ``job.LOSS_DECODERS``) for ``model``'s latents through ``vae``.
 
     ``compile_backend`` (e.g. "inductor"): the decoder's gradient pass runs through ``torch.compile`` (static shapes;
     compiled once per process and shape); the anchor's decode without gradient stays eager.
     ``avoid_efficient_attention``: see :func:`decoders.attention_backends`. ``wide_norms`` (default
-    :data:`WIDE_GROUP_NORM`; off when compiling): see :func:`decoders.wide_group_norm`."""
+    :data:`WIDE_GROUP_NORM`; off when compiling): see :func:`decoders.wide_group_norm`. ``plain_stages``
+    (default :data:`PLAIN_STAGES`): see :func:`decoders.checkpointed_decode`."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
@@ -38,6 +41,7 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     walk = compiled(checkpointed_decode, compile_backend) if compile_backend else checkpointed_decode
     plain = compiled(_decode, compile_backend) if compile_backend else _decode
     wide = (WIDE_GROUP_NORM if wide_norms is None else wide_norms) and not compile_backend
+    plain_stages = PLAIN_STAGES if plain_stages is None else plain_stages
 
     @contextlib.contextmanager
     def backends():
@@ -56,7 +60,7 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
                 # eager checkpointing recomputes the blocks during backward, outside this context: the recompute must
                 # pick the same attention kernels as the forward (else autograd finds other saved tensors)
                 context = None if compile_backend else (lambda: (backends(), backends()))
-                images = walk(first_stage.decoder, decoder_input(first_stage, z), context)
+                images = walk(first_stage.decoder, decoder_input(first_stage, z), context, plain_stages)
             else:
                 images = plain(first_stage, z)
         return images_for_loss(images).float().clamp(-1.0, 1.0)
