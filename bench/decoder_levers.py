@@ -10,7 +10,7 @@ One device call, the SD 2.0-base-sized random-weight models of ``gpu_bench.py``:
 2. ``decoder``: the pack's ``vae_checkpointed`` loss decoder at 2 windows, forward + input gradient, under each of
    :data:`SETTINGS` (median ms, peak memory, the gradient's relative difference to the default's);
 3. ``pack``: short runs with every step synchronized under each setting, then (budget allowing) the headline
-   50-step run with 10 sync steps, the default against the fastest setting within 10 GiB, alternated.
+   50-step run with 10 sync steps under ``--full-settings``, round-robin.
 
 Writes ``decoder_levers.json`` to ``--out``. ``--tiny`` checks the script on the CPU.
 """
@@ -37,7 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short-repeats", type=int, default=2, help="short runs per setting")
     p.add_argument("--full-repeats", type=int, default=2, help="headline runs per setting, budget allowing")
-    return apply_tiny(add_run_options(p).parse_args(argv))
+    p.add_argument("--full-settings", default="default,plain2,plain3,wide+plain2",
+                   help="the settings (names of SETTINGS, comma-separated) of the headline runs")
+    args = apply_tiny(add_run_options(p).parse_args(argv))
+    unknown = set(args.full_settings.split(",")) - set(SETTINGS)
+    if unknown:
+        p.error(f"--full-settings: unknown {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
+    return args
 
 
 def relative(a, b) -> float:
@@ -73,6 +79,7 @@ def group_norms(b, dtype):
         u = x.float().requires_grad_(True)  # the float32 reference: how far each half-precision path is from it
         y = F.group_norm(u, 32, w.float(), bias.float(), 1e-6)
         dy = torch.autograd.grad(y, u, g.float())[0]
+        y = y.detach()
         row = {"shape": [2, c, side, side], "native_ms": timed(b, native, 20)["median_ms"],
                "stats_ms": timed(b, stats, 20)["median_ms"],
                "out_max_diff": float((y0.float() - y1.float()).abs().max()), "grad_rel_diff": relative(d1, d0),
@@ -85,7 +92,7 @@ def group_norms(b, dtype):
 
 #: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk).
 SETTINGS = {"default": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plain3": (False, 3),
-            "plain4": (False, 4), "wide+plain3": (True, 3)}
+            "plain4": (False, 4), "wide+plain2": (True, 2), "wide+plain3": (True, 3)}
 
 
 def use(setting: str):
@@ -149,38 +156,36 @@ def decoders(b, models):
 
 
 def pack(b, models):
-    """Short runs (every step synchronized) under each setting, round-robin; then full runs, the default against
-    the fastest setting of the short runs whose peak stays within 10 GiB reserved, alternated."""
+    """Short runs (every step synchronized) under each setting, round-robin, the allocator emptied before each so
+    that each peak is its own; then full runs of ``--full-settings``, round-robin."""
     from bench.runs import median_time, pack_run, per_step
 
     a, res = b.args, b.results.setdefault("pack", {})
     ns = 2 if a.tiny else 4
-    for k in range(a.short_repeats):
+    for _ in range(a.short_repeats):
         for name in SETTINGS:
             use(name)
-            rec = pack_run(b, models, steps=ns, w=20.0, sync_steps=ns, label=f"short {name}", empty=k == 0)
+            rec = pack_run(b, models, steps=ns, w=20.0, sync_steps=ns, label=f"short {name}")
             res.setdefault(f"short {name}", []).append(rec)
             print("pack", rec["label"], rec["step_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
     short = {name: {"sync_step_s": statistics.median(per_step(r) for r in res[f"short {name}"]),
                     "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in res[f"short {name}"])}
              for name in SETTINGS}
-    fits = [n for n in SETTINGS if n != "default" and short[n]["peak_reserved_gib"] <= 10.0]
-    best = min(fits, key=lambda n: short[n]["sync_step_s"]) if fits else None
+    full = a.full_settings.split(",")
     est = short["default"]["sync_step_s"] * a.sync_steps + 0.15 * (a.steps - a.sync_steps)
-    for k in range(a.full_repeats if best else 0):
-        for name in ("default", best):
+    for _ in range(a.full_repeats):
+        for name in full:
             if b.left() < est * 1.3 + 10:
                 b.results["errors"].append(f"skipped full {name}: {b.left():.0f} s left, wanted {est * 1.3:.0f}")
                 continue
             use(name)
-            rec = pack_run(b, models, w=20.0, label=f"full {name}", empty=k == 0)
+            rec = pack_run(b, models, w=20.0, label=f"full {name}")
             res.setdefault(f"full {name}", []).append(rec)
             print("pack", rec["label"], rec["time_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
     use("default")
-    res["summary"] = {"short": short, "best": best,
-                      "full_s": {n: median_time(res.get(f"full {n}", [])) for n in ("default", best) if n}}
+    res["summary"] = {"short": short, "full_s": {n: median_time(res.get(f"full {n}", [])) for n in full}}
     print("pack summary", res["summary"], flush=True)
 
 

@@ -45,29 +45,33 @@ class GroupNormStats(torch.autograd.Function):
     groups of a million elements, which leaves most of an H100 idle (the kernel took a sixth of a sync step,
     bench/results/h100-2026-11-25-probe.json).
 
-    Everything else is the native op's: the mean and 1/std are stored in the input's dtype as the native forward
-    stores them, the output is ``x * a + b`` with ``a``, ``b`` per channel in float32, and the backward is
-    ``aten.native_group_norm_backward`` itself. Only the statistics' rounding can differ from ``F.group_norm``'s.
+    Everything else is the native op's: the statistics are summed in float32, the output is ``x * a + b`` with
+    ``a``, ``b`` per channel in float32, the mean and 1/std are saved in the input's dtype as the native forward
+    saves them, and the backward is ``aten.native_group_norm_backward`` itself. Only the statistics' rounding can
+    differ from ``F.group_norm``'s.
 
     ``GroupNormStats.apply(x, groups, weight, bias, eps)``."""
 
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps):
         n, c = x.shape[:2]
-        var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=-1, correction=0)
+        flat = x.reshape(n, groups, -1)
         acc = torch.promote_types(x.dtype, torch.float32)
-        rstd = torch.rsqrt(var.to(acc) + eps)
-        mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)  # as the native forward keeps them
-        a = rstd.to(acc).repeat_interleave(c // groups, dim=1)  # (n, c)
+        # float32 sums, as in the native kernel: a half-precision variance overflows (65504) on real VAEs'
+        # activations, and a half-precision mean in the output loses a small spread around a large mean. The
+        # standard deviation fits where the variance does not.
+        mean = flat.mean(-1, dtype=acc)
+        rstd = torch.rsqrt(torch.std_mean(flat, dim=-1, correction=0)[0].to(acc).square() + eps)
+        a = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
         if weight is not None:
             a = a * weight.to(acc)
-        b = -mean.to(acc).repeat_interleave(c // groups, dim=1) * a
+        b = -mean.repeat_interleave(c // groups, dim=1) * a
         if bias is not None:
             b = b + bias.to(acc)
         shape = (n, c) + (1,) * (x.ndim - 2)
         y = torch.empty_like(x)
         torch.addcmul(b.reshape(shape), x, a.reshape(shape), out=y)  # float32 arithmetic, one pass
-        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.save_for_backward(x, mean.to(x.dtype), rstd.to(x.dtype), weight)  # as the native forward keeps them
         ctx.groups = groups
         ctx.has_bias = bias is not None
         return y
