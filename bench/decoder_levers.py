@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short-repeats", type=int, default=2, help="short runs per setting")
     p.add_argument("--full-repeats", type=int, default=2, help="headline runs per setting, budget allowing")
+    p.add_argument("--decoder-only", action="store_true", help="the GroupNorm and decoder sections, no pack runs")
     p.add_argument("--full-settings", default="default,plain2,plain3,wide+plain2",
                    help="the settings (names of SETTINGS, comma-separated) of the headline runs")
     args = apply_tiny(add_run_options(p).parse_args(argv))
@@ -106,6 +107,7 @@ def decoders(b, models):
     ms of forward + input gradient, peak memory; and each setting's gradient of a linear functional of the raw
     (unclamped: random weights saturate the clamp) images against the default's."""
     import contextlib
+    import copy
 
     import torch
 
@@ -120,21 +122,28 @@ def decoders(b, models):
     side = 8 if b.args.tiny else 64
     z = torch.randn(2, 4, side, side, device=b.device) * 0.8
     rows = b.results["decoder"] = {name: [] for name in SETTINGS}
-    grads = {}
+    grads, images_seen = {}, {}
+    g = None
     with trainable_weights(first), gradient_section():
-        for name, (wide, plain) in SETTINGS.items():
+        for name, (wide, plain) in [("fp32", (False, 0))] + list(SETTINGS.items()):
             @contextlib.contextmanager
             def backends(wide=wide):
                 with attention_backends(True), wide_group_norm(wide):
                     yield
 
+            # "fp32": the default walk through a float32 copy of the decoder, the reference of every setting
+            decoder = copy.deepcopy(first.decoder).float() if name == "fp32" else first.decoder
             u = z.clone().requires_grad_(True)
             with backends():
-                images = checkpointed_decode(first.decoder, decoder_input(first, u.to(vae.vae_dtype)),
+                h = decoder_input(first, u.to(vae.vae_dtype))
+                images = checkpointed_decode(decoder, h.float() if name == "fp32" else h,
                                              lambda: (backends(), backends()), plain)
-            g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
+            if g is None:
+                g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
             grads[name] = torch.autograd.grad((images.float() * g).mean(), u)[0]
-            del images
+            images_seen[name] = {"abs_max": float(images.float().abs().max()),
+                                 "within_1": float((images.float().abs() <= 1).float().mean())}
+            del images, decoder
         for _ in range(3):
             for name, (wide, plain) in SETTINGS.items():
                 decode = decoder_for_gradients(vae, model, "vae_checkpointed", wide_norms=wide, plain_stages=plain)
@@ -148,8 +157,10 @@ def decoders(b, models):
         name: {"median_ms": statistics.median(r["median_ms"] for r in rows[name]),
                "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in rows[name]),
                "grad_rel_diff": relative(grads[name], grads["default"]),
-               "grad_finite": bool(torch.isfinite(grads[name]).all())}
+               "grad_rel_vs_fp32": relative(grads[name], grads["fp32"]),
+               "grad_finite": bool(torch.isfinite(grads[name]).all()), "images": images_seen[name]}
         for name in SETTINGS}
+    b.results["decoder_fp32_images"] = images_seen["fp32"]
     for name, row in summary.items():
         print("decoder", name, row, flush=True)
     b.save()
@@ -210,7 +221,8 @@ def run(b, models_dir: Path):
     b.results["env"]["vae_dtype"] = str(models.vae.vae_dtype)
     guarded(b, "group_norm", lambda: group_norms(b, models.vae.vae_dtype))
     guarded(b, "decoder", lambda: decoders(b, models))
-    guarded(b, "pack", lambda: pack(b, models))
+    if not b.args.decoder_only:
+        guarded(b, "pack", lambda: pack(b, models))
     print("errors", b.results["errors"], "seconds", b.results.get("seconds"), flush=True)
 
 
