@@ -104,8 +104,8 @@ def use(setting: str):
 
 def decoders(b, models):
     """The checkpointed loss decoder at 2 windows under each setting, round-robin (so drift hits all alike): median
-    ms of forward + input gradient, peak memory; and each setting's gradient of a linear functional of the raw
-    (unclamped: random weights saturate the clamp) images against the default's."""
+    ms of forward + input gradient, peak memory; and each setting's gradients of two losses of the raw images
+    (unclamped: random weights saturate the clamp) against the default's and a float32 decoder's."""
     import contextlib
     import copy
 
@@ -133,16 +133,22 @@ def decoders(b, models):
 
             # "fp32": the default walk through a float32 copy of the decoder, the reference of every setting
             decoder = copy.deepcopy(first.decoder).float() if name == "fp32" else first.decoder
-            u = z.clone().requires_grad_(True)
-            with backends():
-                h = decoder_input(first, u.to(vae.vae_dtype))
-                images = checkpointed_decode(decoder, h.float() if name == "fp32" else h,
-                                             lambda: (backends(), backends()), plain)
-            if g is None:
-                g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
-            grads[name] = torch.autograd.grad((images.float() * g).mean(), u)[0]
-            images_seen[name] = {"abs_max": float(images.float().abs().max()),
-                                 "within_1": float((images.float().abs() <= 1).float().mean())}
+            grads[name] = []
+            # two losses: a random linear one (its gradient sums cancelling terms: float16's rounding shows most)
+            # and the images' mean square (its cotangent is the images themselves)
+            for loss in ("linear", "square"):
+                u = z.clone().requires_grad_(True)
+                with backends():
+                    h = decoder_input(first, u.to(vae.vae_dtype))
+                    images = checkpointed_decode(decoder, h.float() if name == "fp32" else h,
+                                                 lambda: (backends(), backends()), plain).float()
+                if g is None:
+                    g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
+                value = (images * g).mean() if loss == "linear" else images.square().mean()
+                grads[name].append(torch.autograd.grad(value, u)[0])
+            images = images.detach()
+            images_seen[name] = {"abs_max": float(images.abs().max()),
+                                 "within_1": float((images.abs() <= 1).float().mean())}
             del images, decoder
         for _ in range(3):
             for name, (wide, plain) in SETTINGS.items():
@@ -156,9 +162,11 @@ def decoders(b, models):
     summary = b.results["decoder_summary"] = {
         name: {"median_ms": statistics.median(r["median_ms"] for r in rows[name]),
                "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in rows[name]),
-               "grad_rel_diff": relative(grads[name], grads["default"]),
-               "grad_rel_vs_fp32": relative(grads[name], grads["fp32"]),
-               "grad_finite": bool(torch.isfinite(grads[name]).all()), "images": images_seen[name]}
+               "grad_rel_diff": relative(grads[name][0], grads["default"][0]),
+               "grad_rel_vs_fp32": relative(grads[name][0], grads["fp32"][0]),
+               "square_grad_rel_diff": relative(grads[name][1], grads["default"][1]),
+               "square_grad_rel_vs_fp32": relative(grads[name][1], grads["fp32"][1]),
+               "grad_finite": all(bool(torch.isfinite(t).all()) for t in grads[name]), "images": images_seen[name]}
         for name in SETTINGS}
     b.results["decoder_fp32_images"] = images_seen["fp32"]
     for name, row in summary.items():
