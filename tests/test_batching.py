@@ -204,12 +204,13 @@ def test_comfy_out_of_memory_fallback(pack, micro, tiny_kl_vae, lpips, caplog):
 def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, micro, tiny_kl_vae, mode):
     """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in
     the checkpointed recompute during backward alike (a recompute under other kernels saves other tensors and
-    autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time."""
+    autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time;
+    ``plain_stages`` 0 checkpoints the middle stage too (the default keeps its activations: no recompute there)."""
     seen = []
     attn = tiny_kl_vae.first_stage_model.decoder.mid.attn_1
     handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))
     try:
-        decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, mode)
+        decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, mode, plain_stages=0)
         with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
             z = torch.randn(1, 4, WIN, WIN, requires_grad=True)
             torch.autograd.grad(decode(z).square().mean(), z)

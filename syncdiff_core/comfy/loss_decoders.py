@@ -21,7 +21,7 @@ _TAESD_CACHE: dict = {}
 #: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`.
 WIDE_GROUP_NORM = False
 #: The default of ``decoder_for_gradients(plain_stages=...)``: see :func:`decoders.checkpointed_decode`.
-PLAIN_STAGES = 0
+PLAIN_STAGES = 2
 
 
 def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True,
