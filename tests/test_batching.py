@@ -247,6 +247,24 @@ def test_loss_decoder_wide_norms_keep_the_gradient(pack, micro, tiny_kl_vae, mod
 
 
 
+
+def test_loss_decoder_wide_norms_default_only_on_cuda(pack, micro, tiny_kl_vae, monkeypatch):
+    """``WIDE_GROUP_NORM`` turns the wide GroupNorms on for VAEs on CUDA devices only: this VAE is on the CPU, where
+    the native op is faster, so the default leaves them native; ``wide_norms=True`` still asks for them."""
+    calls = []
+    real = pack.decoders.GroupNormStats.apply
+    monkeypatch.setattr(pack.decoders.GroupNormStats, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pack.decoders, "WIDE_GROUP", 1)
+    monkeypatch.setattr(pack.loss_decoders, "WIDE_GROUP_NORM", True)
+    z = torch.randn(1, 4, WIN, WIN, generator=torch.Generator().manual_seed(5))
+    counts = []
+    with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
+        for wide in (None, True):
+            decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, "vae", wide_norms=wide)
+            decode(z.clone().requires_grad_(True))
+            counts.append(len(calls))
+    assert counts[0] == 0 < counts[1]
+
 @pytest.mark.parametrize("plain_stages", [1, 3, 9])
 def test_loss_decoder_plain_stages_keep_the_gradient(pack, micro, tiny_kl_vae, plain_stages, monkeypatch):
     """``plain_stages``: the first stages (the middle, then the lowest-resolution up levels) run without

@@ -18,7 +18,8 @@ from ..decoders import (attention_backends, checkpointed_decode, compiled, decod
 from .families import latent_out
 
 _TAESD_CACHE: dict = {}
-#: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`.
+#: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`
+#: on CUDA devices (the native kernel's one thread block per group is CUDA's; on the CPU the native op is faster).
 WIDE_GROUP_NORM = False
 #: The default of ``decoder_for_gradients(plain_stages=...)``: see :func:`decoders.checkpointed_decode`.
 PLAIN_STAGES = 2
@@ -31,8 +32,8 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     ``compile_backend`` (e.g. "inductor"): the decoder's gradient pass runs through ``torch.compile`` (static shapes;
     compiled once per process and shape); the anchor's decode without gradient stays eager.
     ``avoid_efficient_attention``: see :func:`decoders.attention_backends`. ``wide_norms`` (default
-    :data:`WIDE_GROUP_NORM`; off when compiling): see :func:`decoders.wide_group_norm`. ``plain_stages``
-    (default :data:`PLAIN_STAGES`): see :func:`decoders.checkpointed_decode`."""
+    :data:`WIDE_GROUP_NORM` for a VAE on a CUDA device; off when compiling): see :func:`decoders.wide_group_norm`.
+    ``plain_stages`` (default :data:`PLAIN_STAGES`): see :func:`decoders.checkpointed_decode`."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
@@ -40,7 +41,8 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     checkpointed = mode == "vae_checkpointed" and is_walkable(first_stage)  # else (3-D decoders) a plain decode
     walk = compiled(checkpointed_decode, compile_backend) if compile_backend else checkpointed_decode
     plain = compiled(_decode, compile_backend) if compile_backend else _decode
-    wide = (WIDE_GROUP_NORM if wide_norms is None else wide_norms) and not compile_backend
+    on_cuda = torch.device(vae.device).type == "cuda"
+    wide = (WIDE_GROUP_NORM and on_cuda if wide_norms is None else wide_norms) and not compile_backend
     plain_stages = PLAIN_STAGES if plain_stages is None else plain_stages
 
     @contextlib.contextmanager
