@@ -8,7 +8,8 @@ One device call, the SD 2.0-base-sized random-weight models of ``gpu_bench.py``:
    ``F.group_norm`` against ``GroupNormStats`` (median of CUDA-event timings; largest output and gradient
    differences);
 2. ``decoder``: the pack's ``vae_checkpointed`` loss decoder at 2 windows, forward + input gradient, under each of
-   :data:`SETTINGS` (median ms, peak memory, the gradient's relative difference to the default's);
+   :data:`SETTINGS` (median ms, peak memory, the gradients' relative differences to the native setting's and to a
+   float32 decoder's);
 3. ``pack``: short runs with every step synchronized under each setting, then (budget allowing) the headline
    50-step run with 10 sync steps under ``--full-settings``, round-robin.
 
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--short-repeats", type=int, default=2, help="short runs per setting")
     p.add_argument("--full-repeats", type=int, default=2, help="headline runs per setting, budget allowing")
     p.add_argument("--decoder-only", action="store_true", help="the GroupNorm and decoder sections, no pack runs")
-    p.add_argument("--full-settings", default="default,plain2,plain3,wide+plain2",
+    p.add_argument("--full-settings", default="native,wide+plain2",
                    help="the settings (names of SETTINGS, comma-separated) of the headline runs")
     args = apply_tiny(add_run_options(p).parse_args(argv))
     unknown = set(args.full_settings.split(",")) - set(SETTINGS)
@@ -91,21 +92,28 @@ def group_norms(b, dtype):
         b.save()
 
 
-#: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk).
-SETTINGS = {"default": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plain3": (False, 3),
+#: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk). "native"
+#: (native GroupNorms, every block checkpointed) was the default until 2026-12-06; "wide+plain2" is the default now.
+SETTINGS = {"native": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plain3": (False, 3),
             "plain4": (False, 4), "wide+plain2": (True, 2), "wide+plain3": (True, 3)}
 
 
-def use(setting: str):
+_DEFAULTS: list = []
+
+
+def use(setting: str | None):
+    """The loss decoder's module defaults set to ``setting``; ``None``: back to the pack's own."""
     from syncdiff_core.comfy import loss_decoders
 
-    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting]
+    if not _DEFAULTS:
+        _DEFAULTS.append((loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES))
+    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting] if setting else _DEFAULTS[0]
 
 
 def decoders(b, models):
     """The checkpointed loss decoder at 2 windows under each setting, round-robin (so drift hits all alike): median
     ms of forward + input gradient, peak memory; and each setting's gradients of two losses of the raw images
-    (unclamped: random weights saturate the clamp) against the default's and a float32 decoder's."""
+    (unclamped: random weights saturate the clamp) against the native setting's and a float32 decoder's."""
     import contextlib
     import copy
 
@@ -131,7 +139,7 @@ def decoders(b, models):
                 with attention_backends(True), wide_group_norm(wide):
                     yield
 
-            # "fp32": the default walk through a float32 copy of the decoder, the reference of every setting
+            # "fp32": the native walk through a float32 copy of the decoder, the reference of every setting
             decoder = copy.deepcopy(first.decoder).float() if name == "fp32" else first.decoder
             grads[name] = []
             # two losses: a random linear one (its gradient sums cancelling terms: float16's rounding shows most)
@@ -162,9 +170,9 @@ def decoders(b, models):
     summary = b.results["decoder_summary"] = {
         name: {"median_ms": statistics.median(r["median_ms"] for r in rows[name]),
                "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in rows[name]),
-               "grad_rel_diff": relative(grads[name][0], grads["default"][0]),
+               "grad_rel_diff": relative(grads[name][0], grads["native"][0]),
                "grad_rel_vs_fp32": relative(grads[name][0], grads["fp32"][0]),
-               "square_grad_rel_diff": relative(grads[name][1], grads["default"][1]),
+               "square_grad_rel_diff": relative(grads[name][1], grads["native"][1]),
                "square_grad_rel_vs_fp32": relative(grads[name][1], grads["fp32"][1]),
                "grad_finite": all(bool(torch.isfinite(t).all()) for t in grads[name]), "images": images_seen[name]}
         for name in SETTINGS}
@@ -192,7 +200,7 @@ def pack(b, models):
                     "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in res[f"short {name}"])}
              for name in SETTINGS}
     full = a.full_settings.split(",")
-    est = short["default"]["sync_step_s"] * a.sync_steps + 0.15 * (a.steps - a.sync_steps)
+    est = short["native"]["sync_step_s"] * a.sync_steps + 0.15 * (a.steps - a.sync_steps)
     for _ in range(a.full_repeats):
         for name in full:
             if b.left() < est * 1.3 + 10:
@@ -203,7 +211,7 @@ def pack(b, models):
             res.setdefault(f"full {name}", []).append(rec)
             print("pack", rec["label"], rec["time_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
-    use("default")
+    use(None)
     res["summary"] = {"short": short, "full_s": {n: median_time(res.get(f"full {n}", [])) for n in full}}
     print("pack summary", res["summary"], flush=True)
 

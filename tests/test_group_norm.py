@@ -104,7 +104,7 @@ def test_decoder_levers_bench_runs_tiny(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["COMFYUI_PATH"] = str(comfy_headless.comfyui_path())
     cmd = [sys.executable, str(root / "bench" / "decoder_levers.py"), "--tiny", "--out", str(tmp_path),
-           "--short-repeats", "1", "--full-repeats", "1", "--full-settings", "default,plain3"]
+           "--short-repeats", "1", "--full-repeats", "1", "--full-settings", "native,plain3"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     res = json.loads((tmp_path / "decoder_levers.json").read_text())
@@ -112,8 +112,8 @@ def test_decoder_levers_bench_runs_tiny(tmp_path):
     assert len(res["group_norm"]) == 6 and all(r["grad_rel_diff"] < 1e-5 for r in res["group_norm"])
     summary = res["decoder_summary"]
     assert set(summary) == set(res["pack"]["summary"]["short"]) == {
-        "default", "wide", "plain2", "plain3", "plain4", "wide+plain2", "wide+plain3"}
+        "native", "wide", "plain2", "plain3", "plain4", "wide+plain2", "wide+plain3"}
     assert all(r["grad_finite"] and r["grad_rel_diff"] < 1e-5 for r in summary.values())
-    assert summary["default"]["grad_rel_diff"] == 0.0
+    assert summary["native"]["grad_rel_diff"] == 0.0
     assert all(r["sync_step_s"] > 0 for r in res["pack"]["summary"]["short"].values())
-    assert set(res["pack"]["summary"]["full_s"]) == {"default", "plain3"}
+    assert set(res["pack"]["summary"]["full_s"]) == {"native", "plain3"}

@@ -20,7 +20,7 @@ from .families import latent_out
 _TAESD_CACHE: dict = {}
 #: The default of ``decoder_for_gradients(wide_norms=...)``: wide GroupNorms through :class:`decoders.GroupNormStats`
 #: on CUDA devices (the native kernel's one thread block per group is CUDA's; on the CPU the native op is faster).
-WIDE_GROUP_NORM = False
+WIDE_GROUP_NORM = True
 #: The default of ``decoder_for_gradients(plain_stages=...)``: see :func:`decoders.checkpointed_decode`.
 PLAIN_STAGES = 2
 
