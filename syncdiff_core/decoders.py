@@ -34,8 +34,9 @@ def attention_backends(avoid_efficient: bool = True):
 
 
 #: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics:
-#: on an H100 it was faster from 2**20 (the SD VAE decoder's 256 and 512 px stages at 2 windows) and slower below
-#: (bench/results/h100-2026-12-06-decoder-levers.json).
+#: on an H100 it was faster from 2**20 (the SD VAE decoder's norms at 256 and 512 px) and slower at 2**16-2**18
+#: (bench/results/h100-2026-12-06-decoder-levers-fp32-reference.json; 2**19 was faster there too, not yet tried
+#: in whole runs).
 WIDE_GROUP = 1 << 20
 
 
