@@ -24,7 +24,7 @@ MAX_PX = 32768
 #: machine's memory from everything else. Checked before anything is allocated.
 MAX_CANVAS_PIXELS = 2**28
 #: What decodes x0 for the synchronization loss; the first is the default. ``vae_checkpointed``: the full VAE as in
-#: the paper, its blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the full
+#: the paper, its larger blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the full
 #: VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
 #: (approximate, much cheaper).
 LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
@@ -32,8 +32,8 @@ LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
 #: more than one value per group, LPIPS' VGG a few pixels after its pooling); twice that for ``vae_half``.
 MIN_SYNC_WINDOW_LATENT = 2
 #: Windows per gradient batch when ``sync_batch`` is 0, for 512 px windows. Measured on an H100 (SD2-base size,
-#: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 2.8 GiB with
-#: "vae_checkpointed"; 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
+#: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 3 GiB with
+#: "vae_checkpointed" (2.8 before its low-resolution stages stopped being recomputed); 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
 #: Larger windows get proportionally fewer (1024 px: 1; an SDXL sync step at 2 windows peaked at 37 GiB on an H200).
 SYNC_BATCH_AUTO = 2
 SYNC_BATCH_AUTO_PX = 512 * 512
