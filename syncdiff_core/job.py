@@ -33,7 +33,8 @@ LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
 MIN_SYNC_WINDOW_LATENT = 2
 #: Windows per gradient batch when ``sync_batch`` is 0, for 512 px windows. Measured on an H100 (SD2-base size,
 #: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 3 GiB with
-#: "vae_checkpointed" (2.8 before its low-resolution stages stopped being recomputed); 2 windows with checkpointing keep the peak under 10 GiB and are faster than 1 without.
+#: "vae_checkpointed" (2.8 before its low-resolution stages stopped being recomputed); 2 windows with checkpointing
+#: keep the peak under 10 GiB and are faster than 1 without.
 #: Larger windows get proportionally fewer (1024 px: 1; an SDXL sync step at 2 windows peaked at 37 GiB on an H200).
 SYNC_BATCH_AUTO = 2
 SYNC_BATCH_AUTO_PX = 512 * 512
