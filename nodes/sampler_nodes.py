@@ -50,8 +50,8 @@ def window_inputs() -> list:
                              "do not depend on it."),
         io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0], optional=True,
                        tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full VAE as in "
-                               "the paper, recomputing its larger blocks in the backward pass (same gradients as 'vae', "
-                               "about 2 GiB less per window, ~15 % slower). vae: the full VAE, fastest, most "
+                               "the paper, recomputing its larger blocks in the backward pass (same gradients as "
+                               "'vae', about 2 GiB less per window, ~15 % slower). vae: the full VAE, fastest, most "
                                "memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
                                "TAESD from models/vae_approx (approximate, much cheaper)."),
         io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,

@@ -24,8 +24,8 @@ MAX_PX = 32768
 #: machine's memory from everything else. Checked before anything is allocated.
 MAX_CANVAS_PIXELS = 2**28
 #: What decodes x0 for the synchronization loss; the first is the default. ``vae_checkpointed``: the full VAE as in
-#: the paper, its larger blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the full
-#: VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
+#: the paper, its larger blocks recomputed in the backward pass (same gradients as ``vae``, less memory); ``vae``: the
+#: full VAE; ``vae_half``: the VAE on the latent downscaled 2x (approximate); ``taesd``: TAESD from models/vae_approx
 #: (approximate, much cheaper).
 LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
 #: The smallest window side, in latent pixels, that the loss decoder takes while synchronizing (its GroupNorms need
