@@ -9,7 +9,7 @@
 #   here:   git rev-parse HEAD > bench/.commit   (add "+dirty" if bench/ or syncdiff_core/ has changes)
 #   device: bash bench/run_on_device.sh --plan explore
 #           BENCH_SCRIPT=bench/probe.py bash bench/run_on_device.sh --budget-s 520   (kernel split, torch.compile)
-#           BENCH_SCRIPT=bench/decoder_levers.py bash bench/run_on_device.sh        (wide GroupNorms, off vs on)
+#           BENCH_SCRIPT=bench/decoder_levers.py bash bench/run_on_device.sh        (loss-decoder levers; --decoder-only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}
