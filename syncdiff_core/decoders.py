@@ -51,7 +51,8 @@ class GroupNormStats(torch.autograd.Function):
     saves them, and the backward is ``aten.native_group_norm_backward`` itself. Only the statistics' rounding can
     differ from ``F.group_norm``'s.
 
-    ``GroupNormStats.apply(x, groups, weight, bias, eps)``."""
+    ``GroupNormStats.apply(x, groups, weight, bias, eps)``, with ``weight`` and ``bias`` in ``x``'s dtype (or None).
+    """
 
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps):
@@ -93,8 +94,11 @@ class _WideGroupNorm(TorchFunctionMode):
         if func is torch.nn.functional.group_norm and torch.is_grad_enabled():
             named = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args), **kwargs)
             x, groups = named["input"], named["num_groups"]
-            if x.ndim >= 3 and x.is_contiguous() and x[0].numel() // groups >= WIDE_GROUP:
-                return GroupNormStats.apply(x, groups, named.get("weight"), named.get("bias"), named.get("eps", 1e-5))
+            weight, bias = named.get("weight"), named.get("bias")
+            # mixed dtypes (e.g. bfloat16 input, float32 weight) stay native: its statistics then take the weight's
+            same = all(t is None or t.dtype == x.dtype for t in (weight, bias))
+            if same and x.ndim >= 3 and x.is_contiguous() and x[0].numel() // groups >= WIDE_GROUP:
+                return GroupNormStats.apply(x, groups, weight, bias, named.get("eps", 1e-5))
         return func(*args, **kwargs)
 
 

@@ -67,6 +67,24 @@ def test_float16_statistics_are_summed_in_float32(spread, offset):
     assert torch.isfinite(got).all()
     assert (got.float() - exact).abs().max() <= 2 * (native.float() - exact).abs().max() + 2.0 ** -10
 
+
+def test_mode_leaves_mixed_dtypes_native(monkeypatch):
+    """A bfloat16 input with float32 weights (the native op then keeps float32 statistics for its backward) is not
+    routed: the gradient flows, as the native op's."""
+    seen = []
+    real = GroupNormStats.apply
+    monkeypatch.setattr(GroupNormStats, "apply", lambda *a: seen.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(decoders, "WIDE_GROUP", 1)
+    x, w, b = _inputs(torch.float32)
+    x = x.bfloat16().requires_grad_()
+    with wide_group_norm():
+        y = F.group_norm(x, 4, w, b, 1e-6)
+        (dx,) = torch.autograd.grad(y.float().square().sum(), x)
+        F.group_norm(x, 4, w.bfloat16(), b.bfloat16(), 1e-6)
+    assert seen == [torch.bfloat16]  # only the call with matching dtypes
+    assert dx.dtype == torch.bfloat16 and torch.isfinite(dx).all()
+
+
 def test_mode_routes_wide_groups_with_gradients_only(monkeypatch):
     seen = []
     real = GroupNormStats.apply
