@@ -98,31 +98,26 @@ SETTINGS = {"native": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plai
             "plain4": (False, 4), "wide+plain2": (True, 2), "wide+plain3": (True, 3)}
 
 
-_DEFAULTS: list = []
-
-
-def use(setting: str | None):
-    """The loss decoder's module defaults set to ``setting``; ``None``: back to the pack's own."""
+def use(setting: str):
+    """The loss decoder's module defaults set to ``setting``."""
     from syncdiff_core.comfy import loss_decoders
 
-    if not _DEFAULTS:
-        _DEFAULTS.append((loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES))
-    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting] if setting else _DEFAULTS[0]
+    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting]
 
 
 def decoders(b, models):
     """The checkpointed loss decoder at 2 windows under each setting, round-robin (so drift hits all alike): median
     ms of forward + input gradient, peak memory; and each setting's gradients of two losses of the raw images
     (unclamped: random weights saturate the clamp) against the native setting's and a float32 decoder's."""
-    import contextlib
     import copy
+    import functools
 
     import torch
 
     from bench.timing import timed
     from syncdiff_core.comfy.loss_decoders import decoder_for_gradients
     from syncdiff_core.comfy.model import gradient_section
-    from syncdiff_core.decoders import attention_backends, checkpointed_decode, decoder_input, wide_group_norm
+    from syncdiff_core.decoders import checkpointed_decode, decoder_backends, decoder_input
     from syncdiff_core.weights import trainable_weights
 
     model, vae = models.model, models.vae
@@ -134,11 +129,7 @@ def decoders(b, models):
     g = None
     with trainable_weights(first), gradient_section():
         for name, (wide, plain) in [("fp32", (False, 0))] + list(SETTINGS.items()):
-            @contextlib.contextmanager
-            def backends(wide=wide):
-                with attention_backends(True), wide_group_norm(wide):
-                    yield
-
+            backends = functools.partial(decoder_backends, True, wide)
             # "fp32": the native walk through a float32 copy of the decoder, the reference of every setting
             decoder = copy.deepcopy(first.decoder).float() if name == "fp32" else first.decoder
             grads[name] = []
@@ -184,7 +175,18 @@ def decoders(b, models):
 
 def pack(b, models):
     """Short runs (every step synchronized) under each setting, round-robin, the allocator emptied before each so
-    that each peak is its own; then full runs of ``--full-settings``, round-robin."""
+    that each peak is its own; then full runs of ``--full-settings``, round-robin. The pack's own defaults are put
+    back afterwards, also when a run fails."""
+    from syncdiff_core.comfy import loss_decoders
+
+    defaults = loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES
+    try:
+        pack_settings(b, models)
+    finally:
+        loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = defaults
+
+
+def pack_settings(b, models):
     from bench.runs import median_time, pack_run, per_step
 
     a, res = b.args, b.results.setdefault("pack", {})
@@ -211,7 +213,6 @@ def pack(b, models):
             res.setdefault(f"full {name}", []).append(rec)
             print("pack", rec["label"], rec["time_s"], rec["peak_reserved_gib"], flush=True)
             b.save()
-    use(None)
     res["summary"] = {"short": short, "full_s": {n: median_time(res.get(f"full {n}", [])) for n in full}}
     print("pack summary", res["summary"], flush=True)
 

@@ -109,6 +109,15 @@ def wide_group_norm(enabled: bool = True):
     return _WideGroupNorm() if enabled else contextlib.nullcontext()
 
 
+
+@contextlib.contextmanager
+def decoder_backends(avoid_efficient: bool = True, wide: bool = False):
+    """The loss decoder's kernel choices together: :func:`attention_backends` and :func:`wide_group_norm`. Enter a
+    fresh one around the forward pass and another around checkpointing's recompute, which must choose as the
+    forward did."""
+    with attention_backends(avoid_efficient), wide_group_norm(wide):
+        yield
+
 def is_walkable(first_stage) -> bool:
     """Whether the autoencoder's ``decoder`` has the SD/KL ``Decoder`` layout that :func:`checkpointed_decode` walks
     (SD, SDXL, the 16-channel engine of SD3/Flux/Lumina, Flux.2's); not causal 3-D decoders."""

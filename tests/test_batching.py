@@ -246,8 +246,6 @@ def test_loss_decoder_wide_norms_keep_the_gradient(pack, micro, tiny_kl_vae, mod
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5
 
 
-
-
 def test_loss_decoder_wide_norms_default_only_on_cuda(pack, micro, tiny_kl_vae, monkeypatch):
     """``WIDE_GROUP_NORM`` turns the wide GroupNorms on for VAEs on CUDA devices only: this VAE is on the CPU, where
     the native op is faster, so the default leaves them native; ``wide_norms=True`` still asks for them."""
@@ -264,6 +262,7 @@ def test_loss_decoder_wide_norms_default_only_on_cuda(pack, micro, tiny_kl_vae, 
             decode(z.clone().requires_grad_(True))
             counts.append(len(calls))
     assert counts[0] == 0 < counts[1]
+
 
 @pytest.mark.parametrize("plain_stages", [1, 3, 9])
 def test_loss_decoder_plain_stages_keep_the_gradient(pack, micro, tiny_kl_vae, plain_stages, monkeypatch):
@@ -292,6 +291,7 @@ def test_loss_decoder_plain_stages_keep_the_gradient(pack, micro, tiny_kl_vae, p
     assert sorted(seen) == sorted(wanted)
     assert torch.allclose(out[1][0], out[0][0], atol=1e-6)
     assert (out[1][1] - out[0][1]).norm() / out[0][1].norm() < 1e-5
+
 
 @pytest.mark.slow
 def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):

@@ -51,7 +51,6 @@ def test_bfloat16_differs_only_by_rounding():
     assert (got.double() - want.double()).abs().max() <= 2.0 ** -6 * scale
 
 
-
 @pytest.mark.parametrize("spread,offset", [(1000.0, 300.0), (0.01, 5.0)])
 def test_float16_statistics_are_summed_in_float32(spread, offset):
     """Half-precision activations whose variance overflows float16 (spread 1000: variance 1e6 > 65504), and a small

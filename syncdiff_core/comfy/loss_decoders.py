@@ -5,7 +5,7 @@ full VAE with its blocks checkpointed (same gradients, less memory), the VAE on 
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 
 import torch
@@ -13,8 +13,8 @@ import torch
 import comfy.model_management
 import comfy.taesd.taesd
 
-from ..decoders import (attention_backends, checkpointed_decode, compiled, decoder_input, images_for_loss, is_walkable,
-                        wide_group_norm)
+from ..decoders import (checkpointed_decode, compiled, decoder_backends, decoder_input, images_for_loss,
+                        is_walkable)
 from .families import latent_out
 
 _TAESD_CACHE: dict = {}
@@ -44,11 +44,7 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     on_cuda = torch.device(vae.device).type == "cuda"
     wide = (WIDE_GROUP_NORM and on_cuda if wide_norms is None else wide_norms) and not compile_backend
     plain_stages = PLAIN_STAGES if plain_stages is None else plain_stages
-
-    @contextlib.contextmanager
-    def backends():
-        with attention_backends(avoid_efficient_attention), wide_group_norm(wide):
-            yield
+    backends = functools.partial(decoder_backends, avoid_efficient_attention, wide)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
