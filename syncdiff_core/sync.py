@@ -1,6 +1,7 @@
 """The SyncDiffusion synchronization step: settings, weight schedule, anchors, and the gradient step."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -129,7 +130,8 @@ def synchronize(
                 raise ValueError(f"anchor image batch {target.shape[0]} must be 1 or the latent batch {n}")
             target = target.expand(n, -1, -1, -1)
         else:
-            target = lanes[0].decode(lanes[0].denoise(views[a], sig(1), [plan[a]], step))
+            with eager():  # one call per sync step in a batch shape of its own: not worth a compile
+                target = lanes[0].decode(lanes[0].denoise(views[a], sig(1), [plan[a]], step))
     out = list(views)
     movers = [j for j in range(len(plan)) if j != a]
     finite = []  # one flag per window, checked once at the end: no host sync per batch
@@ -163,6 +165,14 @@ def synchronize(
                 f"({plan.describe(plan[j])}); lower sync_weight or use float32"
             )
     return out
+
+
+def eager():
+    """A context in which ``torch.compile``d functions run their original code (``torch.compiler.set_stance``;
+    a no-op in a torch without it). The anchor's prediction takes it: a compiled model would otherwise compile a
+    graph for its one-window batch (a minute or more with inductor, for one call per sync step)."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _against_fixed_target(loss: Callable, target: torch.Tensor) -> Callable:

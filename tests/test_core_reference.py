@@ -86,6 +86,35 @@ def test_anchor_is_not_moved_and_others_are():
             assert (before - after).abs().max() > 0, f"window {j} did not move"
 
 
+def test_anchor_prediction_is_not_compiled():
+    """With a ``torch.compile``d denoiser, the anchor's prediction (one window, once per sync step) runs its
+    original code: only the gradient batch's shape is compiled, and the windows move as without compile."""
+    import torch._dynamo
+
+    toy = Toy()
+    plan = plan_windows(8, 24, 8, 4)  # 5 windows: the anchor and 4 movers in one gradient batch
+    x = torch.randn(1, 4, 8, 24, generator=torch.Generator().manual_seed(9)) * 5
+    views = [crop(x, w) for w in plan]
+    rows = []
+
+    def backend(gm, inputs):
+        rows.extend(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.ndim == 4)
+        return gm.forward
+
+    kw = dict(decode=toy.decode, loss=toy.loss, anchor=Anchor(), weight=20.0, input_scale=input_scale(5.0), batch=4)
+    torch._dynamo.reset()
+    try:
+        compiled = synchronize(views, torch.tensor(5.0), 0, plan, denoise=torch.compile(toy.denoise, backend=backend),
+                               **kw)
+    finally:
+        torch._dynamo.reset()
+    plain = synchronize(views, torch.tensor(5.0), 0, plan, denoise=toy.denoise, **kw)
+    assert rows and set(rows) == {4}  # the gradient batch's graph only; the anchor's 1 row never compiled
+    assert toy.batches.count(1) == 2  # the anchor did run, once per call
+    for a, b in zip(compiled, plain):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_image_anchor_moves_every_window_toward_the_image():
     toy = Toy()
     plan = plan_windows(8, 24, 8, 8)
