@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-only", action="store_true",
                    help="plan compile --lean: only the compiled runs (first run and headline), for a second process "
                         "that finds the first one's compile cache")
+    p.add_argument("--sync-only", action="store_true",
+                   help="plan compile --lean: SyncDiffusion only (no MultiDiffusion runs, no baseline)")
+    p.add_argument("--compiled-anchor", action="store_true",
+                   help="compile the anchor's prediction as the pack did before 2026-12-06 (the pack runs it "
+                        "eagerly: syncdiff_core.sync.eager), to measure what that costs")
     add_run_options(p)
     return apply_tiny(p.parse_args(argv))
 
@@ -75,6 +80,12 @@ def run(b, models_dir: Path):
     from bench.plans import compile_plan, standard_plan
 
     R = b.results
+    if b.args.compiled_anchor:
+        import contextlib
+
+        import syncdiff_core.sync
+
+        syncdiff_core.sync.eager = contextlib.nullcontext  # the bench's switch back to the earlier behaviour
     R["env"] = b.env()
     print(json.dumps(R["env"], default=str), flush=True)
     with b.section("matmul"):

@@ -290,25 +290,42 @@ def compiled_levers(b: Bench, models, C, variants):
 
 def lean_compile_plan(b: Bench, models, C):
     """Eager headline, baseline, then compiled: one full-length warm-up run per mode (compiles every graph
-    for this schedule; its time is what a user's first run costs) and ``--repeats`` timed runs."""
+    for this schedule; its time is what a user's first run costs; the compile phases' times are recorded after the
+    last) and ``--repeats`` timed runs. ``--sync-only``: only SyncDiffusion (its first compiled run then compiles
+    the plain pass's graph too), no baseline."""
     a, R = b.args, b.results
+    modes = (("c", "c_sync", W),) if a.sync_only else (("b", "b_md", 0.0), ("c", "c_sync", W))
     if not a.compile_only:
         with b.section("eager_headline"):
             for k in range(a.repeats):
-                b.add_run("b_md", pack_run(b, models, label="b", empty=k == 0))
-                b.add_run("c_sync", pack_run(b, models, w=W, label="c", empty=k == 0))
-        with b.section("baseline"):
-            for k in range(a.baseline_repeats):
-                b.add_run("a_md", baseline_run(b, models, label="a md"))
-                b.add_run("a_sync", baseline_run(b, models, w=W, label="a sync"))
+                for label, key, w in modes:
+                    b.add_run(key, pack_run(b, models, w=w, label=label, empty=k == 0))
+        if not a.sync_only:
+            with b.section("baseline"):
+                for k in range(a.baseline_repeats):
+                    b.add_run("a_md", baseline_run(b, models, label="a md"))
+                    b.add_run("a_sync", baseline_run(b, models, w=W, label="a sync"))
     with b.section("compile_warmup"):
-        b.add_run("warm_compiled_b", pack_run(b, models, label="b compiled, first run", compile=C))
-        b.add_run("warm_compiled_c", pack_run(b, models, w=W, label="c compiled, first run", compile=C))
-        R["compile_warmup_s"] = round(b.runs("warm_compiled_b")[-1]["time_s"]
-                                      + b.runs("warm_compiled_c")[-1]["time_s"], 1)
+        for label, key, w in modes:
+            b.add_run(f"warm_compiled_{label}", pack_run(b, models, w=w, label=f"{label} compiled, first run",
+                                                         compile=C))
+        R["compile_warmup_s"] = round(sum(b.runs(f"warm_compiled_{label}")[-1]["time_s"] for label, _, _ in modes), 1)
+        R["compile_times"] = compile_phase_times()
+        print(R["compile_times"], flush=True)
     with b.section("compiled_headline"):
         for k in range(a.repeats):
-            b.add_run("b_md_compiled", pack_run(b, models, label="b compiled", empty=k == 0, compile=C))
-            b.add_run("c_sync_compiled", pack_run(b, models, w=W, label="c compiled", empty=k == 0, compile=C))
-    if not a.compile_only:  # does a larger gradient batch fit 10 GiB, and pay?
+            for label, key, w in modes:
+                b.add_run(f"{key}_compiled", pack_run(b, models, w=w, label=f"{label} compiled", empty=k == 0,
+                                                      compile=C))
+    if not (a.compile_only or a.sync_only):  # does a larger gradient batch fit 10 GiB, and pay?
         compiled_levers(b, models, C, ((3, "vae_checkpointed"), (4, "vae_checkpointed")))
+
+
+def compile_phase_times() -> str | None:
+    """torch's own table of the process's compile phases (dynamo tracing, AOTAutograd, inductor), in seconds."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        return compile_times(repr="str", aggregate=True)
+    except Exception as e:  # noqa: BLE001 - a private API: its absence must not end the run
+        return f"unavailable: {e}"
