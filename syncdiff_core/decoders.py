@@ -131,7 +131,6 @@ def wide_group_norm(enabled: bool = True, channels_last: bool = False):
     return _GroupNorms(enabled, channels_last) if enabled or channels_last else contextlib.nullcontext()
 
 
-
 @contextlib.contextmanager
 def decoder_backends(avoid_efficient: bool = True, wide: bool = False, channels_last: bool = False):
     """The loss decoder's kernel choices together: :func:`attention_backends` and :func:`wide_group_norm`. Enter a
