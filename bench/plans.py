@@ -311,7 +311,8 @@ def lean_compile_plan(b: Bench, models, C):
                                                          compile=C))
         R["compile_warmup_s"] = round(sum(b.runs(f"warm_compiled_{label}")[-1]["time_s"] for label, _, _ in modes), 1)
         R["compile_times"] = compile_phase_times()
-        print(R["compile_times"], flush=True)
+        R["compiled_graphs"] = compiled_graph_count()
+        print(R["compile_times"], "\ngraphs compiled:", R["compiled_graphs"], flush=True)
     with b.section("compiled_headline"):
         for k in range(a.repeats):
             for label, key, w in modes:
@@ -319,6 +320,16 @@ def lean_compile_plan(b: Bench, models, C):
                                                       compile=C))
     if not (a.compile_only or a.sync_only):  # does a larger gradient batch fit 10 GiB, and pay?
         compiled_levers(b, models, C, ((3, "vae_checkpointed"), (4, "vae_checkpointed")))
+
+
+def compiled_graph_count() -> int | None:
+    """How many distinct graphs dynamo has compiled in this process (torch's own counter)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - a private API
+        return None
 
 
 def compile_phase_times() -> str | None:
