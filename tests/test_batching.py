@@ -356,6 +356,28 @@ def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
 
 
 @pytest.mark.slow
+def test_comfy_channels_last_loss_decoder_samples_the_same(pack, micro, tiny_kl_vae, lpips, monkeypatch):
+    """A synchronized panorama with the channels-last walk (a CUDA default when on; forced here on the CPU): LPIPS
+    takes its channels-last images, and the panorama is the contiguous walk's up to float32 rounding."""
+    import functools
+
+    base = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_checkpointed")
+    real = pack.sampling.decoder_for_gradients
+    monkeypatch.setattr(pack.sampling, "decoder_for_gradients", functools.partial(real, channels_last=True))
+    seen = []
+    conv = tiny_kl_vae.first_stage_model.decoder.conv_out
+    handle = conv.register_forward_pre_hook(lambda m, a: seen.append(pack.decoders.is_channels_last(a[0])))
+    try:
+        last = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4,
+                   loss_decoder="vae_checkpointed")
+    finally:
+        handle.remove()
+    assert True in seen  # the gradient pass's decodes (the anchor's, without gradient, stays contiguous)
+    no_sync = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=0.0, window_batch=4)
+    assert (last - base).norm() / base.norm() < 1e-5 < (no_sync - base).norm() / base.norm()
+
+
+@pytest.mark.slow
 def test_comfy_taesd_loss_decoder(pack, comfy, micro, lpips):
     with pytest.raises(ValueError, match="taesd_decoder"):
         run(pack, micro.model, micro, None, lpips, w=20.0, window_batch=4, loss_decoder="taesd")
