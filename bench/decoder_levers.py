@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
 """Exact levers of the checkpointed loss decoder (issue 16): wide GroupNorms through ``decoders.GroupNormStats``
-against the native kernel, ``plain_stages`` (the cheap low-resolution stages not checkpointed), and
-``channels_last`` (the walk in channels-last memory, its GroupNorms through ``GroupNormStats``).
+against the native kernel, and ``plain_stages`` (the cheap low-resolution stages not checkpointed).
 
 One device call, the SD 2.0-base-sized random-weight models of ``gpu_bench.py``:
 
 1. ``group_norm``: each GroupNorm shape of the SD VAE decoder at 2 windows of 512 px, forward + input gradient,
-   ``F.group_norm`` against ``GroupNormStats`` on contiguous and on channels-last input (median of CUDA-event
-   timings; largest output and gradient differences);
+   ``F.group_norm`` against ``GroupNormStats`` (median of CUDA-event timings; largest output and gradient
+   differences);
 2. ``decoder``: the pack's ``vae_checkpointed`` loss decoder at 2 windows, forward + input gradient, under each of
    :data:`SETTINGS` (median ms, peak memory, the gradients' relative differences to the native setting's and to a
    float32 decoder's);
@@ -40,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--short-repeats", type=int, default=2, help="short runs per setting")
     p.add_argument("--full-repeats", type=int, default=2, help="headline runs per setting, budget allowing")
     p.add_argument("--decoder-only", action="store_true", help="the GroupNorm and decoder sections, no pack runs")
-    p.add_argument("--full-settings", default="wide+plain2,cl+plain2",
+    p.add_argument("--full-settings", default="native,wide+plain2",
                    help="the settings (names of SETTINGS, comma-separated) of the headline runs")
     args = apply_tiny(add_run_options(p).parse_args(argv))
     unknown = set(args.full_settings.split(",")) - set(SETTINGS)
@@ -69,26 +68,22 @@ def group_norms(b, dtype):
         bias = torch.randn(c, device=b.device, dtype=dtype)
         g = torch.randn_like(x)
 
-        def grad_of(norm, src=x, cotangent=g):  # channels-last: the input and its gradient from above, as in the walk
+        def grad_of(norm):
             def run():
-                u = src.detach().requires_grad_(True)
+                u = x.detach().requires_grad_(True)
                 y = norm(u)
-                return y.detach(), torch.autograd.grad(y, u, cotangent)[0]
+                return y.detach(), torch.autograd.grad(y, u, g)[0]
             return run
 
         native = grad_of(lambda u: F.group_norm(u, 32, w, bias, 1e-6))
         stats = grad_of(lambda u: GroupNormStats.apply(u, 32, w, bias, 1e-6))
-        last = grad_of(lambda u: GroupNormStats.apply(u, 32, w, bias, 1e-6),
-                       x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last))
-        (y0, d0), (y1, d1), (y2, d2) = native(), stats(), last()
+        (y0, d0), (y1, d1) = native(), stats()
         u = x.float().requires_grad_(True)  # the float32 reference: how far each half-precision path is from it
         y = F.group_norm(u, 32, w.float(), bias.float(), 1e-6)
         dy = torch.autograd.grad(y, u, g.float())[0]
         y = y.detach()
         row = {"shape": [2, c, side, side], "native_ms": timed(b, native, 20)["median_ms"],
                "stats_ms": timed(b, stats, 20)["median_ms"],
-               "channels_last_ms": timed(b, last, 20)["median_ms"], "channels_last_grad_rel_diff": relative(d2, d0),
-               "channels_last_out_max_diff": float((y0.float() - y2.float()).abs().max()),
                "out_max_diff": float((y0.float() - y1.float()).abs().max()), "grad_rel_diff": relative(d1, d0),
                "native_vs_fp32": {"out_max": float((y0.float() - y).abs().max()), "grad_rel": relative(d0, dy)},
                "stats_vs_fp32": {"out_max": float((y1.float() - y).abs().max()), "grad_rel": relative(d1, dy)}}
@@ -97,21 +92,17 @@ def group_norms(b, dtype):
         b.save()
 
 
-#: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk, channels-last
-#: walk). "native" (native GroupNorms, every block checkpointed) was the default until 2026-12-06; "wide+plain2"
-#: became it then. (The run of 2026-12-06 evening also compared "wide", "plain2", "plain3", "plain4", "wide+plain3".)
-SETTINGS = {"native": (False, 0, False), "wide+plain2": (True, 2, False), "cl+plain2": (True, 2, True),
-            "cl+plain3": (True, 3, True)}
-#: The loss_decoders module defaults that SETTINGS set.
-DEFAULT_NAMES = ("WIDE_GROUP_NORM", "PLAIN_STAGES", "CHANNELS_LAST")
+#: The loss-decoder settings compared: name -> (wide GroupNorms, plain stages of the checkpointed walk). "native"
+#: (native GroupNorms, every block checkpointed) was the default until 2026-12-06; "wide+plain2" is the default now.
+SETTINGS = {"native": (False, 0), "wide": (True, 0), "plain2": (False, 2), "plain3": (False, 3),
+            "plain4": (False, 4), "wide+plain2": (True, 2), "wide+plain3": (True, 3)}
 
 
-def use(setting):
-    """The loss decoder's module defaults set to ``setting`` (a name of SETTINGS, or a tuple of values)."""
+def use(setting: str):
+    """The loss decoder's module defaults set to ``setting``."""
     from syncdiff_core.comfy import loss_decoders
 
-    for name, value in zip(DEFAULT_NAMES, SETTINGS.get(setting, setting)):
-        setattr(loss_decoders, name, value)
+    loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = SETTINGS[setting]
 
 
 def decoders(b, models):
@@ -137,8 +128,8 @@ def decoders(b, models):
     grads, images_seen = {}, {}
     g = None
     with trainable_weights(first), gradient_section():
-        for name, (wide, plain, last) in [("fp32", (False, 0, False))] + list(SETTINGS.items()):
-            backends = functools.partial(decoder_backends, True, wide, last)
+        for name, (wide, plain) in [("fp32", (False, 0))] + list(SETTINGS.items()):
+            backends = functools.partial(decoder_backends, True, wide)
             # "fp32": the native walk through a float32 copy of the decoder, the reference of every setting
             decoder = copy.deepcopy(first.decoder).float() if name == "fp32" else first.decoder
             grads[name] = []
@@ -149,7 +140,7 @@ def decoders(b, models):
                 with backends():
                     h = decoder_input(first, u.to(vae.vae_dtype))
                     images = checkpointed_decode(decoder, h.float() if name == "fp32" else h,
-                                                 lambda: (backends(), backends()), plain, last).float()
+                                                 lambda: (backends(), backends()), plain).float()
                 if g is None:
                     g = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).to(images.device)
                 value = (images * g).mean() if loss == "linear" else images.square().mean()
@@ -159,9 +150,8 @@ def decoders(b, models):
                                  "within_1": float((images.abs() <= 1).float().mean())}
             del images, decoder
         for _ in range(3):
-            for name, (wide, plain, last) in SETTINGS.items():
-                decode = decoder_for_gradients(vae, model, "vae_checkpointed", wide_norms=wide, plain_stages=plain,
-                                               channels_last=last)
+            for name, (wide, plain) in SETTINGS.items():
+                decode = decoder_for_gradients(vae, model, "vae_checkpointed", wide_norms=wide, plain_stages=plain)
 
                 def run():
                     u = z.clone().requires_grad_(True)
@@ -189,11 +179,11 @@ def pack(b, models):
     back afterwards, also when a run fails."""
     from syncdiff_core.comfy import loss_decoders
 
-    defaults = tuple(getattr(loss_decoders, name) for name in DEFAULT_NAMES)
+    defaults = loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES
     try:
         pack_settings(b, models)
     finally:
-        use(defaults)
+        loss_decoders.WIDE_GROUP_NORM, loss_decoders.PLAIN_STAGES = defaults
 
 
 def pack_settings(b, models):

@@ -51,26 +51,19 @@ class GroupNormStats(torch.autograd.Function):
     saves them, and the backward is ``aten.native_group_norm_backward`` itself. Only the statistics' rounding can
     differ from ``F.group_norm``'s.
 
-    A channels-last input (:func:`is_channels_last`) gives a channels-last output: its statistics are reduced in
-    place over (pixels, the group's channels), and only the backward copies it (the native kernel's layout), so
-    the convolutions around it see one layout (see :func:`checkpointed_decode`'s ``channels_last``).
-
     ``GroupNormStats.apply(x, groups, weight, bias, eps)``, with ``weight`` and ``bias`` in ``x``'s dtype (or None).
     """
 
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps):
         n, c = x.shape[:2]
-        last = is_channels_last(x)
-        # each group's elements: one contiguous run, or (pixels, the group's channels) of channels-last memory
-        flat, dims = (x.movedim(1, -1).reshape(n, -1, groups, c // groups), (1, 3)) if last else \
-            (x.reshape(n, groups, -1), -1)
+        flat = x.reshape(n, groups, -1)
         acc = torch.promote_types(x.dtype, torch.float32)
         # float32 sums, as in the native kernel: a half-precision variance overflows (65504) on real VAEs'
         # activations, and a half-precision mean in the output loses a small spread around a large mean. The
         # standard deviation fits where the variance does not.
-        mean = flat.mean(dims, dtype=acc)
-        rstd = torch.rsqrt(torch.std_mean(flat, dim=dims, correction=0)[0].to(acc).square() + eps)
+        mean = flat.mean(-1, dtype=acc)
+        rstd = torch.rsqrt(torch.std_mean(flat, dim=-1, correction=0)[0].to(acc).square() + eps)
         a = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
         if weight is not None:
             a = a * weight.to(acc)
@@ -90,25 +83,12 @@ class GroupNormStats(torch.autograd.Function):
         x, mean, rstd, weight = ctx.saved_tensors
         n, c = x.shape[:2]
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-        # the native kernel wants contiguous memory: a channels-last input's tensors are copied for it, and the
-        # input gradient is given back channels-last, as the input was
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy.contiguous(), x.contiguous(), mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups, wanted)
-        if dx is not None and is_channels_last(x):
-            dx = dx.contiguous(memory_format=torch.channels_last)
+            dy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups, wanted)
         return dx, None, dw, db if ctx.has_bias else None, None
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a 4-D tensor in channels-last memory (and not also plain contiguous, as some shapes are)."""
-    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-class _GroupNorms(TorchFunctionMode):
-    def __init__(self, wide: bool, channels_last: bool):
-        super().__init__()
-        self.wide, self.channels_last = wide, channels_last
-
+class _WideGroupNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.group_norm and torch.is_grad_enabled():
@@ -117,26 +97,24 @@ class _GroupNorms(TorchFunctionMode):
             weight, bias = named.get("weight"), named.get("bias")
             # mixed dtypes (e.g. bfloat16 input, float32 weight) stay native: its statistics then take the weight's
             same = all(t is None or t.dtype == x.dtype for t in (weight, bias))
-            wide = self.wide and x.ndim >= 3 and x.is_contiguous() and x[0].numel() // groups >= WIDE_GROUP
-            if same and (wide or self.channels_last and is_channels_last(x)):
+            if same and x.ndim >= 3 and x.is_contiguous() and x[0].numel() // groups >= WIDE_GROUP:
                 return GroupNormStats.apply(x, groups, weight, bias, named.get("eps", 1e-5))
         return func(*args, **kwargs)
 
 
-def wide_group_norm(enabled: bool = True, channels_last: bool = False):
-    """A context in which ``F.group_norm``, while gradients are on, runs as :class:`GroupNormStats` for wide groups
-    (:data:`WIDE_GROUP`) when ``enabled``, and for every channels-last input when ``channels_last`` (the native op
-    would give them back contiguous); a no-op when neither. A ``TorchFunctionMode``: the modules are only called,
+def wide_group_norm(enabled: bool = True):
+    """A context in which ``F.group_norm`` of wide groups (:data:`WIDE_GROUP`), while gradients are on, runs as
+    :class:`GroupNormStats`; a no-op when not ``enabled``. A ``TorchFunctionMode``: the modules are only called,
     never changed; it costs one Python call per torch op, so scope it to the loss decoder."""
-    return _GroupNorms(enabled, channels_last) if enabled or channels_last else contextlib.nullcontext()
+    return _WideGroupNorm() if enabled else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def decoder_backends(avoid_efficient: bool = True, wide: bool = False, channels_last: bool = False):
+def decoder_backends(avoid_efficient: bool = True, wide: bool = False):
     """The loss decoder's kernel choices together: :func:`attention_backends` and :func:`wide_group_norm`. Enter a
     fresh one around the forward pass and another around checkpointing's recompute, which must choose as the
     forward did."""
-    with attention_backends(avoid_efficient), wide_group_norm(wide, channels_last):
+    with attention_backends(avoid_efficient), wide_group_norm(wide):
         yield
 
 
@@ -172,8 +150,7 @@ def decoder_input(first_stage, z: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("the VAE's decode did not call its decoder module")
 
 
-def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None, plain_stages: int = 0,
-                        channels_last: bool = False) -> torch.Tensor:
+def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None, plain_stages: int = 0) -> torch.Tensor:
     """The KL ``Decoder``'s forward from its input ``h``, block by block, each block under ``torch.utils.checkpoint``:
     backward keeps only block inputs and recomputes the rest (same gradients, about 2 GiB less per 512 px window).
     The modules are only called, never modified. ``context_fn``: checkpoint's (forward, recompute) contexts.
@@ -182,33 +159,24 @@ def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None, plain_stages:
     resolution) keep their activations instead: their blocks are not recomputed in backward. They are the cheap
     ones to keep (few pixels for their channels); the SD VAE's at 2 windows of 512 px on an H100: 2 stages cost
     0.36 GiB more and saved 0.9 % of a 10-sync-step panorama, 3 stages 0.96 GiB and 2.5 % (docs/PERFORMANCE.md).
-    The gradient is the same for any value.
-
-    ``channels_last``: every block gets its input in channels-last memory, so the convolutions need no layout
-    copies (cuDNN's kernels on recent GPUs are channels-last: contiguous tensors are copied in and out of each);
-    run it inside :func:`wide_group_norm` with ``channels_last``, whose GroupNorms keep that layout. The images
-    and gradient are those of the contiguous walk up to the kernels' rounding."""
+    The gradient is the same for any value."""
     from torch.utils.checkpoint import checkpoint
 
     extra = {"context_fn": context_fn} if context_fn is not None else {}
 
-    def run(stage: int, block, h, *a, attention: bool = False):
-        if channels_last:  # a no-op after a convolution; a copy (of a low-resolution stage) around attention
-            h = h.contiguous(memory_format=torch.contiguous_format if attention else torch.channels_last)
-        return block(h, *a) if stage < plain_stages else checkpoint(block, h, *a, use_reentrant=False, **extra)
+    def run(stage: int, block, *a):
+        return block(*a) if stage < plain_stages else checkpoint(block, *a, use_reentrant=False, **extra)
 
-    if channels_last:
-        h = h.contiguous(memory_format=torch.channels_last)
     h = decoder.conv_in(h)
     h = run(0, decoder.mid.block_1, h, None)
-    h = run(0, decoder.mid.attn_1, h, attention=True)  # attention reshapes to rows: it gets contiguous memory
+    h = run(0, decoder.mid.attn_1, h)
     h = run(0, decoder.mid.block_2, h, None)
     for stage, level in enumerate(reversed(range(decoder.num_resolutions)), start=1):
         up = decoder.up[level]
         for i, block in enumerate(up.block):
             h = run(stage, block, h, None)
             if len(up.attn) > 0:
-                h = run(stage, up.attn[i], h, attention=True)
+                h = run(stage, up.attn[i], h)
         if level != 0:
             h = run(stage, up.upsample, h)
     h = decoder.norm_out(h)

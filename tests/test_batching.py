@@ -293,55 +293,6 @@ def test_loss_decoder_plain_stages_keep_the_gradient(pack, micro, tiny_kl_vae, p
     assert (out[1][1] - out[0][1]).norm() / out[0][1].norm() < 1e-5
 
 
-@pytest.mark.parametrize("plain_stages", [0, 2])
-def test_loss_decoder_channels_last_keeps_the_gradient(pack, micro, tiny_kl_vae, plain_stages):
-    """``channels_last``: every convolution of the decoder's blocks and its last one get channels-last inputs (the
-    attention blocks' own get contiguous ones), in the forward pass and in the checkpointed recompute; the images
-    and the gradient are the contiguous walk's."""
-    dec = tiny_kl_vae.first_stage_model.decoder
-    attention = {id(m) for a in [dec.mid.attn_1, *[x for lv in dec.up for x in lv.attn]] for m in a.modules()}
-    convs = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d) and id(m) not in attention
-             and m is not dec.conv_in]
-    seen = []
-    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(pack.decoders.is_channels_last(a[0])))
-               for m in convs]
-    z = torch.randn(1, 4, WIN, WIN, generator=torch.Generator().manual_seed(7))
-    out = []
-    try:
-        with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
-            for last in (False, True):
-                seen.clear()
-                decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, "vae_checkpointed",
-                                                                  plain_stages=plain_stages, channels_last=last)
-                u = z.clone().requires_grad_(True)
-                images = decode(u)
-                forward = len(seen)
-                out.append((images.detach(), torch.autograd.grad(images.square().mean(), u)[0]))
-                assert all(seen) == last and len(seen) > forward == len(convs)  # the recompute ran them again
-    finally:
-        for handle in handles:
-            handle.remove()
-    rel = [float((out[1][k] - out[0][k]).norm() / out[0][k].norm()) for k in (0, 1)]
-    assert max(rel) < 1e-5  # float32: the convolutions' kernels for each layout round differently
-
-
-def test_loss_decoder_channels_last_default_only_on_cuda(pack, micro, tiny_kl_vae, monkeypatch):
-    """``CHANNELS_LAST`` is a default for VAEs on CUDA devices only: on this CPU the walk stays contiguous."""
-    seen = []
-    conv = tiny_kl_vae.first_stage_model.decoder.conv_out
-    handle = conv.register_forward_pre_hook(lambda m, a: seen.append(pack.decoders.is_channels_last(a[0])))
-    monkeypatch.setattr(pack.loss_decoders, "CHANNELS_LAST", True)
-    try:
-        with pack.weights.trainable_weights(tiny_kl_vae.first_stage_model), pack.model.gradient_section():
-            for last in (None, True):
-                decode = pack.loss_decoders.decoder_for_gradients(tiny_kl_vae, micro.model, "vae_checkpointed",
-                                                                  channels_last=last)
-                decode(torch.randn(1, 4, WIN, WIN).requires_grad_(True))
-    finally:
-        handle.remove()
-    assert seen == [False, True]
-
-
 @pytest.mark.slow
 def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
     assert pack.decoders.is_walkable(tiny_kl_vae.first_stage_model), "the KL decoder should take the checkpointed walk"
@@ -353,28 +304,6 @@ def test_comfy_checkpointed_and_half_decoders(pack, micro, tiny_kl_vae, lpips):
     assert torch.isfinite(half).all() and (half - full).abs().max() > 0
     # the decoder's modules are left unpatched
     assert not any("forward" in m.__dict__ for m in tiny_kl_vae.first_stage_model.modules())
-
-
-@pytest.mark.slow
-def test_comfy_channels_last_loss_decoder_samples_the_same(pack, micro, tiny_kl_vae, lpips, monkeypatch):
-    """A synchronized panorama with the channels-last walk (a CUDA default when on; forced here on the CPU): LPIPS
-    takes its channels-last images, and the panorama is the contiguous walk's up to float32 rounding."""
-    import functools
-
-    base = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4, loss_decoder="vae_checkpointed")
-    real = pack.sampling.decoder_for_gradients
-    monkeypatch.setattr(pack.sampling, "decoder_for_gradients", functools.partial(real, channels_last=True))
-    seen = []
-    conv = tiny_kl_vae.first_stage_model.decoder.conv_out
-    handle = conv.register_forward_pre_hook(lambda m, a: seen.append(pack.decoders.is_channels_last(a[0])))
-    try:
-        last = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=20.0, window_batch=4,
-                   loss_decoder="vae_checkpointed")
-    finally:
-        handle.remove()
-    assert True in seen  # the gradient pass's decodes (the anchor's, without gradient, stays contiguous)
-    no_sync = run(pack, micro.model, micro, tiny_kl_vae, lpips, w=0.0, window_batch=4)
-    assert (last - base).norm() / base.norm() < 1e-5 < (no_sync - base).norm() / base.norm()
 
 
 @pytest.mark.slow

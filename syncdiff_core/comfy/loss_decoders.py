@@ -23,22 +23,17 @@ _TAESD_CACHE: dict = {}
 WIDE_GROUP_NORM = True
 #: The default of ``decoder_for_gradients(plain_stages=...)``: see :func:`decoders.checkpointed_decode`.
 PLAIN_STAGES = 2
-#: The default of ``decoder_for_gradients(channels_last=...)`` for a VAE on a CUDA device: see
-#: :func:`decoders.checkpointed_decode`.
-CHANNELS_LAST = False
 
 
 def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoid_efficient_attention: bool = True,
-                          wide_norms: bool | None = None, plain_stages: int | None = None,
-                          channels_last: bool | None = None):
+                          wide_norms: bool | None = None, plain_stages: int | None = None):
     """The loss decoder ``mode`` (one of ``job.LOSS_DECODERS``) for ``model``'s latents through ``vae``.
 
     ``compile_backend`` (e.g. "inductor"): the decoder's gradient pass runs through ``torch.compile`` (static shapes;
     compiled once per process and shape); the anchor's decode without gradient stays eager.
     ``avoid_efficient_attention``: see :func:`decoders.attention_backends`. ``wide_norms`` (default
     :data:`WIDE_GROUP_NORM` for a VAE on a CUDA device; off when compiling): see :func:`decoders.wide_group_norm`.
-    ``plain_stages`` (default :data:`PLAIN_STAGES`) and ``channels_last`` (default :data:`CHANNELS_LAST` for a VAE on
-    a CUDA device; off when compiling): see :func:`decoders.checkpointed_decode`."""
+    ``plain_stages`` (default :data:`PLAIN_STAGES`): see :func:`decoders.checkpointed_decode`."""
     if mode == "taesd":
         return taesd_decoder_for_gradients(model)
     first_stage = vae.first_stage_model
@@ -48,9 +43,8 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
     plain = compiled(_decode, compile_backend) if compile_backend else _decode
     on_cuda = torch.device(vae.device).type == "cuda"
     wide = (WIDE_GROUP_NORM and on_cuda if wide_norms is None else wide_norms) and not compile_backend
-    last = (CHANNELS_LAST and on_cuda if channels_last is None else channels_last) and not compile_backend
     plain_stages = PLAIN_STAGES if plain_stages is None else plain_stages
-    backends = functools.partial(decoder_backends, avoid_efficient_attention, wide, last)
+    backends = functools.partial(decoder_backends, avoid_efficient_attention, wide)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         if mode == "vae_half":
@@ -64,7 +58,7 @@ def decoder_for_gradients(vae, model, mode: str, compile_backend: str = "", avoi
                 # eager checkpointing recomputes the blocks during backward, outside this context: the recompute must
                 # pick the same attention kernels as the forward (else autograd finds other saved tensors)
                 context = None if compile_backend else (lambda: (backends(), backends()))
-                images = walk(first_stage.decoder, decoder_input(first_stage, z), context, plain_stages, last)
+                images = walk(first_stage.decoder, decoder_input(first_stage, z), context, plain_stages)
             else:
                 images = plain(first_stage, z)
         return images_for_loss(images).float().clamp(-1.0, 1.0)
