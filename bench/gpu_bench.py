@@ -61,9 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compiled-anchor", action="store_true",
                    help="compile the anchor's prediction as the pack did before 2026-12-06 (the pack runs it "
                         "eagerly: syncdiff_core.sync.eager), to measure what that costs")
-    p.add_argument("--compile-blocks", choices=["on", "off"], default="",
-                   help="compile the UNet's blocks one by one (regional compilation) or the whole UNet: sets "
-                        "syncdiff_core.comfy.compile.REGIONAL; empty: the pack's default")
     add_run_options(p)
     return apply_tiny(p.parse_args(argv))
 
@@ -89,11 +86,6 @@ def run(b, models_dir: Path):
         import syncdiff_core.sync
 
         syncdiff_core.sync.eager = contextlib.nullcontext  # the bench's switch back to the earlier behaviour
-    import syncdiff_core.comfy.compile as compile_module
-
-    if b.args.compile_blocks:
-        compile_module.REGIONAL = b.args.compile_blocks == "on"  # the bench's switch between the two
-    R["compile_blocks"] = compile_module.REGIONAL
     R["env"] = b.env()
     print(json.dumps(R["env"], default=str), flush=True)
     with b.section("matmul"):

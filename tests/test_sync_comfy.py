@@ -218,60 +218,6 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager(comfy, pack, micro, tiny_kl_vae, lpips, monkeypatch):
-    """Regional compilation (``compile.REGIONAL``): each block of the UNet runs through its own compiled copy
-    during the call (one graph per distinct block, not a silent eager fallback), the panorama equals the eager one
-    within float rounding, and afterwards the diffusion model holds its own blocks again."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setattr(pack.compile, "REGIONAL", True)
-    unet = micro.model.model.diffusion_model
-    names = pack.compile.block_regions(unet)
-    blocks = {name: unet.get_submodule(name) for name in names}
-    assert {type(b) for b in blocks.values()} >= {ResBlock, SpatialTransformer}
-    assert not any(a != b and b.startswith(a + ".") for a in names for b in names)  # no block inside another
-    seen = set()
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda m, args: seen.add((type(m).__name__, m._compiled_call_impl is not None))
-        if isinstance(m, (ResBlock, SpatialTransformer)) else None)
-    try:
-        eager = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=2), loss=lpips)
-        graphs_before = counters["stats"]["unique_graphs"]
-        seen.clear()
-        compiled = run(pack, micro, tiny_kl_vae, job(pack, w=20.0, sync_steps=2, compile="aot_eager"), loss=lpips)
-    finally:
-        hook.remove()
-    assert seen == {("ResBlock", True), ("SpatialTransformer", True)}  # every block ran its compiled copy
-    assert counters["stats"]["unique_graphs"] > graphs_before
-    rel = float((compiled - eager).norm() / eager.norm())
-    assert rel < 1e-4, rel
-    assert all(unet.get_submodule(name) is block and block._compiled_call_impl is None
-               for name, block in blocks.items())
-
-
-def test_block_regions_of_a_dit(comfy, pack):
-    """A DiT's blocks are the elements of its block lists; plain layers in a Sequential are not blocks."""
-    import torch.nn as nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn, self.mlp = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU())
-
-    class Dit(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Sequential(nn.Linear(4, 4), nn.SiLU())
-            self.double_blocks = nn.ModuleList([Block(), Block()])
-            self.single_blocks = nn.ModuleList([Block()])
-            self.final = Block()
-
-    assert pack.compile.block_regions(Dit()) == ["double_blocks.0", "double_blocks.1", "single_blocks.0"]
-
-
-@pytest.mark.slow
 def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lpips):
     """ComfyUI passes the whole sigma schedule to the diffusion model; dynamo would guard on its length and
     recompile the UNet for each new step count (minutes with inductor; eager after 8). The compiled clone
