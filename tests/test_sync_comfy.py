@@ -244,6 +244,36 @@ def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lp
     assert pack.compile.compiled_patcher(micro.model, "") is micro.model  # nothing compiled: the model as given
 
 
+@pytest.mark.slow
+def test_plain_and_synchronized_runs_share_the_compiled_plain_pass(comfy, pack, micro, tiny_kl_vae, lpips):
+    """Weights loaded under inference mode are inference tensors; a synchronized run swaps in normal tensors over
+    the same storage, and dynamo guards on the tensor kind. A compiled MultiDiffusion run takes the same stand-ins,
+    so both kinds of run share the plain pass's graph: after a MultiDiffusion run a synchronized one compiles only
+    its gradient pass, and after a synchronized run MultiDiffusion compiles nothing (each used to compile the plain
+    pass again: a UNet's inductor compile, half a minute on a GPU). The panorama is the eager one's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    assert next(micro.model.model.diffusion_model.parameters()).is_inference()  # as a loader leaves them
+
+    def new_graphs(w):
+        before = counters["stats"]["unique_graphs"]
+        out = run(pack, micro, tiny_kl_vae, job(pack, w=w, sync_steps=1, compile="aot_eager"), loss=lpips)
+        return counters["stats"]["unique_graphs"] - before, out
+
+    torch._dynamo.reset()
+    sync_alone, _ = new_graphs(20.0)
+    md_after_sync, md = new_graphs(0.0)
+    assert md_after_sync == 0
+    torch._dynamo.reset()
+    md_alone, _ = new_graphs(0.0)
+    sync_after_md, _ = new_graphs(20.0)
+    assert md_alone >= 1 and sync_after_md == sync_alone - md_alone
+    eager = run(pack, micro, tiny_kl_vae, job(pack, w=0.0))
+    assert float((md - eager).norm() / eager.norm()) < 1e-5
+    assert next(micro.model.model.diffusion_model.parameters()).is_inference()  # the stand-ins were put back
+
+
 def test_compile_backend_is_checked_before_sampling(comfy, pack, micro, tiny_kl_vae):
     calls = []
     with pytest.raises(ValueError, match="compile backend 'no_such_backend'"):

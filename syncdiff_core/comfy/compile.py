@@ -24,6 +24,14 @@ def check_compile_backend(backend: str, device) -> None:
                              "turn compile off to sample without it")
 
 
+def is_compiled(model) -> bool:
+    """Whether ``model`` (a ModelPatcher) runs its diffusion model through ComfyUI's compile wrapper (set by this
+    pack's ``compile`` or by ComfyUI's TorchCompileModel node)."""
+    from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
+
+    return TORCH_COMPILE_KWARGS in model.model_options
+
+
 def compiled_patcher(model, backend: str):
     """``model`` itself when ``backend`` is empty and nothing compiled it; else a clone of ``model`` whose
     diffusion model runs through ``torch.compile`` (static shapes), set with ComfyUI's own
@@ -31,9 +39,8 @@ def compiled_patcher(model, backend: str):
     compile wrapper (e.g. from TorchCompileModel) keeps it. Either way the clone's diffusion model no longer
     sees the schedule's length (``_without_schedule``), so one compile serves every step count."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
-    from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
 
-    compiled_already = TORCH_COMPILE_KWARGS in model.model_options
+    compiled_already = is_compiled(model)
     if not (backend or compiled_already):
         return model
     model = model.clone()

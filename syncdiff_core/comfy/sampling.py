@@ -26,7 +26,7 @@ from ..lanes import Lane, Lanes
 from ..weights import trainable_weights
 from ..windows import crop_stack
 from .assets import get_lpips
-from .compile import check_compile_backend, compiled_patcher
+from .compile import check_compile_backend, compiled_patcher, is_compiled
 from .conds import WindowConds, clone_skips_for_gradients, window_size_conditioning
 from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients, taesd_path
@@ -173,6 +173,11 @@ class WindowedSampler(comfy.samplers.Sampler):
                 model_options = with_block_checkpointing(model_options, guider.inner_model.diffusion_model)[0]
             decode = decoder_for_gradients(self.vae, grad_patcher, windowing.loss_decoder, windowing.compile)
             loss = loss if loss is not None else get_lpips(patcher.load_device)
+        elif is_compiled(patcher):
+            # Weights loaded under inference mode are inference tensors, and a synchronized run swaps in normal
+            # tensors over the same storage (``trainable_weights``). Dynamo guards on that kind, so a compiled
+            # plain run takes the same stand-ins: its graph then serves both runs (else each compiles its own).
+            grad_modules = [guider.inner_model]
 
         # 4. the lanes: one per GPU that ComfyUI's MultiGPU prepared, else the model's own device. ControlNet hints
         # and layout bootstrapping set state shared by every call: one lane; with hints on the main GPU alone (the
