@@ -44,6 +44,12 @@ def gradient_section():
             setattr(obj, name, value)
 
 
+def is_dynamic(model) -> bool:
+    """Whether ``model`` (a ModelPatcher) loads its weights per call (newer ComfyUI's dynamic VRAM)."""
+    dynamic = getattr(model, "is_dynamic", None)
+    return bool(callable(dynamic) and dynamic())
+
+
 def gradient_ready_patcher(model):
     """A patcher whose weights are real module parameters, for the gradient pass.
 
@@ -52,8 +58,7 @@ def gradient_ready_patcher(model):
     conditioning hooks) loads the model once per patcher; ``clone(disable_dynamic=True)`` where only that exists
     (it reloads from disk on every call); the patcher itself when it is not dynamic (or this ComfyUI has no
     dynamic VRAM)."""
-    is_dynamic = getattr(model, "is_dynamic", None)
-    if not (callable(is_dynamic) and is_dynamic()):
+    if not is_dynamic(model):
         return model
     delegate = getattr(model, "get_non_dynamic_delegate", None)
     if callable(delegate):

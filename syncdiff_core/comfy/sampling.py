@@ -32,7 +32,7 @@ from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients, taesd_path
 from . import families, multigpu
 from .autograd_patches import block_keys, with_block_checkpointing
-from .model import gradient_ready_patcher, gradient_section, oom_errors
+from .model import gradient_ready_patcher, gradient_section, is_dynamic, oom_errors
 
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
@@ -173,10 +173,11 @@ class WindowedSampler(comfy.samplers.Sampler):
                 model_options = with_block_checkpointing(model_options, guider.inner_model.diffusion_model)[0]
             decode = decoder_for_gradients(self.vae, grad_patcher, windowing.loss_decoder, windowing.compile)
             loss = loss if loss is not None else get_lpips(patcher.load_device)
-        elif is_compiled(patcher):
+        elif is_compiled(patcher) and not is_dynamic(patcher):
             # Weights loaded under inference mode are inference tensors, and a synchronized run swaps in normal
             # tensors over the same storage (``trainable_weights``). Dynamo guards on that kind, so a compiled
             # plain run takes the same stand-ins: its graph then serves both runs (else each compiles its own).
+            # (Under dynamic VRAM the synchronized run uses another module, the static delegate's, anyway.)
             grad_modules = [guider.inner_model]
 
         # 4. the lanes: one per GPU that ComfyUI's MultiGPU prepared, else the model's own device. ControlNet hints
