@@ -182,9 +182,10 @@ class SyncDiffusionSampler(io.ComfyNode):
                 *window_inputs(),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Run the UNet and the loss decoder through torch.compile (needs "
-                                         "Triton). The first run compiles for one to four minutes; later "
-                                         "runs with the same canvas and batch sizes, at any step count, are "
-                                         "20-35% faster. Results match within float rounding."),
+                                         "Triton). The first run of a canvas size compiles: about half a "
+                                         "minute without sync, two with it (an H100; less after a restart, "
+                                         "from torch's disk cache). Later runs at that size, at any step "
+                                         "count, are about 23% faster. Results match within float rounding."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="1 = from pure noise. Below 1: refine the connected latent (an upscaled or "
                                        "encoded panorama), starting from it partially noised as KSampler does at "
