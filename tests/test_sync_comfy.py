@@ -245,20 +245,29 @@ def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lp
 
 
 @pytest.mark.slow
-def test_plain_and_synchronized_runs_share_the_compiled_plain_pass(comfy, pack, micro, tiny_kl_vae, lpips):
+@pytest.mark.parametrize("compiled_by", ["pack", "TorchCompileModel"])
+def test_plain_and_synchronized_runs_share_the_compiled_plain_pass(comfy, pack, micro, tiny_kl_vae, lpips,
+                                                                   compiled_by):
     """Weights loaded under inference mode are inference tensors; a synchronized run swaps in normal tensors over
     the same storage, and dynamo guards on the tensor kind. A compiled MultiDiffusion run takes the same stand-ins,
     so both kinds of run share the plain pass's graph: after a MultiDiffusion run a synchronized one compiles only
     its gradient pass, and after a synchronized run MultiDiffusion compiles nothing (each used to compile the plain
-    pass again: a UNet's inductor compile, half a minute on a GPU). The panorama is the eager one's."""
+    pass again: a UNet's inductor compile, half a minute on a GPU). So too for a model the user compiled with
+    ComfyUI's TorchCompileModel (the pack's ``compile`` off). The panorama is the eager one's."""
     import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
     assert next(micro.model.model.diffusion_model.parameters()).is_inference()  # as a loader leaves them
+    tiny, backend = micro, "aot_eager"
+    if compiled_by == "TorchCompileModel":
+        user_compiled = micro.model.clone()
+        set_torch_compile_wrapper(user_compiled, backend="aot_eager", dynamic=False)
+        tiny, backend = SimpleNamespace(model=user_compiled, positive=micro.positive, negative=micro.negative), ""
 
     def new_graphs(w):
         before = counters["stats"]["unique_graphs"]
-        out = run(pack, micro, tiny_kl_vae, job(pack, w=w, sync_steps=1, compile="aot_eager"), loss=lpips)
+        out = run(pack, tiny, tiny_kl_vae, job(pack, w=w, sync_steps=1, compile=backend), loss=lpips)
         return counters["stats"]["unique_graphs"] - before, out
 
     torch._dynamo.reset()
