@@ -141,7 +141,9 @@ def child(opts) -> dict:
     pos = [[torch.randn(1, 77, 1024, generator=g), {}]]
     neg = [[torch.randn(1, 77, 1024, generator=g), {}]]
     before = _checksums(model.model)
-    dynamic = bool(getattr(model, "is_dynamic", lambda: False)())
+    from syncdiff_core.comfy.model import is_dynamic
+
+    dynamic = is_dynamic(model)
     sys.path.insert(0, str(ROOT / "tests"))
     import comfy_harness as h
     window = 64 if opts.tiny else 512

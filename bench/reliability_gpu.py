@@ -81,6 +81,7 @@ from bench.sizes import write_sd2_base_checkpoint  # noqa: E402
 from syncdiff_core import perceptual  # noqa: E402
 from syncdiff_core.comfy import assets  # noqa: E402
 from syncdiff_core.comfy.decode import decode_panorama_image  # noqa: E402
+from syncdiff_core.comfy.model import is_dynamic  # noqa: E402
 from syncdiff_core.comfy.sampling import sample_panorama  # noqa: E402
 from syncdiff_core.job import PanoramaJob  # noqa: E402
 from syncdiff_core.sync import SyncSettings  # noqa: E402
@@ -163,11 +164,10 @@ def load_models(tmp: Path):
     positive = [[torch.randn(1, 77, 1024, generator=g), {}]]
     negative = [[torch.randn(1, 77, 1024, generator=g), {}]]
     loss = assets.get_lpips(DEVICE)
-    is_dynamic = getattr(model, "is_dynamic", None)
     RESULTS["models"] = {
         "unet_params": sum(p.numel() for p in model.model.diffusion_model.parameters()),
         "vae_params": sum(p.numel() for p in vae.first_stage_model.parameters()),
-        "patcher": type(model).__name__, "dynamic_vram": bool(callable(is_dynamic) and is_dynamic()),
+        "patcher": type(model).__name__, "dynamic_vram": is_dynamic(model),
         "unet_dtype": str(model.model.get_dtype()), "vae_dtype": str(vae.vae_dtype),
         "write_s": round(written, 1), "load_s": round(time.monotonic() - t - written, 1),
     }

@@ -217,19 +217,24 @@ def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
     assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really traced, not a silent fallback
 
 
+def compiled_by_user(tiny):
+    """``tiny`` with its model compiled as ComfyUI's TorchCompileModel node compiles it (``aot_eager``)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model = tiny.model.clone()
+    set_torch_compile_wrapper(model, backend="aot_eager", dynamic=False)
+    return SimpleNamespace(model=model, positive=tiny.positive, negative=tiny.negative)
+
+
 @pytest.mark.slow
 def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lpips):
     """ComfyUI passes the whole sigma schedule to the diffusion model; dynamo would guard on its length and
     recompile the UNet for each new step count (minutes with inductor; eager after 8). The compiled clone
     drops it before the UNet, whether the pack compiled it or the user did with TorchCompileModel."""
     from comfy.patcher_extension import WrappersMP
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
-    user_compiled = micro.model.clone()
-    set_torch_compile_wrapper(user_compiled, backend="aot_eager", dynamic=False)
-    user = SimpleNamespace(model=user_compiled, positive=micro.positive, negative=micro.negative)
-    for tiny, backend in ((micro, "aot_eager"), (user, "")):
+    for tiny, backend in ((micro, "aot_eager"), (compiled_by_user(micro), "")):
         options_before = dict(tiny.model.model_options)
         run(pack, tiny, tiny_kl_vae, job(pack, w=20.0, sync_steps=1, steps=2, compile=backend), loss=lpips)
         graphs = counters["stats"]["unique_graphs"]
@@ -255,15 +260,10 @@ def test_plain_and_synchronized_runs_share_the_compiled_plain_pass(comfy, pack, 
     pass again: a UNet's inductor compile, half a minute on a GPU). So too for a model the user compiled with
     ComfyUI's TorchCompileModel (the pack's ``compile`` off). The panorama is the eager one's."""
     import torch._dynamo
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
     assert next(micro.model.model.diffusion_model.parameters()).is_inference()  # as a loader leaves them
-    tiny, backend = micro, "aot_eager"
-    if compiled_by == "TorchCompileModel":
-        user_compiled = micro.model.clone()
-        set_torch_compile_wrapper(user_compiled, backend="aot_eager", dynamic=False)
-        tiny, backend = SimpleNamespace(model=user_compiled, positive=micro.positive, negative=micro.negative), ""
+    tiny, backend = (micro, "aot_eager") if compiled_by == "pack" else (compiled_by_user(micro), "")
 
     def new_graphs(w):
         before = counters["stats"]["unique_graphs"]
