@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..syncdiff_core.inputs import expect, expect_option
+from .inputs import expect, expect_option
 from ..syncdiff_core.job import MAX_PX
 from ..syncdiff_core.panorama_decode import DEFAULT_PADDING
 from .common import CATEGORY

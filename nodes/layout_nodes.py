@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..syncdiff_core.inputs import expect
+from .inputs import expect
 from ..syncdiff_core.regions import REGION_KEY, RegionSpec, as_mask
 from .common import CATEGORY
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..syncdiff_core.inputs import expect, expect_option
+from .inputs import expect, expect_option
 from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, POSITIONS, PanoramaJob,
                                  Windowing, check_canvas_pixels, require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..syncdiff_core.inputs import expect
+from .inputs import expect
 from ..syncdiff_core.job import MAX_PX, MAX_WINDOW_BATCH, PanoramaJob
 from ..syncdiff_core.seams import SEAM_CONTEXT, seam_score
-from ..syncdiff_core.sync import SyncSettings
+from ..syncdiff_core.sync import NO_SYNC
 from .common import CATEGORY
 
 
@@ -90,7 +90,7 @@ class PanoramaSeamRepair(io.ComfyNode):
                vae=(vae, "VAE"), image=(image, "IMAGE"))
 
         job = PanoramaJob(seed=seed, steps=steps, cfg=cfg, denoise=denoise, window_px=window_size, stride_px=stride,
-                          window_batch=window_batch, sync=SyncSettings(weight=0.0, steps=0))
+                          window_batch=window_batch, sync=NO_SYNC)
         repaired, band = repair_seam(model, positive, negative, vae, image, job, band_width, feather)
         return io.NodeOutput(repaired, band)
 

@@ -2,11 +2,12 @@
 from .batching import BatchPolicy
 from .fusion import Fusion
 from .job import PanoramaJob
-from .sampler import NO_SYNC, sample
-from .sync import Anchor, SyncSettings
+from .lanes import Lanes
+from .sampler import sample
+from .sync import NO_SYNC, Anchor, SyncSettings
 from .windows import Window, WindowPlan, crop, paste_add, plan_windows
 
 __all__ = [
-    "Anchor", "BatchPolicy", "Fusion", "NO_SYNC", "PanoramaJob", "SyncSettings", "Window", "WindowPlan",
+    "Anchor", "BatchPolicy", "Fusion", "Lanes", "NO_SYNC", "PanoramaJob", "SyncSettings", "Window", "WindowPlan",
     "crop", "paste_add", "plan_windows", "sample",
 ]

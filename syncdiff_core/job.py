@@ -31,11 +31,9 @@ LOSS_DECODERS = ("vae_checkpointed", "vae", "vae_half", "taesd")
 #: The smallest window side, in latent pixels, that the loss decoder takes while synchronizing (its GroupNorms need
 #: more than one value per group, LPIPS' VGG a few pixels after its pooling); twice that for ``vae_half``.
 MIN_SYNC_WINDOW_LATENT = 2
-#: Windows per gradient batch when ``sync_batch`` is 0, for 512 px windows. Measured on an H100 (SD2-base size,
-#: docs/PERFORMANCE.md): each window in the gradient batch needs about 4.9 GiB with "vae" and 3 GiB with
-#: "vae_checkpointed" (2.8 before its low-resolution stages stopped being recomputed); 2 windows with checkpointing
-#: keep the peak under 10 GiB and are faster than 1 without.
-#: Larger windows get proportionally fewer (1024 px: 1; an SDXL sync step at 2 windows peaked at 37 GiB on an H200).
+#: Windows per gradient batch when ``sync_batch`` is 0, for windows of ``SYNC_BATCH_AUTO_PX`` pixels; larger windows
+#: get proportionally fewer (at least 1). Two checkpointed windows keep an SD-sized sync step on a mid-size card and
+#: are faster than one uncheckpointed window (docs/PERFORMANCE.md has the figures).
 SYNC_BATCH_AUTO = 2
 SYNC_BATCH_AUTO_PX = 512 * 512
 #: The largest window_batch / sync_batch the sampler node offers.
@@ -76,11 +74,13 @@ def require_finite(name: str, value: float) -> None:
 class Windowing:
     """How the windowed sampler covers the canvas and synchronizes it, whatever drives it (the sampler node, or
     ComfyUI's custom sampling as a SAMPLER). Sizes are in pixels; ``window_px`` 0 means the model's native
-    window. ``sync_batch`` 0 means ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``: "" for eager, else a
-    ``torch.compile`` backend for the diffusion model and the loss decoder."""
+    window and ``stride_px`` 0 the model's default stride, as in the widgets. ``sync_batch`` 0 means
+    ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``: "" for eager, else a ``torch.compile`` backend for the
+    diffusion model and the loss decoder. Only rules on single values live here; the rules that need the model and
+    the canvas are in :func:`plan_canvas` (and the bridge's ``prepare_run``)."""
 
     window_px: int = 0
-    stride_px: int = 128
+    stride_px: int = 0
     sync: SyncSettings = field(default_factory=SyncSettings)
     anchor: Anchor = field(default_factory=Anchor)
     wrap: bool = False
@@ -118,28 +118,6 @@ class Windowing:
         auto = max(1, int(SYNC_BATCH_AUTO * SYNC_BATCH_AUTO_PX / window_pixels))
         return min(self.window_batch, auto)
 
-    def plan(self, canvas_height: int, canvas_width: int, scale: int, native_window: int,
-             default_stride_px: int | None = None) -> WindowPlan:
-        """The windows over a latent canvas of ``canvas_height`` x ``canvas_width`` latent px, for a model with
-        ``scale`` pixels per latent px, a native window of ``native_window`` latent px and a default stride of
-        ``default_stride_px`` (default: a quarter of the native window); every rule on the sizes is checked here,
-        in pixels."""
-        stride_px = self.stride_px or default_stride_px or max(scale, native_window // 4 * scale)
-        require_multiple("stride", stride_px, scale)
-        if self.window_px:
-            require_multiple("window_size", self.window_px, scale)
-        window = self.window_px // scale if self.window_px else native_window
-        least = MIN_SYNC_WINDOW_LATENT * (2 if self.loss_decoder == "vae_half" else 1)
-        if self.sync.active and window < least:
-            raise ValueError(f"window_size must be at least {least * scale} px while synchronizing (sync_weight > 0 "
-                             f"and sync_steps > 0): loss_decoder '{self.loss_decoder}' and LPIPS cannot take smaller "
-                             f"windows; got {window * scale} px. Raise window_size (0 = the model's native size) or "
-                             f"set sync_weight to 0")
-        plan = plan_windows(canvas_height, canvas_width, window, stride_px // scale, wrap=self.wrap,
-                            px_per_unit=scale)
-        self.anchor.window_index(plan)  # an index anchor must be on the grid
-        return plan
-
     def batching(self, oom_errors: tuple = (), release=None, window_pixels: int = SYNC_BATCH_AUTO_PX) -> BatchPolicy:
         """The batching policy of these settings for windows of ``window_pixels`` pixels; ``oom_errors`` and
         ``release`` come from the runtime."""
@@ -149,6 +127,28 @@ class Windowing:
             sync_setting="sync_batch" if self.sync_batch > 0 else "window_batch",
             oom_errors=oom_errors, release=release, advice=advice,
         )
+
+
+def plan_canvas(windowing: Windowing, canvas_height: int, canvas_width: int, scale: int, native_window: int,
+                default_stride_px: int) -> WindowPlan:
+    """The windows of ``windowing`` over a latent canvas of ``canvas_height`` x ``canvas_width`` latent px, for a
+    model with ``scale`` pixels per latent px, a native window of ``native_window`` latent px and a default stride of
+    ``default_stride_px`` pixels; every rule on the sizes is checked here, in pixels."""
+    stride_px = windowing.stride_px or default_stride_px
+    require_multiple("stride", stride_px, scale)
+    if windowing.window_px:
+        require_multiple("window_size", windowing.window_px, scale)
+    window = windowing.window_px // scale if windowing.window_px else native_window
+    least = MIN_SYNC_WINDOW_LATENT * (2 if windowing.loss_decoder == "vae_half" else 1)
+    if windowing.sync.active and window < least:
+        raise ValueError(f"window_size must be at least {least * scale} px while synchronizing (sync_weight > 0 "
+                         f"and sync_steps > 0): loss_decoder '{windowing.loss_decoder}' and LPIPS cannot take "
+                         f"smaller windows; got {window * scale} px. Raise window_size (0 = the model's native size) "
+                         f"or set sync_weight to 0")
+    plan = plan_windows(canvas_height, canvas_width, window, stride_px // scale, wrap=windowing.wrap,
+                        px_per_unit=scale)
+    windowing.anchor.window_index(plan)  # an index anchor must be on the grid
+    return plan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,4 +169,3 @@ class PanoramaJob(Windowing):
         require_finite("cfg", self.cfg)
         if not 0.0 < self.denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
-        object.__setattr__(self, "sync", self.for_steps(self.steps).sync)

@@ -22,9 +22,9 @@ __all__ = ["Lane", "Lanes", "run_in_turn", "shares"]
 @dataclass(frozen=True)
 class Lane:
     """One device's share of the work: ``denoise(x, sigma, windows, step)`` as the sampler's, ``decode`` and
-    ``loss`` computing on ``device`` (None when not synchronizing)."""
+    ``loss`` computing on ``device`` (None when not synchronizing; a ``device`` of None: the canvas's own)."""
 
-    device: torch.device
+    device: torch.device | None
     denoise: Callable
     decode: Callable | None = None
     loss: Callable | None = None
@@ -65,6 +65,12 @@ class Lanes:
             raise ValueError(f"each lane needs its own device, got {devices}")
         self.lanes = tuple(lanes)
         self.runner = runner if runner is not None and len(lanes) > 1 else run_in_turn
+
+    @classmethod
+    def single(cls, denoise: Callable, decode: Callable | None = None, loss: Callable | None = None,
+               device: torch.device | None = None) -> "Lanes":
+        """One lane that computes everything in the calling thread (``device`` None: on the canvas's device)."""
+        return cls([Lane(device, denoise, decode, loss)])
 
     def __len__(self) -> int:
         return len(self.lanes)

@@ -1,7 +1,7 @@
 """The windowed DDIM (eta 0) loop of SyncDiffusion / MultiDiffusion, over small callables.
 
 The sampler works in k-diffusion's space (``x = x0 + sigma * eps``), where DDIM with eta 0 is the Euler
-step ``x_next = x0 + (sigma_next / sigma) * (x - x0)``. Callables:
+step ``x_next = x0 + (sigma_next / sigma) * (x - x0)``. Each device is a lane (:mod:`lanes`) of callables:
 
 - ``denoise(x, sigma, windows, step) -> x0``: the guided x0 prediction of a batch of window crops; ``x`` is
   (len(windows) * N, C, h, w), window-major, ``sigma`` has one entry per row of ``x``.
@@ -16,39 +16,31 @@ import torch
 
 from .batching import BatchPolicy
 from .fusion import Fusion
-from .lanes import Lane, Lanes
-from .sync import Anchor, SyncSettings, synchronize
+from .lanes import Lanes
+from .sync import NO_SYNC, Anchor, SyncSettings, synchronize
 from .windows import WindowPlan, crop
-
-NO_SYNC = SyncSettings(weight=0.0, steps=0)
 
 
 def sample(
-    denoise: Callable,
+    lanes: Lanes,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     plan: WindowPlan,
     *,
     sync: SyncSettings = NO_SYNC,
-    decode: Callable | None = None,
-    loss: Callable | None = None,
     anchor: Anchor = Anchor(),
     input_scale: Callable[[torch.Tensor], float] = lambda sigma: 1.0,
     batching: BatchPolicy = BatchPolicy(),
     callback: Callable | None = None,
     interrupt: Callable[[], None] = lambda: None,
-    lanes: Lanes | None = None,
 ) -> torch.Tensor:
     """Run the windowed loop from the noisy canvas ``x`` (N, C, ..., H, W) along ``sigmas``; return the last x.
 
     ``callback(step, x, x0)`` is called after each step with the fused canvas and the fused x0 prediction.
     ``interrupt()`` is called before each batch of windows; it should raise to stop. ``batching`` says how many
-    windows go through ``denoise`` together and what an out-of-memory error does (see :class:`BatchPolicy`).
-    ``lanes`` (instead of ``denoise``, ``decode`` and ``loss``): several devices share each pass's windows
-    (:mod:`lanes`); each lane batches its own part by ``batching``.
+    windows go through ``denoise`` together and what an out-of-memory error does (see :class:`BatchPolicy`);
+    each lane (``Lanes.single(denoise, decode, loss)`` for one device) batches its own share of each pass by it.
     """
-    if lanes is None:
-        lanes = Lanes([Lane(x.device, denoise, decode, loss)])
     if sync.active and any(lane.decode is None or lane.loss is None for lane in lanes):
         raise ValueError("synchronization needs decode and loss callables")
     window_batch, sync_batch = zip(*(batching.sizes(len(plan)) for _ in range(len(lanes))))
@@ -61,8 +53,8 @@ def sample(
         # 2. on a sync step, move every window but the anchor by the LPIPS gradient
         if sync.is_sync_step(i):
             views = synchronize(
-                views, sigma, i, plan, anchor=anchor, weight=sync.weight_at(i), input_scale=input_scale(sigma),
-                batch=sync_batch, interrupt=interrupt, lanes=lanes,
+                lanes, views, sigma, i, plan, anchor=anchor, weight=sync.weight_at(i), input_scale=input_scale(sigma),
+                batches=sync_batch, interrupt=interrupt,
             )
         fused, fused_x0 = Fusion(x), Fusion(x) if callback else None
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
 from .batching import BatchSize
-from .lanes import Lane, Lanes
+from .lanes import Lanes
 from .windows import WindowPlan
 
 ANCHOR_MODES = ("center", "index", "image")
@@ -43,6 +42,10 @@ class SyncSettings:
 
     def weight_at(self, i: int) -> float:
         return self.weight * self.decay**i
+
+
+#: Synchronization off: the windowed loop is plain MultiDiffusion.
+NO_SYNC = SyncSettings(weight=0.0, steps=0)
 
 
 @dataclass(frozen=True)
@@ -90,36 +93,28 @@ class Anchor:
 
 
 def synchronize(
+    lanes: Lanes,
     views: list[torch.Tensor],
     sigma: torch.Tensor,
     step: int,
     plan: WindowPlan,
     *,
-    denoise: Callable | None = None,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     anchor: Anchor,
     weight: float,
     input_scale: float,
-    batch: int | BatchSize | Sequence[BatchSize],
+    batches: Sequence[BatchSize],
     interrupt: Callable[[], None] = lambda: None,
-    lanes: Lanes | None = None,
 ) -> list[torch.Tensor]:
     """One synchronization step: returns the window latents moved by ``-weight · ∂L/∂x`` in the model's input space.
 
     ``views[j]`` is window j's noisy latent (N, C, h, w) in the sampler's space; the model's input is
     ``input_scale * x`` (the variance-preserving latent for SD), and the step is taken there, as in the paper.
-    ``lanes`` (instead of ``denoise``/``decode``/``loss``): the moving windows are shared out among several
-    devices, ``batch`` then being one BatchSize per lane; the anchor is decoded by the first lane. One BatchSize
-    given for several lanes serves the first; the others get copies, so one lane's halving on out-of-memory
-    (its own device's memory) does not shrink the others' batches.
+    The moving windows are shared out among the ``lanes`` (one device each), lane k batching its part by
+    ``batches[k]`` (its own, so one lane's halving on out-of-memory does not shrink the others'); the anchor is
+    predicted and decoded by the first lane.
     """
-    if lanes is None:
-        lanes = Lanes([Lane(views[0].device, denoise, decode, loss)])
-    if isinstance(batch, int):
-        batch = BatchSize(max(1, min(batch, len(plan))))
-    if isinstance(batch, BatchSize):
-        batch = [batch] + [copy.copy(batch) for _ in range(len(lanes) - 1)]
+    if len(batches) != len(lanes):
+        raise ValueError(f"one batch size per lane is needed: {len(lanes)} lanes, {len(batches)} batch sizes")
     n = views[0].shape[0]
     sig = lambda k: sigma.reshape(1).expand(k * n)  # noqa: E731
     a = anchor.window_index(plan)
@@ -138,7 +133,7 @@ def synchronize(
 
     def lane_pass(k, part):
         lane = lanes[k]
-        per_item_loss = _against_fixed_target(lane.loss, target.to(lane.device))
+        per_item_loss = _against_fixed_target(lane.loss, target.to(lane.device or target.device))
 
         def grad_step(group):
             interrupt()
@@ -149,7 +144,7 @@ def synchronize(
                 (grad,) = torch.autograd.grad(per_item.sum(), u)
             return (u.detach() - weight * grad) / input_scale, torch.isfinite(grad.flatten(1)).all(dim=1)
 
-        return list(batch[k].run(part, grad_step))
+        return list(batches[k].run(part, grad_step))
 
     for results in lanes.map(movers, lane_pass):
         for group, (moved, ok) in results:

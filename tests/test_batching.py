@@ -12,7 +12,7 @@ import torch
 
 import comfy_harness as h
 from reference import F64, Toy, input_scale, reference_loop
-from syncdiff_core import BatchPolicy, SyncSettings, plan_windows, sample
+from syncdiff_core import BatchPolicy, Lanes, SyncSettings, plan_windows, sample
 from syncdiff_core.batching import BatchSize, even_group_sizes
 
 
@@ -33,8 +33,8 @@ def test_window_batch_1_reproduces_the_one_at_a_time_baseline_exactly(w):
     plan = plan_windows(8, 40, 8, 4)
     x = canvas()
     want = reference_loop(x.clone(), SIGMAS, views(plan), toy, w=w, sync_steps=2)
-    got = sample(toy.denoise, x.clone(), SIGMAS, plan, sync=SyncSettings(weight=w, steps=2), decode=toy.decode,
-                 loss=toy.loss, input_scale=input_scale, batching=BatchPolicy(window_batch=1))
+    got = sample(Lanes.single(toy.denoise, toy.decode, toy.loss), x.clone(), SIGMAS, plan,
+                 sync=SyncSettings(weight=w, steps=2), input_scale=input_scale, batching=BatchPolicy(window_batch=1))
     assert torch.equal(got, want)
 
 
@@ -44,9 +44,10 @@ def test_batched_equals_one_at_a_time(w, window_batch, sync_batch):
     toy = Toy(seed=1)
     plan = plan_windows(16, 24, 8, 4)  # several rows: 3 x 5 windows
     x = canvas(1, 16, 24)
-    kw = dict(sync=SyncSettings(weight=w, steps=3), decode=toy.decode, loss=toy.loss, input_scale=input_scale)
-    base = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch=1), **kw)
-    got = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch, sync_batch), **kw)
+    kw = dict(sync=SyncSettings(weight=w, steps=3), input_scale=input_scale)
+    lanes = Lanes.single(toy.denoise, toy.decode, toy.loss)
+    base = sample(lanes, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch=1), **kw)
+    got = sample(lanes, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch, sync_batch), **kw)
     assert (got - base).abs().max() < 1e-12
     # clamped to the grid, and split into as few and as even groups as the batch size allows (15 windows at 9:
     # 8 + 7); the gradient pass covers the 14 windows that are not the anchor
@@ -81,12 +82,12 @@ def test_out_of_memory_halves_the_batch_once_and_retries(w, caplog):
     x = canvas(2)
     released = []
     kw = dict(sync=SyncSettings(weight=w, steps=2), input_scale=input_scale)
-    want = sample(Toy().denoise, x.clone(), SIGMAS, plan, batching=BatchPolicy(window_batch=1), decode=Toy().decode,
-                  loss=Toy().loss, **kw)
+    want = sample(Lanes.single(Toy().denoise, Toy().decode, Toy().loss), x.clone(), SIGMAS, plan,
+                  batching=BatchPolicy(window_batch=1), **kw)
     toy = Limited(limit=4)
     policy = BatchPolicy(window_batch=8, oom_errors=(OOM,), release=lambda: released.append(1))
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
-        got = sample(toy.denoise, x.clone(), SIGMAS, plan, batching=policy, decode=toy.decode, loss=toy.loss, **kw)
+        got = sample(Lanes.single(toy.denoise, toy.decode, toy.loss), x.clone(), SIGMAS, plan, batching=policy, **kw)
     assert (got - want).abs().max() < 1e-12
     # once per BatchSize (the denoise pass; with sync also the gradient pass, which defaults to window_batch)
     assert toy.failures == len(released) == (2 if w else 1)
@@ -98,7 +99,7 @@ def test_out_of_memory_halves_the_batch_once_and_retries(w, caplog):
 def test_out_of_memory_twice_fails_naming_the_setting():
     toy = Limited(limit=1)
     with pytest.raises(OOM, match=r"window_batch=4 \(halved from 8\)\. Lower window_batch") as info:
-        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
+        sample(Lanes.single(toy.denoise), canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
                batching=BatchPolicy(window_batch=8, oom_errors=(OOM,)))
     assert isinstance(info.value.__cause__, OOM)
     assert toy.failures == 2
@@ -107,7 +108,7 @@ def test_out_of_memory_twice_fails_naming_the_setting():
 def test_out_of_memory_at_one_window_says_so():
     toy = Limited(limit=0)
     with pytest.raises(OOM, match="Even one window at a time does not fit: free memory"):
-        sample(toy.denoise, canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
+        sample(Lanes.single(toy.denoise), canvas(3), SIGMAS, plan_windows(8, 40, 8, 4),
                batching=BatchPolicy(window_batch=1, oom_errors=(OOM,), advice="free memory"))
 
 

@@ -276,13 +276,13 @@ def test_window_conds_crop_c_concat_masks_and_areas_across_the_seam(env):
                           {"area": (8, 4, 0, 8)}],  # latent cols 8..11: misses the seam window
              "negative": [{}]}
     wc = env.pack.conds.WindowConds(conds, (H, W), 2)
-    (rows, out), = list(wc.batches([seam]))
+    (rows, _, out), = list(wc.batches([seam]))
     assert rows == slice(0, 2)
     c0, band = out["positive"]  # the area that misses the window is skipped
     assert torch.equal(c0["model_conds"]["c_concat"].cond, concat[..., cols])
     assert torch.equal(c0["mask"], mask[..., cols].expand(2, H, WIN))
     assert band["area"] == (4, WIN, 2, 0)
-    (_, out), = list(wc.batches([plan(env, True)[2]]))  # latent cols 8..15: both areas, the second cropped
+    (_, _, out), = list(wc.batches([plan(env, True)[2]]))  # latent cols 8..15: both areas, the second cropped
     assert [c.get("area") for c in out["positive"]] == [None, (4, WIN, 2, 0), (8, 4, 0, 0)]
 
 

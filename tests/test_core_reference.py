@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from reference import Bimodal, Toy, input_scale, raster_views, reference_loop
-from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample
+from syncdiff_core import Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample
+from syncdiff_core.batching import BatchSize
 from syncdiff_core.sync import synchronize
 from syncdiff_core.windows import crop
 
@@ -38,7 +39,7 @@ def test_core_matches_per_window_reference(grid, w):
     sync = SyncSettings(weight=w, decay=0.95, steps=3, every=1)
     want = reference_loop(x.clone(), sigmas, raster_views(h, wd, win, stride), toy, w=w, decay=0.95, sync_steps=3)
     plan = plan_windows(h, wd, win, stride)
-    got = sample(toy.denoise, x.clone(), sigmas, plan, sync=sync, decode=toy.decode, loss=toy.loss,
+    got = sample(Lanes.single(toy.denoise, toy.decode, toy.loss), x.clone(), sigmas, plan, sync=sync,
                  input_scale=input_scale, batching=BatchPolicy(window_batch=3))
     rel = (got - want).norm() / want.norm()
     assert rel < 1e-6, f"relative error {rel:.2e}"
@@ -51,8 +52,8 @@ def test_sync_every_and_index_anchor_match_reference():
     x = torch.randn(1, 4, 8, 24, generator=g) * 10
     want = reference_loop(x.clone(), sigmas, raster_views(8, 24, 8, 4), toy, w=30.0, decay=0.9, sync_steps=4,
                           every=2, anchor=0)
-    got = sample(toy.denoise, x.clone(), sigmas, plan_windows(8, 24, 8, 4),
-                 sync=SyncSettings(weight=30.0, decay=0.9, steps=4, every=2), decode=toy.decode, loss=toy.loss,
+    got = sample(Lanes.single(toy.denoise, toy.decode, toy.loss), x.clone(), sigmas, plan_windows(8, 24, 8, 4),
+                 sync=SyncSettings(weight=30.0, decay=0.9, steps=4, every=2),
                  anchor=Anchor(mode="index", index=0), input_scale=input_scale, batching=BatchPolicy(window_batch=5))
     assert (got - want).norm() / want.norm() < 1e-6
 
@@ -62,9 +63,10 @@ def test_sync_changes_the_result_and_window_batch_does_not():
     x = torch.randn(2, 4, 8, 32, generator=torch.Generator().manual_seed(5)) * 10
     sigmas = torch.tensor([10.0, 3.0, 1.0, 0.029])
     plan = plan_windows(8, 32, 8, 4)
-    kw = dict(decode=toy.decode, loss=toy.loss, input_scale=input_scale)
-    base = sample(toy.denoise, x, sigmas, plan, **kw)
-    synced = [sample(toy.denoise, x, sigmas, plan, sync=SyncSettings(weight=20.0), batching=BatchPolicy(window_batch=b),
+    kw = dict(input_scale=input_scale)
+    lanes = Lanes.single(toy.denoise, toy.decode, toy.loss)
+    base = sample(lanes, x, sigmas, plan, **kw)
+    synced = [sample(lanes, x, sigmas, plan, sync=SyncSettings(weight=20.0), batching=BatchPolicy(window_batch=b),
                      **kw)
               for b in (1, 4, 100)]
     assert (synced[0] - base).abs().max() > 1e-3
@@ -77,8 +79,8 @@ def test_anchor_is_not_moved_and_others_are():
     plan = plan_windows(8, 32, 8, 4)
     x = torch.randn(1, 4, 8, 32, generator=torch.Generator().manual_seed(7)) * 5
     views = [crop(x, w) for w in plan]
-    moved = synchronize(views, torch.tensor(5.0), 0, plan, denoise=toy.denoise, decode=toy.decode, loss=toy.loss,
-                        anchor=Anchor(), weight=20.0, input_scale=input_scale(5.0), batch=3)
+    moved = synchronize(Lanes.single(toy.denoise, toy.decode, toy.loss), views, torch.tensor(5.0), 0, plan,
+                        anchor=Anchor(), weight=20.0, input_scale=input_scale(5.0), batches=[BatchSize(3)])
     a = plan.center_index
     assert torch.equal(moved[a], views[a])
     for j, (before, after) in enumerate(zip(views, moved)):
@@ -101,14 +103,14 @@ def test_anchor_prediction_is_not_compiled():
         rows.extend(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.ndim == 4)
         return gm.forward
 
-    kw = dict(decode=toy.decode, loss=toy.loss, anchor=Anchor(), weight=20.0, input_scale=input_scale(5.0), batch=4)
+    kw = dict(anchor=Anchor(), weight=20.0, input_scale=input_scale(5.0), batches=[BatchSize(4)])
     torch._dynamo.reset()
     try:
-        compiled = synchronize(views, torch.tensor(5.0), 0, plan, denoise=torch.compile(toy.denoise, backend=backend),
-                               **kw)
+        compiled = synchronize(Lanes.single(torch.compile(toy.denoise, backend=backend), toy.decode, toy.loss), views,
+                               torch.tensor(5.0), 0, plan, **kw)
     finally:
         torch._dynamo.reset()
-    plain = synchronize(views, torch.tensor(5.0), 0, plan, denoise=toy.denoise, **kw)
+    plain = synchronize(Lanes.single(toy.denoise, toy.decode, toy.loss), views, torch.tensor(5.0), 0, plan, **kw)
     assert rows and set(rows) == {4}  # the gradient batch's graph only; the anchor's 1 row never compiled
     assert toy.batches.count(1) == 2  # the anchor did run, once per call
     for a, b in zip(compiled, plain):
@@ -121,9 +123,9 @@ def test_image_anchor_moves_every_window_toward_the_image():
     x = torch.randn(1, 4, 8, 24, generator=torch.Generator().manual_seed(8)) * 3
     views = [crop(x, w) for w in plan]
     target = torch.zeros(1, 3, 16, 16)
-    kw = dict(denoise=toy.denoise, decode=toy.decode, loss=toy.loss, anchor=Anchor(mode="image", image=target),
-              input_scale=input_scale(3.0), batch=2)
-    moved = synchronize(views, torch.tensor(3.0), 0, plan, weight=0.5, **kw)
+    kw = dict(anchor=Anchor(mode="image", image=target), input_scale=input_scale(3.0), batches=[BatchSize(2)])
+    moved = synchronize(Lanes.single(toy.denoise, toy.decode, toy.loss), views, torch.tensor(3.0), 0, plan, weight=0.5,
+                        **kw)
     sig = torch.tensor([3.0])
     for before, after in zip(views, moved):
         l_before = toy.loss(toy.decode(toy.denoise(before, sig)), target)
@@ -145,9 +147,9 @@ def test_synchronization_reduces_the_spread_between_windows():
     free, synced = [], []
     for seed in range(8):
         x = torch.randn(1, 4, 4, 64, generator=torch.Generator().manual_seed(seed)) * 3
-        kw = dict(decode=model.decode, loss=model.loss, input_scale=input_scale)
-        free.append(spread(sample(model.denoise, x, sigmas, plan, **kw), plan, model))
-        synced.append(spread(sample(model.denoise, x, sigmas, plan, sync=SyncSettings(weight=20.0, steps=10), **kw),
-                             plan, model))
+        lanes = Lanes.single(model.denoise, model.decode, model.loss)
+        free.append(spread(sample(lanes, x, sigmas, plan, input_scale=input_scale), plan, model))
+        synced.append(spread(sample(lanes, x, sigmas, plan, sync=SyncSettings(weight=20.0, steps=10),
+                                    input_scale=input_scale), plan, model))
     assert sum(free) / 8 > 0.3, "the toy should leave windows in different modes without sync"
     assert sum(synced) / 8 < 0.1 * sum(free) / 8

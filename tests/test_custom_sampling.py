@@ -169,6 +169,41 @@ def test_a_latent_noise_mask_keeps_the_unmasked_part(comfy, run_prompt, object_n
     assert float((out[..., W // 2 + 1:] - latent[..., W // 2 + 1:]).abs().max()) > 1e-2
 
 
+def soft_mask(h=H, w=W) -> torch.Tensor:
+    """A MASK that ramps from 0 (keep) on the left to 1 (redo) on the right: Differential Diffusion's input."""
+    return torch.linspace(0.0, 1.0, w * 8).reshape(1, 1, w * 8).expand(1, h * 8, w * 8).contiguous()
+
+
+def differential(comfy, graph: dict) -> dict:
+    """``graph`` with ComfyUI's Differential Diffusion node between the model and the guider."""
+    graph["11"] = {"class_type": "DifferentialDiffusion",
+                   "inputs": widgets(comfy, "DifferentialDiffusion", {"model": ["1", 0]})}
+    graph["6"]["inputs"]["model"] = ["11", 0]
+    return graph
+
+
+@pytest.mark.slow
+def test_differential_diffusion_changes_the_result_and_matches_ksampler_on_one_window(
+        comfy, run_prompt, object_node, micro):
+    """A soft noise mask under ComfyUI's Differential Diffusion (``denoise_mask_function``): the windowed sampler
+    applies it per window as KSampler's inpaint step does, so on a one-window canvas it equals stock Euler with the
+    same mask and seed, and on a wide canvas it changes the result against the same mask without the node."""
+    def run(h, w, sampler, dd):
+        latent = {"samples": torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(6)),
+                  "noise_mask": soft_mask(h, w)}
+        graph = custom_graph(comfy, object_node, micro, guider=cfg_guider(), sigmas=scheduler(comfy, 4, 0.8),
+                             sampler=sampler, latent=latent)
+        return run_prompt(differential(comfy, graph) if dd else graph)["9"][0]["samples"]
+
+    stock = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    windowed, want = run(WIN, WIN, sampler_node(), True), run(WIN, WIN, stock, True)
+    rel = float((windowed - want).norm() / want.norm())
+    assert rel < 1e-5, rel
+    assert float((windowed - run(WIN, WIN, sampler_node(), False)).abs().max()) > 1e-3
+    wide_dd, wide = run(H, W, sampler_node(), True), run(H, W, sampler_node(), False)
+    assert float((wide_dd - wide).abs().max()) > 1e-3
+
+
 def test_flipped_sigmas_are_refused_before_any_model_call(comfy, run_prompt, object_node, micro):
     calls = []
     model = micro.model.clone()

@@ -159,11 +159,11 @@ def test_windows_too_small_for_the_loss_decoder_are_refused_while_synchronizing(
     loss decoder; now the window_size widget is named, in pixels."""
     job = h.make_job(pack, w=20.0 if sync else 0.0, window_px=window, stride_px=8, loss_decoder=decoder)
     if ok:
-        assert len(job.plan(8, 16, 8, 64)) > 1
+        assert len(pack.job.plan_canvas(job, 8, 16, 8, 64, 8)) > 1
     else:
         with pytest.raises(ValueError, match=rf"window_size must be at least {32 if decoder == 'vae_half' else 16} px "
                                              rf"while synchronizing .* got {window} px"):
-            job.plan(8, 16, 8, 64)
+            pack.job.plan_canvas(job, 8, 16, 8, 64, 8)
 
 
 @pytest.mark.parametrize("value", ["bogus", 0, None, "PNG"])

@@ -73,9 +73,9 @@ def test_two_lanes_give_the_one_lane_canvas(runner, w):
     x = canvas(1, 16, 24)
     kw = dict(sync=SyncSettings(weight=w, steps=2), input_scale=input_scale, batching=BatchPolicy(4))
     one = Logged(seed=1)
-    want = sample(one.denoise, x.clone(), SIGMAS, plan, decode=one.decode, loss=one.loss, **kw)
+    want = sample(Lanes.single(one.denoise, one.decode, one.loss), x.clone(), SIGMAS, plan, **kw)
     toys, lanes = two_lanes(runner)
-    got = sample(None, x.clone(), SIGMAS, plan, lanes=lanes, **kw)
+    got = sample(lanes, x.clone(), SIGMAS, plan, **kw)
     assert (got - want).abs().max() < 1e-12
     # the plain pass: windows 0-7 on the first lane, 8-14 on the second, every step
     windows = [(w.top, w.left) for w in plan]
@@ -111,8 +111,7 @@ def test_lane_targets_are_moved_to_the_lane_device():
         return loss
 
     lanes = Lanes([Lane(d, t.denoise, t.decode, loss_on(t, d)) for d, t in zip(DEVICES, toys)])
-    sample(None, canvas(), SIGMAS, plan, sync=SyncSettings(weight=20.0, steps=1), input_scale=input_scale,
-           lanes=lanes)
+    sample(lanes, canvas(), SIGMAS, plan, sync=SyncSettings(weight=20.0, steps=1), input_scale=input_scale)
     assert {d for d, _ in seen} == set(DEVICES)
     assert all(t.type == d.type for d, t in seen)
 
@@ -136,7 +135,7 @@ def test_an_error_in_one_lane_is_raised_after_every_lane_finished():
 
     lanes = Lanes([Lane(DEVICES[0], slow), Lane(DEVICES[1], broken)], threaded)
     with pytest.raises(Boom, match="lane 2"):
-        sample(None, canvas(), SIGMAS, plan, lanes=lanes, batching=BatchPolicy(1))
+        sample(lanes, canvas(), SIGMAS, plan, batching=BatchPolicy(1))
     assert finished == [0] * 5  # the first lane's five windows of step 0 ran to the end
 
 
@@ -144,17 +143,16 @@ def test_sync_with_lanes_needs_decode_and_loss():
     toy = Toy()
     lanes = Lanes([Lane(DEVICES[0], toy.denoise, toy.decode, toy.loss), Lane(DEVICES[1], toy.denoise)])
     with pytest.raises(ValueError, match="decode and loss"):
-        sample(None, canvas(), SIGMAS, plan_windows(8, 40, 8, 4), sync=SyncSettings(weight=1.0, steps=1),
-               lanes=lanes)
+        sample(lanes, canvas(), SIGMAS, plan_windows(8, 40, 8, 4), sync=SyncSettings(weight=1.0, steps=1))
 
 
 class FakeOOM(RuntimeError):
     pass
 
 
-def test_one_batch_size_for_two_lanes_halves_per_lane():
-    """``synchronize`` called directly with one BatchSize and two lanes: the first lane's out-of-memory halving
-    stays its own (the caller's object); the second lane keeps the size it was given."""
+def test_each_lane_halves_its_own_batch_size():
+    """``synchronize`` called directly with a BatchSize per lane: the first lane's out-of-memory halving stays its
+    own; the second lane keeps the size it was given."""
     from syncdiff_core.batching import BatchSize
     from syncdiff_core.sync import Anchor, synchronize
 
@@ -173,9 +171,12 @@ def test_one_batch_size_for_two_lanes_halves_per_lane():
         return denoise
 
     lanes = Lanes([Lane(d, denoise_of(k, k == 0), toys[k].decode, toys[k].loss) for k, d in enumerate(DEVICES)])
-    batch = BatchSize(4, "sync_batch", oom_errors=(FakeOOM,))
-    synchronize(views, torch.tensor(5.0), 0, plan, anchor=Anchor(), weight=1.0, input_scale=input_scale(5.0),
-                batch=batch, lanes=lanes)
+    batch, second = (BatchSize(4, "sync_batch", oom_errors=(FakeOOM,)) for _ in lanes)
+    kw = dict(anchor=Anchor(), weight=1.0, input_scale=input_scale(5.0))
+    synchronize(lanes, views, torch.tensor(5.0), 0, plan, batches=[batch, second], **kw)
     assert sizes[0] == [-4, 2, 2, 2, 1]  # halved to 2 after the failed 4
     assert sizes[1] == [4, 3]
     assert batch.halved and batch.size == 2
+    assert not second.halved and second.size == 4
+    with pytest.raises(ValueError, match="one batch size per lane is needed: 2 lanes, 1 batch sizes"):
+        synchronize(lanes, views, torch.tensor(5.0), 0, plan, batches=[batch], **kw)

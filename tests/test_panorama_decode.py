@@ -227,7 +227,7 @@ def _roll_error_profile(vae_decode, k=ROLL, **kw):
 
 
 def test_comfy_vae_scale_and_plain_decode_match_vae_decode(tiny_kl_vae, vae_decode, pack):
-    assert pack.decode.vae_spatial_scale(tiny_kl_vae) == 8
+    assert pack.families.vae_scale(tiny_kl_vae) == 8
     z = _latent()
     with torch.inference_mode():
         ref = tiny_kl_vae.decode(z)

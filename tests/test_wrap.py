@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from reference import F64, Toy  # noqa: E402
-from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
+from syncdiff_core import Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Part 1: the core loop, toy callables
@@ -40,8 +40,9 @@ def run(noise, wrap, sync=None, anchor=Anchor(), plan=None):
     window's position, like a UNet given the same prompt everywhere)."""
     toy = Toy()
     plan = plan or plan_windows(noise.shape[-2], noise.shape[-1], WINDOW, STRIDE, wrap=wrap)
-    kwargs = dict(sync=sync, decode=toy.decode, loss=toy.loss, anchor=anchor) if sync else {}
-    return sample(toy.denoise, noise * SIGMAS[0], SIGMAS, plan, batching=BatchPolicy(window_batch=3), **kwargs)
+    kwargs = dict(sync=sync, anchor=anchor) if sync else {}
+    return sample(Lanes.single(toy.denoise, toy.decode, toy.loss), noise * SIGMAS[0], SIGMAS, plan,
+                  batching=BatchPolicy(window_batch=3), **kwargs)
 
 
 def noise(h=8, w=32, batch=1, seed=0):

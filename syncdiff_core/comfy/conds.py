@@ -55,13 +55,14 @@ class WindowConds:
                     self.hints[id(node)] = (node, orig, full, s)
 
     def batches(self, windows):
-        """Yield ``(rows of the window batch, conds)``; a single item when the windows can share one call."""
+        """Yield ``(rows, windows, conds)``: rows of the window batch, the windows they hold and the conds cropped
+        to those windows; a single item when the windows can share one call."""
         rows = slice(0, len(windows) * self.n)
         if self.plain:
-            yield rows, self.conds
+            yield rows, windows, self.conds
         elif not self.has_area:
             self._set_hints(windows)
-            yield rows, {k: [self._cond(c, windows) for c in cs] for k, cs in self.conds.items()}
+            yield rows, windows, {k: [self._cond(c, windows) for c in cs] for k, cs in self.conds.items()}
         else:  # areas differ per window: one window at a time
             for j, w in enumerate(windows):
                 self._set_hints([w])
@@ -73,7 +74,7 @@ class WindowConds:
                             out[k].append(self._cond(c, [w]))
                         else:  # an area that misses the window is skipped for it
                             out[k] += [self._cond(c, [w], a) for a in w.area_pieces(c["area"])]
-                yield slice(j * self.n, (j + 1) * self.n), out
+                yield slice(j * self.n, (j + 1) * self.n), [w], out
 
     def region_calls(self, windows):
         """For bootstrapping steps: one call per positive cond (each its own prompt, its mask removed and

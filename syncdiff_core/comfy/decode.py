@@ -8,14 +8,7 @@ import comfy.utils
 
 from ..job import check_canvas_pixels
 from ..panorama_decode import decode_panorama, encode_panorama, plan_tiles, tiles_from_pixels
-
-
-def vae_spatial_scale(vae) -> int:
-    """Pixels per latent pixel of the VAE's decoder (8 for SD1.x/2.x/SDXL, 16 or 32 for some newer VAEs)."""
-    if hasattr(vae, "spacial_compression_decode"):
-        return int(vae.spacial_compression_decode())
-    ratio = getattr(vae, "upscale_ratio", 8)
-    return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
+from .families import vae_scale
 
 
 def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padding: int = 16,
@@ -34,7 +27,7 @@ def decode_panorama_image(vae, samples: torch.Tensor, *, wrap: bool = True, padd
     if samples.ndim not in (4, 5):
         raise ValueError(f"PanoramaDecode needs an image latent (batch, channels, height, width), got shape "
                          f"{tuple(samples.shape)}")
-    scale = vae_spatial_scale(vae)
+    scale = vae_scale(vae)
     tile, overlap = tiles_from_pixels(tile_width_px, tile_overlap_px, scale)
     tiles = plan_tiles(samples.shape[-1], tile, overlap, padding, wrap, px_per_unit=scale)
     images = samples.shape[0] * (samples.shape[2] if samples.ndim == 5 else 1)
@@ -68,7 +61,7 @@ def encode_panorama_image(vae, image: torch.Tensor, *, wrap: bool = True, paddin
     if image.ndim != 4:
         raise ValueError(f"pixels must be an IMAGE (batch, height, width, channels), got shape {tuple(image.shape)}")
     scale = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else \
-        vae_spatial_scale(vae)
+        vae_scale(vae)
     width_px = image.shape[2] + (2 * padding * scale if wrap else 0)
     check_canvas_pixels(width_px, image.shape[1], image.shape[0], "pixels (with the circular padding)",
                         ("batch", "width", "height"))

@@ -91,14 +91,18 @@ def latent_layout(model) -> tuple[int, int]:
     return int(fmt.latent_channels), int(getattr(fmt, "latent_dimensions", 2))
 
 
+def vae_scale(vae) -> int:
+    """Pixels per latent pixel of a VAE's decoder (8 for SD1.x/2.x/SDXL/SD3/Flux.1, 16 or 32 for some newer VAEs)."""
+    if hasattr(vae, "spacial_compression_decode"):
+        return int(vae.spacial_compression_decode())
+    ratio = getattr(vae, "upscale_ratio", 8)
+    return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
+
+
 def pixel_scale(model, vae=None) -> int:
     """Pixels per latent pixel: the VAE's decode ratio when given, else the latent format's (see module doc)."""
     if vae is not None:
-        if hasattr(vae, "spacial_compression_decode"):
-            return int(vae.spacial_compression_decode())
-        ratio = getattr(vae, "upscale_ratio", None)
-        if ratio is not None:
-            return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
+        return vae_scale(vae)
     fmt = model.model.latent_format
     if hasattr(fmt, "spacial_downscale_ratio"):
         return int(fmt.spacial_downscale_ratio)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..job import PanoramaJob
+from ..job import PanoramaJob, plan_canvas
 from ..seams import band_weights
-from .decode import decode_panorama_image, encode_panorama_image, vae_spatial_scale
-from .families import facts as family_facts
+from .decode import decode_panorama_image, encode_panorama_image
+from .families import facts as family_facts, vae_scale
 from .sampling import sample_panorama
 
 
@@ -20,14 +20,15 @@ def repair_seam(model, positive, negative, vae, image: torch.Tensor, job: Panora
         raise ValueError(f"image must be an RGB IMAGE (batch, height, width, 3), got shape {tuple(image.shape)}")
     image = image[..., :3]
     batch, height, width, _ = image.shape
-    scale = vae_spatial_scale(vae)
+    scale = vae_scale(vae)
     if width % scale or height % scale:
         raise ValueError(f"image: its size ({width}x{height} px) must be a multiple of the VAE's {scale} px per "
                          f"latent pixel in both directions; crop or resize it first")
     shift = width // 2 // scale * scale  # the seam moves to this column boundary, a whole latent px
     weights = band_weights(width, band_px, feather_px, centre=shift)
     facts = family_facts(model, vae)
-    job.plan(height // scale, width // scale, facts.pixel_scale, facts.native_latent, facts.default_stride_px)
+    # the windows over the canvas, before the encode (the sampler's own run plan checks the rest)
+    plan_canvas(job, height // scale, width // scale, facts.pixel_scale, facts.native_latent, facts.default_stride_px)
 
     # 2. the seam in the middle, encoded with circular context; the band redone
     rolled = torch.roll(image, shift, dims=2)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .sync import Anchor
+from ..syncdiff_core.sync import Anchor
 
 
 def _conditioning(v) -> bool:
