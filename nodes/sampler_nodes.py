@@ -56,9 +56,9 @@ def window_inputs() -> list:
                                "TAESD from models/vae_approx (approximate, much cheaper)."),
         io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
                      tooltip="Windows per gradient pass while synchronizing; 0 = automatic (2 for 512 px windows, "
-                             "1 for 1024 px and larger). Each window in a pass holds its own UNet and VAE-decoder "
-                             "activations (several GiB on SD-sized models, more with vae than with "
-                             "vae_checkpointed): lower it if memory runs short."),
+                             "scaled by window area: 1 for 1024 px; at most window_batch). Each window in a pass "
+                             "holds its own UNet and VAE-decoder activations (several GiB on SD-sized models, "
+                             "more with vae than with vae_checkpointed): lower it if memory runs short."),
     ]
 
 
