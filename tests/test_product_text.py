@@ -29,6 +29,9 @@ OUTSIDE = re.compile(r"\bDESIGN\b|/work/|(?<![\w/])~/notes\b")
 # word right after "commit"
 HEX = re.compile(r"(?<![\w.\-/])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w\-/]|\.\w)")
 COMMIT = re.compile(r"\bcommits?\s+[0-9a-f]{7,40}\b", re.IGNORECASE)
+# one run's figure stated as a property: "23 % faster", "3.4x slower", "took 9.5 ms", "measured on ..."
+RUN_FIGURE = re.compile(r"\d+(?:\.\d+)?\s?(?:%|x)\s+(?:faster|slower|quicker)\b|\btook\s+(?:about\s+)?\d|"
+                        r"\bmeasured\s+on\s+(?:an?\s+)?[A-Z]", re.IGNORECASE)
 
 
 def product_files() -> list[Path]:
@@ -66,7 +69,7 @@ def text_tokens(source: str):
 def findings_in(text: str, kind: str) -> list[str]:
     found = []
     for name, pattern in (("date", DATE), ("card", CARD), ("issue", ISSUE), ("outside file", OUTSIDE),
-                          ("commit", COMMIT)):
+                          ("commit", COMMIT), ("run figure", RUN_FIGURE)):
         found += [f"{name} {m.group(0)!r}" for m in pattern.finditer(text)]
     # hex words in prose only: comments, docstrings and strings that read as sentences (a hash constant is
     # data, not a claim about a run)
@@ -89,17 +92,19 @@ def offending_lines(path: Path) -> list[str]:
 def test_the_scanner_finds_what_it_looks_for():
     bad = '''"""Measured on an H100 on 2026-12-07 at commit 6718750 (issue 16), see DESIGN §1."""
 X = 1  # fa58ee0 made this faster on an RTX 4090; #12
-TIP = "about two minutes on an H200"
+TIP = "about two minutes on an H200, later runs 23 % faster"
 '''
     found = [f for line, kind, text in text_tokens(bad) for f in findings_in(text, kind)]
     kinds = sorted({f.split(" ", 1)[0] for f in found})
-    assert kinds == ["card", "commit", "commit-like", "date", "issue", "outside"], found
+    assert kinds == ["card", "commit", "commit-like", "date", "issue", "outside", "run"], found
     assert any("H200" in f for f in found) and any("'#12'" in f for f in found)
     assert any("fa58ee0" in f for f in found) and any("RTX 4090" in f for f in found)
+    assert any("23 % faster" in f for f in found) and any("Measured on an H" in f for f in found)
 
 
 def test_the_scanner_leaves_units_names_and_constants_alone():
-    good = '''"""Windows of 512 px, 1024x1024 latents, 2**20 elements, 3 GiB a window; torchvision's vgg16-397923af.pth."""
+    good = '''"""Windows of 512 px, 1024x1024 latents, 2**20 elements, 3 GiB a window; torchvision's vgg16-397923af.pth.
+The first run at a new size compiles and can take minutes; later runs are faster. A 2x larger window."""
 MASK = 0xFFFF_FFFF  # a hex literal, not a commit
 URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 SHA = "9a8b7c6d5e4f3a2b1c0d"
