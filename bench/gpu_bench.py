@@ -5,7 +5,7 @@ Builds random-weight models of SD 2.0-base's size through ComfyUI's own classes 
 SD's KL VAE, fp16; LPIPS-VGG with a random VGG16 trunk, fp32; conditioning tensors (1, 77, 1024)); timing does
 not depend on weight values. Then times a 512x3072 panorama (stride 128 px = 21 windows, 50 DDIM steps, CFG 7.5):
 
-  (a) ``baseline``: DESIGN §1 one window at a time, in the style of the public reference code, calling the same
+  (a) ``baseline``: the method one window at a time, in the style of the public reference code, calling the same
       ComfyUI UNet / VAE modules directly (per window: UNet with CFG as a batch of 2, DDIM step; on sync steps
       per window the gradient through UNet + VAE decoder + LPIPS, the anchor's gradient computed too);
   (b) the pack's ``sample_panorama`` with w = 0 (MultiDiffusion);

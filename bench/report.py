@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Markdown tables from gpu_bench.py's results.json (for docs/PERFORMANCE.md).
+"""Markdown tables from gpu_bench.py's results.json (for docs/dev/performance-history.md).
 
     python bench/report.py results.json [more.json ...]
 """

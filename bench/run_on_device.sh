@@ -2,7 +2,7 @@
 # Run bench/gpu_bench.py on the GPU machine, from the repository root.
 #
 # The machine has torch and most of ComfyUI's needs but not torchsde, trampoline or lpips: they travel as
-# pure-python wheels in .whl/ (git-ignored; carried with the call, see docs/PERFORMANCE.md), and .comfyui/
+# pure-python wheels in .whl/ (git-ignored; carried with the call, see docs/dev/performance-history.md), and .comfyui/
 # (ComfyUI itself) is carried too. The commit is read from bench/.commit (git-ignored, carried), since .git
 # may not travel. Arguments go to gpu_bench.py; results land in $OUT (results.json, log.txt, nvidia-smi.txt).
 #

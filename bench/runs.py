@@ -66,7 +66,7 @@ def median_time(recs):
 
 def baseline_run(b: Bench, models, *, width=None, steps=None, w=0.0, sync_steps=None, label="",
                  max_steps=None) -> dict:
-    """DESIGN §1 read literally: per window the UNet with CFG as a batch of 2 and a DDIM step (VP space,
+    """The method read literally: per window the UNet with CFG as a batch of 2 and a DDIM step (VP space,
     diffusers' schedule); on sync steps first the anchor's image (no grad), then every window's gradient
     (UNet + VAE decoder + LPIPS, the anchor's too) and the step x <- x - w_i dL/dx; MultiDiffusion fusion."""
     a = b.args

@@ -51,13 +51,14 @@ def window_inputs() -> list:
         io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0], optional=True,
                        tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full VAE as in "
                                "the paper, recomputing its larger blocks in the backward pass (same gradients as "
-                               "'vae', about 2 GiB less per window, ~15 % slower). vae: the full VAE, fastest, most "
-                               "memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
+                               "'vae', much less memory per window, somewhat slower). vae: the full VAE, fastest, "
+                               "most memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
                                "TAESD from models/vae_approx (approximate, much cheaper)."),
         io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
                      tooltip="Windows per gradient pass while synchronizing; 0 = automatic (2 for 512 px windows, "
-                             "about 10 GiB on SD-sized models; 1 for 1024 px windows). Each 512 px window adds ~3 "
-                             "GiB with vae_checkpointed, ~4.9 GiB with vae."),
+                             "scaled by window area: 1 for 1024 px; at most window_batch). Each window in a pass "
+                             "holds its own UNet and VAE-decoder activations (several GiB on SD-sized models, "
+                             "more with vae than with vae_checkpointed): lower it if memory runs short."),
     ]
 
 
@@ -182,10 +183,10 @@ class SyncDiffusionSampler(io.ComfyNode):
                 *window_inputs(),
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="Run the UNet and the loss decoder through torch.compile (needs "
-                                         "Triton). The first run of a canvas size compiles: about half a "
-                                         "minute without sync, two with it (an H100; less after a restart, "
-                                         "from torch's disk cache). Later runs at that size, at any step "
-                                         "count, are about 23% faster. Results match within float rounding."),
+                                         "Triton). The first run at a new canvas size or batch shape compiles "
+                                         "and can take minutes (less after a restart, from torch's disk "
+                                         "cache); later runs at that size, at any step count, are faster. "
+                                         "Results match within float rounding."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="1 = from pure noise. Below 1: refine the connected latent (an upscaled or "
                                        "encoded panorama), starting from it partially noised as KSampler does at "

@@ -16,9 +16,9 @@ def attention_backends(avoid_efficient: bool = True):
     """A context selecting SDPA backends for the loss decoder.
 
     With ``avoid_efficient`` PyTorch's memory-efficient kernel is left out: the SD VAE's mid-block attention is one
-    head of 512 channels over 4096 positions (64x64 latent), too wide for the flash kernels, so SDPA falls back
-    to the memory-efficient kernel, whose backward took 9.5 ms per call of 2 windows on an H100 (bench/probe.py,
-    2026-11-25); the math path's 4096x4096 score matrix is 32 MiB a window. A no-op when ``avoid_efficient`` is
+    head of 512 channels over 4096 positions (64x64 latent), too wide for the flash kernels, so SDPA would fall
+    back to the memory-efficient kernel, whose backward is slow at that width; the math path's 4096x4096 score
+    matrix costs 32 MiB a window in fp16 (measurements: docs/dev/levers.md). A no-op when ``avoid_efficient`` is
     off or this torch has no ``torch.nn.attention``.
     """
     try:
@@ -33,18 +33,16 @@ def attention_backends(avoid_efficient: bool = True):
     return sdpa_kernel(backends)
 
 
-#: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics:
-#: on an H100 it was faster from 2**20 (the SD VAE decoder's norms at 256 and 512 px) and slower at 2**16-2**18
-#: (bench/results/h100-2026-12-06-decoder-levers-fp32-reference.json; 2**19 was faster there too, not yet tried
-#: in whole runs).
+#: Groups of at least this many elements (channels per group x pixels) take :class:`GroupNormStats`' statistics.
+#: The general reduction pays off only for large groups (the SD VAE decoder's norms at 256 and 512 px); below
+#: this size the native kernel is faster (measurements: docs/dev/levers.md).
 WIDE_GROUP = 1 << 20
 
 
 class GroupNormStats(torch.autograd.Function):
     """``F.group_norm`` whose statistics come from PyTorch's general reduction, which spreads one group over many
     thread blocks. The native CUDA kernel gives each group one block: the loss decoder's 512 px stages have 2 x 32
-    groups of a million elements, which leaves most of an H100 idle (the kernel took a sixth of a sync step,
-    bench/results/h100-2026-11-25-probe.json).
+    groups of a million elements, so a few dozen blocks do all the work and most of the GPU stays idle.
 
     Everything else is the native op's: the statistics are summed in float32, the output is ``x * a + b`` with
     ``a``, ``b`` per channel in float32, the mean and 1/std are saved in the input's dtype as the native forward
@@ -157,9 +155,8 @@ def checkpointed_decode(decoder, h: torch.Tensor, context_fn=None, plain_stages:
 
     ``plain_stages``: the first stages in decoding order (the middle, then the up levels from the lowest
     resolution) keep their activations instead: their blocks are not recomputed in backward. They are the cheap
-    ones to keep (few pixels for their channels); the SD VAE's at 2 windows of 512 px on an H100: 2 stages cost
-    0.36 GiB more and saved 0.9 % of a 10-sync-step panorama, 3 stages 0.96 GiB and 2.5 % (docs/PERFORMANCE.md).
-    The gradient is the same for any value."""
+    ones to keep (few pixels for their channels): each kept stage trades memory for one recomputation fewer
+    (measured trade-offs: docs/dev/levers.md). The gradient is the same for any value."""
     from torch.utils.checkpoint import checkpoint
 
     extra = {"context_fn": context_fn} if context_fn is not None else {}

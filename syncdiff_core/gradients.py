@@ -1,30 +1,21 @@
 """Autograd through code written for inference, with PyTorch's own mechanisms only (plain torch, no ComfyUI).
 
-The synchronization step differentiates ``decode(x0(x))`` w.r.t. a window latent through a diffusion model and a
-VAE decoder that were written for inference and loaded under ``torch.inference_mode()``. Three things break plain
-autograd there, and each has a scoped remedy here that neither edits nor copies the model code:
+The synchronization step differentiates ``decode(x0(x))`` with respect to a window latent, through a diffusion
+model and a VAE decoder written for inference and loaded under ``torch.inference_mode()``. Three things break
+plain autograd there; each has a scoped remedy here that neither edits nor copies the model code:
 
-* **In-place updates of saved activations.** ComfyUI's Flux-style blocks (Flux.1, Flux.2, Chroma, HunyuanImage)
-  normalize the residual stream ``x`` -- the norm saves ``x`` for backward -- and then add into it in place
-  (``x += ...``); autograd refuses ("modified by an inplace operation"). :func:`saved_activation_copies` is a
-  ``torch.autograd.graph.saved_tensors_hooks`` scope that stores a private copy of every saved *activation* (a tensor
-  on the autograd graph, i.e. one that requires grad): later in-place updates cannot reach the copy. Constants
-  (weights, RoPE tables, conditioning) are kept by reference and their version is checked on unpack, so an in-place
-  change to them fails loudly instead of corrupting the gradient -- hooks otherwise switch autograd's own version
-  check off (an identity pack hook silently yields a wrong gradient: measured 353 vs 1e-5 on a toy).
-* **Memory.** :class:`Recompute` is gradient checkpointing that is safe for such blocks: the forward keeps only the
-  block's inputs, the backward re-runs the block under :func:`saved_activation_copies` and differentiates that.
-  ``torch.utils.checkpoint`` cannot be used instead: its non-reentrant variant raises the same "modified by an
-  inplace operation" error in such blocks (torch 2.14), and hooks pushed inside it replace its own (so no memory is
-  saved); its reentrant variant refuses ``torch.autograd.grad``. Recompute also runs the block on *copies* of all
-  its inputs: Flux's first double block adds into ``txt`` (which does not require grad), and a kept input changed
-  that way gives a silently wrong gradient (seen, then fixed, in the finite-difference tests).
-* **Inference tensors that are not module weights.** ``trainable_weights`` swaps a module's inference-mode
-  parameters and buffers; tensors held elsewhere (latent formats' mean/std for Wan 2.1 and Playground/EDM SDXL,
-  made when the checkpoint was loaded) still raise "Inference tensors cannot be saved for backward" -- a pack hook
-  cannot help, autograd checks before calling it. :func:`inference_tensors_usable` is a ``TorchFunctionMode`` that,
-  while gradients are on, hands every op a normal alias (same storage, no copy) of any inference tensor argument;
-  in-place ops are passed through untouched, so ComfyUI's objects can never be modified through an alias.
+* **In-place updates of saved activations** (Flux-style blocks add into the residual stream after a norm saved
+  it). :func:`saved_activation_copies` saves a private copy of every activation autograd keeps, and keeps
+  constants by reference with a version check, because pack hooks switch autograd's own check off and an
+  unchecked in-place change would give a wrong gradient without an error.
+* **Memory.** :class:`Recompute` is gradient checkpointing that is safe for such blocks (``torch.utils.checkpoint``
+  is not: it meets the same in-place error, and its reentrant form refuses ``torch.autograd.grad``). It runs the
+  block on copies of all its inputs, since a block may also update inputs that do not require grad.
+* **Inference tensors that are not module weights** (latent formats' mean/std tensors).
+  :func:`inference_tensors_usable` hands every op a normal alias (same storage, no copy) of any inference-tensor
+  argument while gradients are on; in-place ops pass through untouched, so ComfyUI's objects are never modified.
+
+The per-family findings behind these remedies: docs/dev/families.md.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ The reference (``reference_panorama``) is what the windowed sampler should compu
 pack's cropping code: every window is denoised by a stock ``CFGGuider`` on its own crop of the canvas, with
 conditioning built for that window by ComfyUI's own nodes (``ConditioningSetArea``, ``ConditioningSetMask``,
 ``ControlNetApplyAdvanced``) from the window's part of the user's input, then the windows are averaged
-(MultiDiffusion) as DESIGN.md §1 says.
+(MultiDiffusion) as docs/dev/method.md (§5) describes.
 """
 from __future__ import annotations
 

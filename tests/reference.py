@@ -1,9 +1,9 @@
 """What the tests compare the pack against, in one place (plain torch, no ComfyUI, nothing from the pack):
 
-- ``Toy``: small differentiable float64 stand-ins for the guided denoiser, the VAE decoder and LPIPS, of DESIGN §1's
-  shapes (``Bimodal``: a denoiser whose windows settle into one of two modes);
+- ``Toy``: small differentiable float64 stand-ins for the guided denoiser, the VAE decoder and LPIPS, of the
+  shapes of docs/dev/method.md (``Bimodal``: a denoiser whose windows settle into one of two modes);
 - ``input_scale``: SD's variance-preserving input scale 1 / sqrt(1 + sigma^2), where the paper's sync step is taken;
-- ``reference_loop``: DESIGN §1 read literally, one window at a time, value / count fusion.
+- ``reference_loop``: the method (docs/dev/method.md) read literally, one window at a time, value / count fusion.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def input_scale(sigma) -> float:
 
 
 class Toy:
-    """``denoise(x, sigma, windows, step)``, ``decode(x0)`` and ``loss(images, targets)`` of DESIGN §1's shapes;
+    """``denoise(x, sigma, windows, step)``, ``decode(x0)`` and ``loss(images, targets)`` of the shapes of
+    docs/dev/method.md;
     ``batches`` records the rows of every denoise call."""
 
     def __init__(self, channels=4, seed=0):
@@ -69,7 +70,7 @@ def raster_views(height: int, width: int, window: int, stride: int) -> list[tupl
 
 
 def reference_loop(x, sigmas, views, model, *, w, decay=0.95, sync_steps=10, every=1, anchor=None):
-    """DESIGN §1 read literally: one window at a time, value / count fusion.
+    """The method (docs/dev/method.md) read literally: one window at a time, value / count fusion.
 
     ``views``: ``(top, left, height, width)`` per window, in order; ``anchor``: the anchor window's index (default:
     the middle one, as the reference code). ``model`` has ``denoise``, ``decode`` and ``loss`` (as :class:`Toy`)."""

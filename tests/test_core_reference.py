@@ -1,4 +1,5 @@
-"""The core's batched loop against a deliberately plain, one-window-at-a-time float64 reading of DESIGN §1."""
+"""The core's batched loop against a deliberately plain, one-window-at-a-time float64 reading of the method
+(docs/dev/method.md)."""
 import math
 
 import pytest

@@ -13,7 +13,7 @@ prompts, small latents, 1-pixel and odd-sized images and masks). Valid values of
 valid run is not bad input, and the test has a time budget.
 
 ``SYNCDIFF_FUZZ_EXAMPLES`` (default 80) sets the number of cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the
-outcome counts (docs/RELIABILITY.md quotes them). Cases are derandomized: CI runs the same ones every time.
+outcome counts (docs/dev/reliability-record.md quotes them). Cases are derandomized: CI runs the same ones every time.
 """
 from __future__ import annotations
 

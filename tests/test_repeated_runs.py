@@ -3,7 +3,7 @@ CPU) leave the server's resident memory (at most 5 % above), open files and thre
 
 The issue asks for 100 runs; CI runs ``SYNCDIFF_REPEAT_RUNS`` (default 25) to stay within a few minutes on a shared
 2-core machine. ``SYNCDIFF_REPEAT_RUNS=100`` runs the full count; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes
-the per-run figures (docs/RELIABILITY.md quotes them).
+the per-run figures (docs/dev/reliability-record.md quotes them).
 """
 from __future__ import annotations
 

@@ -93,7 +93,8 @@ def test_single_window_equals_reference_ddim(comfy, pack, micro, tiny_kl_vae):
 
 @pytest.mark.slow
 def test_one_sync_step_moves_windows_by_minus_w_grad(comfy, pack, micro, tiny_kl_vae, lpips):
-    """One step, synchronized: the output equals a from-scratch computation of DESIGN §1 with autograd."""
+    """One step, synchronized: the output equals a from-scratch computation of the method (docs/dev/method.md)
+    with autograd."""
     w = 20.0
     got = run(pack, micro, tiny_kl_vae, job(pack, steps=1, w=w, sync_steps=1, window_batch=2), loss=lpips)
     ind = Independent(micro, tiny_kl_vae)

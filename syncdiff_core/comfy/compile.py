@@ -58,8 +58,8 @@ def compiled_patcher(model, backend: str):
 def _without_schedule(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                       **kwargs):
     """ComfyUI hands the diffusion model the whole sigma schedule (``transformer_options["sample_sigmas"]``,
-    steps + 1 long). Dynamo guards on its length, so a compiled UNet recompiled for every new step count (a
-    minute or more each with inductor, and after 8 recompiles dynamo silently runs it eagerly). UNets do not
+    steps + 1 long). Dynamo guards on its length, so a compiled UNet would recompile for every new step count
+    (each recompile is a full inductor compile, and past dynamo's recompile limit it silently runs eagerly). UNets do not
     read it; hooks and context windows read it before ``apply_model``, where it stays."""
     options = {k: v for k, v in (transformer_options or {}).items() if k != "sample_sigmas"}
     return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
