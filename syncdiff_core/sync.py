@@ -118,15 +118,7 @@ def synchronize(
     n = views[0].shape[0]
     sig = lambda k: sigma.reshape(1).expand(k * n)  # noqa: E731
     a = anchor.window_index(plan)
-    with torch.no_grad():
-        if a is None:
-            target = anchor.image.to(views[0].device)
-            if target.shape[0] not in (1, n):
-                raise ValueError(f"anchor image batch {target.shape[0]} must be 1 or the latent batch {n}")
-            target = target.expand(n, -1, -1, -1)
-        else:
-            with eager():  # one call per sync step in a batch shape of its own: not worth a compile
-                target = lanes[0].decode(lanes[0].denoise(views[a], sig(1), [plan[a]], step))
+    target = _anchor_target(lanes[0], views, sig(1), step, plan, anchor)
     out = list(views)
     movers = [j for j in range(len(plan)) if j != a]
     finite = []  # one flag per window, checked once at the end: no host sync per batch
@@ -152,14 +144,32 @@ def synchronize(
             for k, j in enumerate(group):
                 out[j] = moved[k * n : (k + 1) * n]
     if finite:
-        bad = ~torch.cat(finite)
-        if bad.any():
-            j = movers[int(bad.nonzero()[0]) // n]
-            raise FloatingPointError(
-                f"SyncDiffusion: the LPIPS gradient is NaN or Inf at step {step + 1}, window {j} "
-                f"({plan.describe(plan[j])}); lower sync_weight or use float32"
-            )
+        _check_finite(torch.cat(finite), movers, n, step, plan)
     return out
+
+
+@torch.no_grad()
+def _anchor_target(lane, views, sigma, step: int, plan: WindowPlan, anchor: Anchor) -> torch.Tensor:
+    """What the windows are pulled toward: the anchor window's decoded prediction, or the anchor's image."""
+    a, n = anchor.window_index(plan), views[0].shape[0]
+    if a is not None:
+        with eager():  # one call per sync step in a batch shape of its own: not worth a compile
+            return lane.decode(lane.denoise(views[a], sigma, [plan[a]], step))
+    target = anchor.image.to(views[0].device)
+    if target.shape[0] not in (1, n):
+        raise ValueError(f"anchor image batch {target.shape[0]} must be 1 or the latent batch {n}")
+    return target.expand(n, -1, -1, -1)
+
+
+def _check_finite(ok: torch.Tensor, movers: list[int], n: int, step: int, plan: WindowPlan) -> None:
+    """A clear error naming the first window whose gradient is not finite (``ok``: one flag per moved row)."""
+    bad = ~ok
+    if bad.any():
+        j = movers[int(bad.nonzero()[0]) // n]
+        raise FloatingPointError(
+            f"SyncDiffusion: the LPIPS gradient is NaN or Inf at step {step + 1}, window {j} "
+            f"({plan.describe(plan[j])}); lower sync_weight or use float32"
+        )
 
 
 def eager():
