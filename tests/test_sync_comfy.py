@@ -161,7 +161,7 @@ class _Quantized(torch.Tensor):
 
 def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
     """Within the block the weights are normal tensors (autograd can save them) over the loaded weights' own
-    storage: no copy (that cost 1.9 GiB for SD 2), the same memory whether pinned or not, tied weights tied.
+    storage: no copy, the same memory whether pinned or not, tied weights tied.
     Afterwards, also after Cancel, the modules hold the very objects they held before."""
     with torch.inference_mode():
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
@@ -179,9 +179,11 @@ def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
             with pack.weights.trainable_weights(net), torch.enable_grad():
                 inside = state()
                 for k, t in inside.items():
+                    if k == "0.scale":  # a subclass without the wrapper protocol stays itself: never copied
+                        assert t is before[k], k
+                        continue
                     assert not t.is_inference() and torch.equal(t, values[k]), k
-                    same_memory = t.data_ptr() == before[k].data_ptr()
-                    assert same_memory == (k != "0.scale"), k  # the subclass gets a clone
+                    assert t.data_ptr() == before[k].data_ptr(), k  # no copy
                 assert inside["3.weight"] is inside["2.weight"]
                 (grad,) = torch.autograd.grad(net(x).square().sum(), x)
                 assert torch.isfinite(grad).all() and grad.abs().sum() > 0
