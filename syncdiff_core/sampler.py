@@ -17,7 +17,7 @@ import torch
 from .batching import BatchPolicy
 from .fusion import Fusion
 from .lanes import Lanes
-from .sync import NO_SYNC, Anchor, SyncSettings, synchronize
+from .sync import NO_SYNC, Anchor, GradientWay, SyncSettings, synchronize
 from .windows import WindowPlan, crop
 
 
@@ -31,6 +31,7 @@ def sample(
     anchor: Anchor = Anchor(),
     input_scale: Callable[[torch.Tensor], float] = lambda sigma: 1.0,
     batching: BatchPolicy = BatchPolicy(),
+    way: GradientWay = GradientWay(),
     callback: Callable | None = None,
     interrupt: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
@@ -39,7 +40,8 @@ def sample(
     ``callback(step, x, x0)`` is called after each step with the fused canvas and the fused x0 prediction.
     ``interrupt()`` is called before each batch of windows; it should raise to stop. ``batching`` says how many
     windows go through ``denoise`` together and what an out-of-memory error does (see :class:`BatchPolicy`);
-    each lane (``Lanes.single(denoise, decode, loss)`` for one device) batches its own share of each pass by it.
+    each lane (``Lanes.single(denoise, decode, loss)`` for one device) batches its own share of each pass by it;
+    ``way`` says how the gradient is computed (:class:`sync.GradientWay`, the same result every way).
     """
     if sync.active and any(lane.decode is None or lane.loss is None for lane in lanes):
         raise ValueError("synchronization needs decode and loss callables")
@@ -54,20 +56,12 @@ def sample(
         if sync.is_sync_step(i):
             views = synchronize(
                 lanes, views, sigma, i, plan, anchor=anchor, weight=sync.weight_at(i), input_scale=input_scale(sigma),
-                batches=sync_batch, interrupt=interrupt,
+                batches=sync_batch, way=way, interrupt=interrupt,
             )
         fused, fused_x0 = Fusion(x), Fusion(x) if callback else None
 
         # 3. one DDIM (eta 0) step of every window, each lane its part
-        def lane_pass(k, part):
-            def step(group):
-                interrupt()
-                xb = torch.cat([views[j] for j in group])
-                with torch.no_grad():
-                    x0 = lanes[k].denoise(xb, sigma.reshape(1).expand(xb.shape[0]), [plan[j] for j in group], i)
-                return x0, x0 + (sigma_next / sigma) * (xb - x0)
-
-            return list(window_batch[k].run(part, step))
+        lane_pass = _ddim_pass(lanes, views, plan, sigma, sigma_next, i, window_batch, interrupt)
 
         # 4. fuse the windows in window order (MultiDiffusion)
         for results in lanes.map(order, lane_pass):
@@ -81,3 +75,19 @@ def sample(
         if callback is not None:
             callback(i, x, fused_x0.result(x))
     return x
+
+
+def _ddim_pass(lanes: Lanes, views, plan: WindowPlan, sigma, sigma_next, step: int, batches, interrupt) -> Callable:
+    """``lane_pass(k, part)``: lane k's DDIM (eta 0) step of the windows in ``part``, batched by ``batches[k]``;
+    a list of ``(group, (x0, x_next))``."""
+    def lane_pass(k, part):
+        def one_batch(group):
+            interrupt()
+            xb = torch.cat([views[j] for j in group])
+            with torch.no_grad():
+                x0 = lanes[k].denoise(xb, sigma.reshape(1).expand(xb.shape[0]), [plan[j] for j in group], step)
+            return x0, x0 + (sigma_next / sigma) * (xb - x0)
+
+        return list(batches[k].run(part, one_batch))
+
+    return lane_pass

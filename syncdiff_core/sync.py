@@ -49,6 +49,24 @@ NO_SYNC = SyncSettings(weight=0.0, steps=0)
 
 
 @dataclass(frozen=True)
+class GradientWay:
+    """How the gradient pass is computed; every way gives the same gradient. ``two_stage``: dL/dx0 through the
+    decoder and LPIPS first (the prediction made once without gradient), then the model's vector-Jacobian product
+    with it, so the decoder's and the model's graphs are never held at once (one more forward pass of the model).
+    ``offload``: the saved activations (the model's, the decoder's and LPIPS') are kept in host memory until the
+    backward pass."""
+
+    two_stage: bool = False
+    offload: bool = False
+
+    def saving(self):
+        """The context the model's gradient forward runs in."""
+        if self.offload:
+            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
 class Anchor:
     """What the other windows are pulled toward.
 
@@ -103,6 +121,7 @@ def synchronize(
     weight: float,
     input_scale: float,
     batches: Sequence[BatchSize],
+    way: GradientWay = GradientWay(),
     interrupt: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
     """One synchronization step: returns the window latents moved by ``-weight · ∂L/∂x`` in the model's input space.
@@ -111,7 +130,7 @@ def synchronize(
     ``input_scale * x`` (the variance-preserving latent for SD), and the step is taken there, as in the paper.
     The moving windows are shared out among the ``lanes`` (one device each), lane k batching its part by
     ``batches[k]`` (its own, so one lane's halving on out-of-memory does not shrink the others'); the anchor is
-    predicted and decoded by the first lane.
+    predicted and decoded by the first lane. ``way``: how the gradient is computed (:class:`GradientWay`).
     """
     if len(batches) != len(lanes):
         raise ValueError(f"one batch size per lane is needed: {len(lanes)} lanes, {len(batches)} batch sizes")
@@ -131,9 +150,9 @@ def synchronize(
             interrupt()
             with torch.enable_grad():
                 u = (torch.cat([views[j] for j in group]) * input_scale).detach().requires_grad_(True)
-                x0 = lane.denoise(u / input_scale, sig(len(group)), [plan[j] for j in group], step)
-                per_item = per_item_loss(lane.decode(x0), len(group))
-                (grad,) = torch.autograd.grad(per_item.sum(), u)
+                windows, k = [plan[j] for j in group], len(group)
+                grad = _loss_gradient(u, lambda: lane.denoise(u / input_scale, sig(k), windows, step),
+                                      lambda x0: per_item_loss(lane.decode(x0), k).sum(), way)
             return (u.detach() - weight * grad) / input_scale, torch.isfinite(grad.flatten(1)).all(dim=1)
 
         return list(batches[k].run(part, grad_step))
@@ -146,6 +165,23 @@ def synchronize(
     if finite:
         _check_finite(torch.cat(finite), movers, n, step, plan)
     return out
+
+
+def _loss_gradient(u: torch.Tensor, predict: Callable, loss: Callable, way: GradientWay) -> torch.Tensor:
+    """d loss(predict()) / du, where ``predict()`` is the model's x0 from ``u``, computed the ``way`` asked."""
+    if not way.two_stage:
+        with way.saving():
+            total = loss(predict())
+        return torch.autograd.grad(total, u)[0]
+    with torch.no_grad():  # 1. dL/dx0 at the model's prediction, made without gradient
+        x0 = predict()
+    x0.requires_grad_(True)
+    with way.saving():
+        total = loss(x0)
+    (grad_x0,) = torch.autograd.grad(total, x0)
+    with way.saving():  # 2. the model's vector-Jacobian product with it
+        x0 = predict()
+    return torch.autograd.grad(x0, u, grad_x0)[0]
 
 
 @torch.no_grad()
