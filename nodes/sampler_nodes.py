@@ -45,9 +45,10 @@ def window_inputs() -> list:
                          tooltip="Close the loop horizontally for 360° panoramas: windows continue across the "
                                  "right/left border. The width must be a multiple of the stride and at least two "
                                  "windows."),
-        io.Int.Input("window_batch", default=8, min=1, max=MAX_WINDOW_BATCH,
-                     tooltip="Windows sent through the model together; lower it if you run out of memory. Results "
-                             "do not depend on it."),
+        io.Int.Input("window_batch", default=0, min=0, max=MAX_WINDOW_BATCH,
+                     tooltip="Windows sent through the model together; 0 = automatic: as many as the free GPU "
+                             "memory holds, up to all of them (the plan is in the log). Results do not depend on "
+                             "it."),
         io.Combo.Input("loss_decoder", options=list(LOSS_DECODERS), default=LOSS_DECODERS[0], optional=True,
                        tooltip="What decodes each window for the LPIPS loss. vae_checkpointed: the full VAE as in "
                                "the paper, recomputing its larger blocks in the backward pass (same gradients as "
@@ -55,10 +56,10 @@ def window_inputs() -> list:
                                "most memory. vae_half: the VAE on a half-size latent (approximate, less memory). taesd: "
                                "TAESD from models/vae_approx (approximate, much cheaper)."),
         io.Int.Input("sync_batch", default=0, min=0, max=MAX_WINDOW_BATCH, optional=True,
-                     tooltip="Windows per gradient pass while synchronizing; 0 = automatic (2 for 512 px windows, "
-                             "scaled by window area: 1 for 1024 px; at most window_batch). Each window in a pass "
-                             "holds its own UNet and VAE-decoder activations (several GiB on SD-sized models, "
-                             "more with vae than with vae_checkpointed): lower it if memory runs short."),
+                     tooltip="Windows per gradient pass while synchronizing; 0 = automatic: up to 2 for 512 px "
+                             "windows (scaled by window area: 1 for 1024 px), fewer and exact memory savings "
+                             "(recomputed blocks, a two-stage gradient, host memory) where the GPU's free memory "
+                             "needs them. Each window in a pass holds its own model and decoder activations."),
     ]
 
 
@@ -66,9 +67,9 @@ def dit_inputs() -> list:
     """Options for diffusion transformers (Flux, SD3, Qwen-Image, ...); appended after every older widget."""
     return [
         io.Boolean.Input("checkpoint_model", default=False, optional=True,
-                         tooltip="Recompute the diffusion transformer's blocks in the synchronization's backward "
-                                 "pass: much less memory (Flux at 1024 px), one more forward pass per window. DiT "
-                                 "models only; no effect on SD's UNets."),
+                         tooltip="Always recompute the diffusion transformer's blocks in the synchronization's "
+                                 "backward pass: much less memory, one more forward pass per window. Off: the memory "
+                                 "plan turns it on when the GPU needs it. DiT models only; no effect on SD's UNets."),
         io.Combo.Input("positions", options=list(POSITIONS), default=POSITIONS[0], optional=True,
                        tooltip="Rotary positions of a window in a DiT that has ComfyUI's RoPE hook (Flux.1, Flux.2, "
                                "Lumina 2, Z-Image). window: each window is an image at the origin, as the model was "

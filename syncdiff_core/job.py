@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .batching import BatchPolicy
+from .memory import MemoryPlan
 from .sync import Anchor, SyncSettings
 from .windows import WindowPlan, plan_windows
 
@@ -74,8 +75,9 @@ def require_finite(name: str, value: float) -> None:
 class Windowing:
     """How the windowed sampler covers the canvas and synchronizes it, whatever drives it (the sampler node, or
     ComfyUI's custom sampling as a SAMPLER). Sizes are in pixels; ``window_px`` 0 means the model's native
-    window and ``stride_px`` 0 the model's default stride, as in the widgets. ``sync_batch`` 0 means
-    ``min(window_batch, SYNC_BATCH_AUTO)``. ``compile``: "" for eager, else a ``torch.compile`` backend for the
+    window and ``stride_px`` 0 the model's default stride, as in the widgets. ``window_batch`` and ``sync_batch`` 0:
+    chosen by the memory plan (:mod:`memory`; the gradient batch at most :meth:`gradient_batch`). ``compile``: "" for
+    eager, else a ``torch.compile`` backend for the
     diffusion model and the loss decoder. Only rules on single values live here; the rules that need the model and
     the canvas are in :func:`plan_canvas` (and the bridge's ``prepare_run``)."""
 
@@ -84,7 +86,7 @@ class Windowing:
     sync: SyncSettings = field(default_factory=SyncSettings)
     anchor: Anchor = field(default_factory=Anchor)
     wrap: bool = False
-    window_batch: int = 8
+    window_batch: int = 0
     sync_batch: int = 0
     loss_decoder: str = LOSS_DECODERS[0]
     compile: str = ""
@@ -98,8 +100,8 @@ class Windowing:
             raise ValueError(f"stride must be >= 0 pixels (0 = the model's default), got {self.stride_px}")
         if self.window_px < 0:
             raise ValueError(f"window_size must be >= 0 pixels (0 = the model's native size), got {self.window_px}")
-        if self.window_batch < 1 or self.sync_batch < 0:
-            raise ValueError(f"window_batch must be >= 1 and sync_batch >= 0 (0 = automatic), got "
+        if self.window_batch < 0 or self.sync_batch < 0:
+            raise ValueError(f"window_batch and sync_batch must be >= 0 (0 = automatic), got "
                              f"{self.window_batch} and {self.sync_batch}")
         if self.loss_decoder not in LOSS_DECODERS:
             raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODERS)}, got {self.loss_decoder!r}")
@@ -112,21 +114,19 @@ class Windowing:
         return replace(self, sync=replace(self.sync, steps=steps))
 
     def gradient_batch(self, window_pixels: int = SYNC_BATCH_AUTO_PX) -> int:
-        """Windows per gradient pass for windows of ``window_pixels`` pixels."""
+        """The most windows per gradient pass for windows of ``window_pixels`` pixels: ``sync_batch`` when set,
+        else :data:`SYNC_BATCH_AUTO` scaled by the window's area (at most ``window_batch`` when that is set)."""
         if self.sync_batch > 0:
             return self.sync_batch
         auto = max(1, int(SYNC_BATCH_AUTO * SYNC_BATCH_AUTO_PX / window_pixels))
-        return min(self.window_batch, auto)
+        return min(self.window_batch, auto) if self.window_batch else auto
 
-    def batching(self, oom_errors: tuple = (), release=None, window_pixels: int = SYNC_BATCH_AUTO_PX) -> BatchPolicy:
-        """The batching policy of these settings for windows of ``window_pixels`` pixels; ``oom_errors`` and
-        ``release`` come from the runtime."""
+    def batching(self, plan: MemoryPlan, oom_errors: tuple = (), release=None) -> BatchPolicy:
+        """The batching policy of a memory ``plan`` for these settings; ``oom_errors`` and ``release`` come from the
+        runtime."""
         advice = f"use loss_decoder '{LOSS_DECODERS[0]}' or 'taesd'" if self.sync.active else ""
-        return BatchPolicy(
-            window_batch=self.window_batch, sync_batch=self.gradient_batch(window_pixels),
-            sync_setting="sync_batch" if self.sync_batch > 0 else "window_batch",
-            oom_errors=oom_errors, release=release, advice=advice,
-        )
+        return BatchPolicy(window_batch=plan.window_batch, sync_batch=plan.sync_batch, sync_setting="sync_batch",
+                           oom_errors=oom_errors, release=release, advice=advice)
 
 
 def plan_canvas(windowing: Windowing, canvas_height: int, canvas_width: int, scale: int, native_window: int,

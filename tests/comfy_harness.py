@@ -93,7 +93,7 @@ class Pack:
     ``pack.sampler_nodes`` is ``<pack>.nodes.sampler_nodes``; ``pack.module("a.b")`` takes any dotted path."""
 
     BRIDGE = ("assets", "autograd_patches", "compile", "conds", "decode", "families", "layout", "loss_decoders",
-              "model", "multigpu", "output", "run_plan", "sampling", "seam_repair", "window_denoiser")
+              "memory_plan", "model", "multigpu", "output", "run_plan", "sampling", "seam_repair", "window_denoiser")
     NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "sampler_nodes", "seam_nodes")
 
     def __init__(self, package: str):

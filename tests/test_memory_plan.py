@@ -1,6 +1,8 @@
 """The memory plan (``syncdiff_core.memory``) and the exact gradient ways it chooses between (plain torch)."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -77,3 +79,71 @@ def test_a_model_without_blocks_skips_block_recomputation():
     assert not plan.checkpoint_model and plan.two_stage
     assert "gradient in two stages" in plan.describe(sync=True) and "of 2.0 GiB free" in plan.describe(sync=True)
     assert torch.isfinite(torch.tensor(plan.peak))
+
+
+# ----------------------------------------------------------------------------- through ComfyUI (the tiny model)
+
+def sync_run(pack, micro, vae, lpips, free, monkeypatch, **kw):
+    """A synchronized run with the free-memory reading injected (bytes); returns (samples, the plan's log line)."""
+    import logging
+
+    from test_sync_comfy import job, run
+
+    monkeypatch.setattr(pack.memory_plan, "free_memory", lambda device: free)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("syncdiffusion")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        out = run(pack, micro, vae, job(pack, **{"steps": 2, "w": 20.0, "sync_steps": 2, "window_batch": 0, **kw}),
+                  loss=lpips)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    plans = [r.getMessage() for r in records if "memory plan" in r.getMessage()]
+    assert len(plans) == 1, plans
+    return out, plans[0]
+
+
+def test_every_plan_gives_the_unconstrained_panorama(comfy, pack, micro, tiny_kl_vae, lpips, monkeypatch):
+    """The plan follows the free memory (injected), and every exact lever it picks gives the panorama of the
+    unconstrained plan."""
+    costs = pack.memory_plan.window_costs
+    seen = {}
+
+    def spy(run, guider, rows):
+        seen["costs"] = costs(run, guider, rows)
+        return seen["costs"]
+
+    monkeypatch.setattr(pack.memory_plan, "window_costs", spy)
+    _, line = sync_run(pack, micro, tiny_kl_vae, lpips, 64 * GIB, monkeypatch)
+    assert "window_batch 5, sync_batch 4;" in line  # all five windows, all four movers (small windows)
+    # the reference: one graph, one window a gradient pass (float32 sums depend on the batch's composition)
+    want, line = sync_run(pack, micro, tiny_kl_vae, lpips, 64 * GIB, monkeypatch, sync_batch=1)
+    assert line.endswith("of 64.0 GiB free") and "two stages" not in line
+    c = seen["costs"]
+    tight = c.fixed + max(c.model, c.decoder) * 1.01  # two stages fit, one graph does not
+    offload = c.fixed + max(c.plain, c.decode) * 1.01  # only host memory fits
+    for free, expect in ((tight, "gradient in two stages"), (offload, "activations in host memory")):
+        got, line = sync_run(pack, micro, tiny_kl_vae, lpips, free, monkeypatch)
+        assert expect in line and "sync_batch 1" in line, line
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 1e-5, (expect, rel)
+
+
+def test_no_exact_plan_is_refused_before_any_model_call(comfy, pack, micro, tiny_kl_vae, monkeypatch):
+    from test_sync_comfy import job, run
+
+    calls = []
+    model = micro.model.clone()
+    model.set_model_unet_function_wrapper(lambda apply, args: calls.append(1) or apply(args["input"],
+                                                                                       args["timestep"], **args["c"]))
+    tiny = types.SimpleNamespace(model=model, positive=micro.positive, negative=micro.negative)
+    monkeypatch.setattr(pack.memory_plan, "free_memory", lambda device: 1.0)
+    with pytest.raises(ValueError, match=r"not enough GPU memory: synchronizing one window at a time.* Use a "
+                                         r"smaller window_size, loss_decoder 'taesd'"):
+        run(pack, tiny, tiny_kl_vae, job(pack, steps=2, w=20.0, sync_steps=1), loss=lambda a, b: calls.append(1))
+    assert calls == []

@@ -23,13 +23,15 @@ from .. import regions as core_regions
 from .. import sampler as core_sampler
 from ..job import PanoramaJob, Windowing
 from ..lanes import Lane, Lanes
+from ..memory import MemoryPlan
+from ..sync import GradientWay
 from ..weights import trainable_weights
 from .assets import get_lpips
 from .compile import compiled_patcher, is_compiled
 from .conds import WindowConds, clone_skips_for_gradients, window_size_conditioning
 from .layout import Bootstrap, prepare_layout
 from .loss_decoders import decoder_for_gradients
-from . import families, multigpu
+from . import families, memory_plan, multigpu
 from .autograd_patches import block_keys, with_block_checkpointing
 from .model import gradient_ready_patcher, gradient_section, is_dynamic, oom_errors
 from .run_plan import RunPlan, check_latent_size, check_sigmas, prepare_run
@@ -60,9 +62,12 @@ class WindowedSampler(comfy.samplers.Sampler):
         window_conds = WindowConds(guider.conds, noise.shape[-2:], noise.shape[0])
         full_conds, full_model = guider.conds, guider.inner_model
         try:
-            # 2. the gradient path, and the lanes that share the windows
+            # 2. the gradient path's models loaded, the memory plan, the gradient path, the lanes
+            if run.sync:
+                self._load_gradient_models(run, guider)
+            memory = memory_plan.decide(run, guider)
             options, decode, grad_modules = self._gradient_path(run, guider, window_conds,
-                                                                extra_args.get("model_options", {}))
+                                                                extra_args.get("model_options", {}), memory)
             denoiser = functools.partial(
                 WindowDenoiser, conds=window_conds, seed=extra_args.get("seed"), steps=run.steps, n=noise.shape[0],
                 patch=run.facts.patch if run.windowing.positions == "canvas" else None, bootstrap=self.bootstrap,
@@ -75,8 +80,8 @@ class WindowedSampler(comfy.samplers.Sampler):
                 x = core_sampler.sample(
                     lanes, x, sigmas, run.plan, sync=run.windowing.sync, anchor=run.windowing.anchor,
                     input_scale=lambda sigma: families.input_scale(ms, sigma),
-                    batching=run.windowing.batching(oom_errors(), comfy.model_management.soft_empty_cache,
-                                                    run.window_pixels),
+                    batching=run.windowing.batching(memory, oom_errors(), comfy.model_management.soft_empty_cache),
+                    way=GradientWay(two_stage=memory.two_stage, offload=memory.offload),
                     callback=None if callback is None else lambda i, x, x0: callback(i, x0, x, run.steps),
                     interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 )
@@ -85,9 +90,16 @@ class WindowedSampler(comfy.samplers.Sampler):
             window_conds.restore()
         return families.final_latent(ms, sigmas, x)
 
-    def _gradient_path(self, run: RunPlan, guider, window_conds: WindowConds, model_options: dict):
-        """``(model options, loss decoder, modules needing stand-in weights)``; while synchronizing, the gradient
-        patcher and the VAE are loaded and the guider predicts with the gradient patcher's model."""
+    def _load_gradient_models(self, run: RunPlan, guider) -> None:
+        """The gradient patcher and the VAE loaded (before the memory plan reads what is free); the guider predicts
+        with the gradient patcher's model (the static delegate's under dynamic VRAM; else the same)."""
+        uses_vae = run.windowing.loss_decoder != "taesd"
+        comfy.model_management.load_models_gpu([run.patcher] + ([self.vae.patcher] if uses_vae else []))
+        guider.inner_model = run.patcher.model
+
+    def _gradient_path(self, run: RunPlan, guider, window_conds: WindowConds, model_options: dict,
+                       memory: MemoryPlan):
+        """``(model options, loss decoder, modules needing stand-in weights)``."""
         if not run.sync:
             # Weights loaded under inference mode are inference tensors, and a synchronized run swaps in normal
             # tensors over the same storage (``trainable_weights``). Dynamo guards on that kind, so a compiled
@@ -97,13 +109,11 @@ class WindowedSampler(comfy.samplers.Sampler):
             shared = is_compiled(patcher) and not is_dynamic(patcher)
             return model_options, None, [guider.inner_model] if shared else []
         uses_vae = run.windowing.loss_decoder != "taesd"
-        comfy.model_management.load_models_gpu([run.patcher] + ([self.vae.patcher] if uses_vae else []))
-        guider.inner_model = run.patcher.model  # the static delegate's model under dynamic VRAM; else the same
         modules = [guider.inner_model] + ([self.vae.first_stage_model] if uses_vae else [])
         modules += window_conds.control_modules()
         if window_conds.hints:
             model_options = clone_skips_for_gradients(model_options)
-        if run.windowing.checkpoint_model and block_keys(guider.inner_model.diffusion_model):
+        if memory.checkpoint_model and block_keys(guider.inner_model.diffusion_model):
             model_options = with_block_checkpointing(model_options, guider.inner_model.diffusion_model)[0]
         decode = decoder_for_gradients(self.vae, run.patcher, run.windowing.loss_decoder, run.windowing.compile)
         return model_options, decode, modules
