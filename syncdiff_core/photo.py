@@ -171,20 +171,24 @@ def _flat(photo: torch.Tensor, p: Placement) -> tuple[torch.Tensor, torch.Tensor
     return canvas, mask.to(photo.device).expand(b, -1, -1).contiguous()
 
 
-def equirect_directions(height: int, width: int, dtype=torch.float64) -> torch.Tensor:
-    """Unit viewing direction of each equirectangular pixel centre, (height, width, 3)."""
+def equirect_directions(height: int, width: int, dtype=torch.float64, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Unit viewing direction of each equirectangular pixel centre, (height, width, 3); of rows ``rows[0]`` to
+    ``rows[1]`` only when given."""
     lon = ((torch.arange(width, dtype=dtype) + 0.5) / width * 2.0 - 1.0) * math.pi
-    lat = (0.5 - (torch.arange(height, dtype=dtype) + 0.5) / height) * math.pi
+    first, stop = rows if rows is not None else (0, height)
+    lat = (0.5 - (torch.arange(first, stop, dtype=dtype) + 0.5) / height) * math.pi
     lat, lon = lat[:, None], lon[None, :]
     return torch.stack([torch.cos(lat) * torch.sin(lon), torch.sin(lat).expand_as(lon * lat),
                         torch.cos(lat) * torch.cos(lon)], dim=-1)
 
 
-def photo_coordinates(height: int, width: int, camera: Camera, photo_h: int, photo_w: int):
+def photo_coordinates(height: int, width: int, camera: Camera, photo_h: int, photo_w: int,
+                      rows: tuple[int, int] | None = None):
     """Where each equirectangular pixel's direction meets the photo: (u, v) in photo pixels (pixel ``i`` spans
-    ``i..i+1``) and whether it lands on the photo (in front of the camera, inside its borders)."""
+    ``i..i+1``) and whether it lands on the photo (in front of the camera, inside its borders); of rows ``rows[0]``
+    to ``rows[1]`` only when given."""
     right, up, forward = camera.basis()
-    d = equirect_directions(height, width)
+    d = equirect_directions(height, width, rows=rows)
     xc, yc, zc = d @ right, d @ up, d @ forward
     f = camera.focal_px(photo_w)
     front = zc > 1e-9
@@ -197,27 +201,39 @@ def photo_coordinates(height: int, width: int, camera: Camera, photo_h: int, pho
 
 def _sample(image: torch.Tensor, u: torch.Tensor, v: torch.Tensor, wrap: bool = False) -> torch.Tensor:
     """Bilinear samples of ``image`` (B, H, W, C) at pixel coordinates (u, v) (pixel ``i`` centred at ``i+0.5``):
-    (B, *u.shape, C). Edges are clamped; under ``wrap`` columns continue across the left/right border."""
+    (B, *u.shape, C), in the image's dtype. Edges are clamped; under ``wrap`` columns continue across the left/right
+    border."""
     b, h, w, c = image.shape
-    src = image.movedim(-1, 1).to(torch.float64)
+    src = image.movedim(-1, 1)
     if wrap:  # one column of the other side on each side, so samples near the seam blend across it
         src = torch.cat([src[..., -1:], src, src[..., :1]], dim=-1)
         u, w = u + 1.0, w + 2
-    grid = torch.stack([u / w * 2.0 - 1.0, v / h * 2.0 - 1.0], dim=-1).to(torch.float64)
-    grid = grid.reshape(1, -1, 1, 2).expand(b, -1, -1, -1)
+    grid = torch.stack([u / w * 2.0 - 1.0, v / h * 2.0 - 1.0], dim=-1).to(src.dtype)
+    grid = grid.reshape(1, -1, 1, 2).expand(b, -1, -1, -1).to(src.device)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[..., 0].movedim(1, -1).reshape(b, *u.shape, c).to(image.dtype)
+    return out[..., 0].movedim(1, -1).reshape(b, *u.shape, c)
+
+
+#: Canvas pixels projected at a time: the float64 geometry of a chunk stays small (tens of MB) on any canvas.
+CHUNK_PIXELS = 1 << 20
 
 
 def _equirect(photo: torch.Tensor, p: Placement) -> tuple[torch.Tensor, torch.Tensor]:
     b, ph, pw, _ = photo.shape
-    u, v, hit = photo_coordinates(p.height, p.width, p.camera, ph, pw)
-    sampled = _sample(photo, u, v)
-    hit_ = hit.to(photo.device)
-    canvas = torch.where(hit_[None, ..., None], sampled, torch.full_like(sampled, EMPTY))
-    dist = torch.minimum(torch.minimum(u, pw - u), torch.minimum(v, ph - v)).clamp(min=0.0)
-    inside = _edge_ramp(dist, p.feather).to(torch.float32)
-    mask = torch.where(hit, inside, torch.ones_like(inside))
+    canvas = torch.full((b, p.height, p.width, 3), EMPTY, dtype=photo.dtype, device=photo.device)
+    mask = torch.ones((p.height, p.width), dtype=torch.float32)
+    rows = max(1, CHUNK_PIXELS // p.width)
+    for top in range(0, p.height, rows):
+        n = min(rows, p.height - top)
+        u, v, hit = photo_coordinates(p.height, p.width, p.camera, ph, pw, rows=(top, top + n))
+        if not bool(hit.any()):
+            continue
+        sampled = _sample(photo, u, v)
+        part = canvas[:, top:top + n]
+        part[:, hit.to(photo.device)] = sampled[:, hit.to(photo.device)]
+        dist = torch.minimum(torch.minimum(u, pw - u), torch.minimum(v, ph - v)).clamp(min=0.0)
+        inside = _edge_ramp(dist, p.feather).to(torch.float32)
+        mask[top:top + n] = torch.where(hit, inside, mask[top:top + n])
     return canvas, mask.to(photo.device).expand(b, -1, -1).contiguous()
 
 

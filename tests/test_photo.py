@@ -292,3 +292,11 @@ def test_keep_mask_for_latent_is_one_minus_the_resized_noise_mask():
     assert keep.shape == (1, 8, 32) and torch.all(keep[0, :, :8] == 1) and torch.all(keep[0, :, 8:] == 0)
     plan = plan_windows(8, 32, 8, 4)
     assert P.kept_window_index(plan, keep) == 0
+
+
+def test_projecting_in_row_chunks_changes_nothing(monkeypatch):
+    photo = torch.rand(2, 30, 40, 3, generator=torch.Generator().manual_seed(4))
+    whole = equirect(photo, 256, 128, 75.0, 170.0, 35.0, feather=5)
+    monkeypatch.setattr(P, "CHUNK_PIXELS", 256 * 7)  # 7 rows at a time, the last chunk shorter
+    chunked = equirect(photo, 256, 128, 75.0, 170.0, 35.0, feather=5)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
