@@ -118,6 +118,7 @@ def check_placement(p: Placement, photo_h: int, photo_w: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of {CANVAS_MULTIPLE} pixels, got {v}")
     if p.projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; got {p.projection!r}")
+    p.camera.check()  # unused by a flat placement, but a NaN there is still bad input
     if not isinstance(p.feather, int) or p.feather < 0:
         raise ValueError(f"feather must be a whole number of pixels, 0 or more, got {p.feather}")
     if 2 * p.feather > min(photo_h, photo_w):
@@ -140,8 +141,6 @@ def check_placement(p: Placement, photo_h: int, photo_w: int) -> None:
         if photo_w == p.width and photo_h == p.height:
             raise ValueError(f"the photo ({photo_w}x{photo_h} px) covers the whole canvas, so the mask is all "
                              f"zero and there is nothing to generate: make width or height larger than the photo")
-    else:
-        p.camera.check()
 
 
 def _edge_ramp(dist: torch.Tensor, feather: int) -> torch.Tensor:

@@ -269,3 +269,19 @@ def test_an_inpainting_model_sees_its_concat_conditioning_cropped_to_each_window
             matched.update(hits)
     assert matched == set(range(len(plan)))  # every window got its own crop
     assert torch.isfinite(result["10"][0]["samples"]).all()
+
+
+def test_the_node_refuses_bad_input_by_name_before_any_work(pack):
+    node = pack.photo_nodes.PanoramaPhotoCanvas
+    good = dict(image=make_photo(), width=256, height=64, projection="flat", placement="left", offset_x=0, offset_y=0,
+                fov=70.0, yaw=0.0, pitch=0.0, feather=8)
+    canvas, mask = node.execute(**good).args
+    assert canvas.shape == (1, 64, 256, 3) and mask.shape == (1, 64, 256)
+    for change, message in ((dict(image="photo.png"), "image must be an IMAGE"),
+                            (dict(projection="cubemap"), "projection must be one of 'flat', 'equirectangular'"),
+                            (dict(placement="middle"), "placement must be one of"),
+                            (dict(width=32768, height=32768), "Panorama From Photo"),
+                            (dict(fov=float("nan")), "fov must be"),
+                            (dict(projection="equirectangular", pitch=float("nan")), "pitch must be")):
+        with pytest.raises(ValueError, match=message):
+            node.execute(**{**good, **change})
