@@ -6,8 +6,8 @@ one-line description: both come from the workflow's note, whose first line is ``
 is the description in italics (``*...*``).
 
 Below them, a diagram of what the workflow samples, for each windowed node (SyncDiffusion Sampler, the SAMPLER of
-SyncDiffusion Custom Sampler, Panorama Seam Repair): the canvas (its Panorama Latent, scaled by an Image Scale By on
-the way; a loaded image is drawn as a 2:1 equirectangular one), the seam band of a repair, the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
+SyncDiffusion Custom Sampler, Panorama Seam Repair): the canvas (its Panorama Latent or Panorama From Photo, scaled by an
+Image Scale By on the way; a loaded image is drawn as a 2:1 equirectangular one), the seam band of a repair, the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
 and what conditions them, evaluated from the stock nodes that build it: the ControlNet hint image (EmptyImage,
 ImageCompositeMasked, ImageFlip) as the canvas, and the layout regions' masks (SolidMask, MaskComposite).
 
@@ -95,7 +95,7 @@ class Graph:
             return None
         w = node.get("widgets_values") or []
         kind = node["type"]
-        if kind == "PanoramaLatent":
+        if kind in ("PanoramaLatent", "PanoramaPhotoCanvas"):  # both start with width, height
             return int(w[0]), int(w[1])
         if kind == "LoadImage":
             return LOADED_IMAGE_SIZE

@@ -94,7 +94,7 @@ class Pack:
 
     BRIDGE = ("assets", "autograd_patches", "compile", "conds", "decode", "families", "layout", "loss_decoders",
               "memory_plan", "model", "multigpu", "output", "run_plan", "sampling", "seam_repair", "window_denoiser")
-    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "sampler_nodes", "seam_nodes")
+    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "photo_nodes", "sampler_nodes", "seam_nodes")
 
     def __init__(self, package: str):
         self.package = package
