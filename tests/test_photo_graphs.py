@@ -141,10 +141,6 @@ def test_the_kept_region_is_the_encoded_photo(graphs, run_prompt, object_node, s
     assert float((stock - encoded)[keep].abs().max()) <= ROUNDING  # what stock KSampler achieves: the same
 
 
-@pytest.mark.xfail(strict=True, reason="the SyncDiffusion Sampler node's reference DDIM schedule ends at "
-                                       "sigma(t=0) > 0 and its last x is not blended with the kept latent, so the "
-                                       "kept region keeps that last noise level (about 0.1-0.4 off here); the "
-                                       "sampler's noise-mask handling is being reworked")
 def test_the_sampler_node_keeps_the_encoded_photo(graphs, run_prompt, object_node):
     comfy, micro, vae = graphs
     result = run_prompt(noise_mask_graph(object_node, micro.model, vae, micro, make_photo(), sync=0.0,

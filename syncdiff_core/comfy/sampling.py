@@ -88,7 +88,10 @@ class WindowedSampler(comfy.samplers.Sampler):
         finally:
             guider.conds, guider.inner_model = full_conds, full_model
             window_conds.restore()
-        return families.final_latent(ms, sigmas, x)
+        x = families.final_latent(ms, sigmas, x)
+        if mask is not None and float(sigmas[-1]) > 0:
+            x = mask.keep(x, guider, extra_args.get("model_options", {}))
+        return x
 
     def _load_gradient_models(self, run: RunPlan, guider) -> None:
         """The gradient patcher and the VAE loaded (before the memory plan reads what is free); the guider predicts

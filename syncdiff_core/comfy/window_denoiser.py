@@ -31,6 +31,18 @@ class NoiseMask:
     noise: torch.Tensor
     sigmas: torch.Tensor
 
+    def keep(self, x: torch.Tensor, guider, model_options: dict) -> torch.Tensor:
+        """The final latent ``x`` with its kept part the input latent. KSampler's inpaint step blends each x0
+        prediction; on a schedule that ends at sigma 0 its last x is that prediction, so the kept part is the input
+        exactly. The reference DDIM schedule ends above 0, so the blend is made once more on the last x, with the
+        mask as ``denoise_mask_function`` gives it at the last sigma."""
+        mask = self.mask
+        function = model_options.get("denoise_mask_function")
+        if function is not None:
+            sigma = self.sigmas[-1:].expand(x.shape[0]).to(x.device)
+            mask = function(sigma, mask, extra_options={"model": guider, "sigmas": self.sigmas})
+        return x * mask + self.latent * (1.0 - mask)
+
 
 @dataclasses.dataclass
 class WindowDenoiser:
