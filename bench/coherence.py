@@ -30,17 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "scripts", ROOT / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from devtools.models import random_trunk_state_dict as random_trunk
+from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample
+from syncdiff_core import perceptual
+from syncdiff_core.sync import synchronize
+from syncdiff_core.windows import crop
 
-from reference import input_scale as vp_input_scale  # noqa: E402  (the tests' reference: SD's 1/sqrt(1+σ²))
-from tiny_models import random_trunk_state_dict as random_trunk  # noqa: E402
-from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
-from syncdiff_core import perceptual  # noqa: E402
-from syncdiff_core.sync import synchronize  # noqa: E402
-from syncdiff_core.windows import crop  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vp_input_scale(sigma) -> float:
+    """SD's variance-preserving model input scale 1/sqrt(1 + sigma^2) (from the sampler's x = x0 + sigma * eps)."""
+    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
 
 #: scikit-image images that ship in the wheel (checked: they load with no network). Photos, then textures.
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "grass", "gravel")
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
     record = {k: v for k, v in results.items() if k != "images"}
     record.update(step_scale=scale, total_seconds=total, date=time.strftime("%Y-%m-%d"),
                   machine=f"{machine_name()}, {torch.get_num_threads()} torch threads",
-                  torch=torch.__version__, command="python bench/coherence.py " + " ".join(argv or sys.argv[1:]))
+                  torch=torch.__version__, command="python -m bench.coherence " + " ".join(argv or sys.argv[1:]))
     (args.out / "coherence_results.json").write_text(json.dumps(record, indent=1))
     print()
     print(markdown_table(results))

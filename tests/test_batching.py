@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 from reference import F64, Toy, input_scale, reference_loop
 from syncdiff_core import BatchPolicy, SyncSettings, plan_windows, sample
 from syncdiff_core.batching import BatchSize, even_group_sizes
@@ -130,7 +130,7 @@ def test_bad_window_batch():
 
 def test_lpips_target_features_once_equal_repeated_targets():
     """The sync step computes the anchor's LPIPS features once; the loss is the one with repeated targets."""
-    import tiny_models
+    from devtools import models as tiny_models
     from syncdiff_core import perceptual
     from syncdiff_core.sync import _against_fixed_target
 

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench import coherence as C  # noqa: E402
+from bench import coherence as C
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from syncdiff_core.batching import even_group_sizes
-import comfy_harness as h
+from devtools import harness as h
 from layout_helpers import (CFG, build_micro_controlnet, build_micro_model, one_thread, prompt, reference_panorama,
                             stock_node, window_columns_px)
 

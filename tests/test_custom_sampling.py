@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 
 H, W, WIN, STRIDE = 8, 24, 8, 4  # latent px: 5 windows of 64 px every 32 px
 CFG = 5.0
@@ -216,8 +216,8 @@ def test_stride_errors_speak_pixels(comfy, run_prompt, object_node, micro):
 @pytest.mark.slow
 def test_a_flux_graph_with_basic_guider_and_flux_guidance(comfy, run_prompt, object_node, lpips):
     """The graph Flux users build: FluxGuidance -> BasicGuider -> SamplerCustomAdvanced with the SyncDiffusion
-    SAMPLER, BasicScheduler's sigmas for the model; synchronized, on a tiny Flux.1 (tests/family_models.py)."""
-    import family_models
+    SAMPLER, BasicScheduler's sigmas for the model; synchronized, on a tiny Flux.1 (devtools/families.py)."""
+    from devtools import families as family_models
     if "flux" not in family_models.available():
         pytest.skip("this ComfyUI has no Flux family")
     fam = family_models.build("flux")

@@ -30,8 +30,7 @@ def _make_loops(folder: Path) -> None:
 
 
 def test_stage_checkpoint_shows_comfyui_only_that_file(comfy, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import demo
+    from scripts import demo
 
     folder = tmp_path / "downloads"
     folder.mkdir()
@@ -61,7 +60,8 @@ def test_demo_with_ckpt_next_to_a_link_loop_finishes(comfy, tiny_sd15, tmp_path)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env["COMFYUI_PATH"] = str(comfy.comfy_dir)
-    cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--ckpt", str(ckpt), "--cpu", "--output", str(out),
+    env["PYTHONPATH"] = str(ROOT)  # `python -m scripts.demo` from another folder
+    cmd = [sys.executable, "-m", "scripts.demo", "--ckpt", str(ckpt), "--cpu", "--output", str(out),
            "--width", "256", "--height", "256", "--window-size", "256", "--stride", "256",
            "--steps", "1", "--sync-steps", "0"]
     try:

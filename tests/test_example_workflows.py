@@ -2,7 +2,7 @@
 live node schemas and executed, converted to API format, through ComfyUI's PromptExecutor with the tiny model.
 
 How the tiny models stand in: every file a workflow's loaders name is provided under that name
-(``comfy_harness.provide_workflow_files``): checkpoints as links to the tiny SD1.x checkpoint, so the workflow's own
+(``devtools.harness.provide_workflow_files``): checkpoints as links to the tiny SD1.x checkpoint, so the workflow's own
 ``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged; ControlNets as tiny random ControlNets for
 that UNet; images a LoadImage reads as a small 2:1 test picture; other model files as empty placeholders. Workflows
 of families whose text encoders ComfyUI builds only at full size (SDXL, Flux, Qwen-Image; ``FAMILY_STAND_INS``) run
@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import comfy_harness as h
-import make_thumbnails
-import workflow_convert as wc
+from devtools import harness as h
+from scripts import make_thumbnails
+from devtools import workflow as wc
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
@@ -46,7 +46,7 @@ def test_there_are_example_workflows():
 
 # Text encoders that ComfyUI builds only at their real size (SDXL's CLIP-G, Flux's T5-XXL, Qwen-Image's 7 B
 # Qwen2.5-VL) are out of reach of a CPU test: a workflow that loads one of these model files runs with the tiny
-# random model of that family (tests/family_models.py) in place of its loaders and text encoders; every other node
+# random model of that family (devtools/families.py) in place of its loaders and text encoders; every other node
 # (guidance, model sampling, guider, scheduler, the pack's nodes, decode, save) runs as saved.
 FAMILY_STAND_INS = {"sd_xl_base_1.0.safetensors": "sdxl", "flux1-dev.safetensors": "flux",
                     "qwen_image_fp8_e4m3fn.safetensors": "qwen_image"}
@@ -61,7 +61,7 @@ def _provide_files(comfy, tiny, wf: dict) -> None:
 def stand_in_family(prompt: dict, family: str, node_classes: dict) -> dict:
     """A copy of ``prompt`` whose model loaders and text encoders are replaced by the tiny ``family``'s model, VAE
     and conditioning (a text encoder feeding an input named ``negative`` gives the negative conditioning)."""
-    import family_models as fm
+    from devtools import families as fm
     fam = fm.build(family)
     loaders = {ntype for ntype, _ in h.MODEL_LOADERS}
     gone = {nid for nid, n in prompt.items() if n["class_type"] in loaders | TEXT_ENCODERS}

@@ -1,5 +1,5 @@
 """Every still-image family ComfyUI supports, through tiny random-weight models built with ComfyUI's own classes
-(``tests/family_models.py``): model facts, forward passes, schedules, positions, and the sync gradient checked
+(``devtools/families.py``): model facts, forward passes, schedules, positions, and the sync gradient checked
 against finite differences (``tests/family_checks.py``). Families this ComfyUI lacks are skipped."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def comfy_ready():
 
 @pytest.fixture(scope="module")
 def fm(comfy_ready):
-    import family_models
+    from devtools import families as family_models
     return family_models
 
 

@@ -1,6 +1,6 @@
 """Every model family through the pack's sampler (issue 12): sync off and on end to end, pixel sizes in the node's
 units, w = 0 equal to sync off, the schedule the family expects, clear refusals. Tiny random-weight models of each
-family built through ComfyUI's own classes (``family_models``); the gradient of each family's sync step is checked
+family built through ComfyUI's own classes (``devtools.families``); the gradient of each family's sync step is checked
 against finite differences in ``test_families.py``.
 
 Canvas: 4 x 8 latent px of the family's own scale (so 32 x 64 px for SD, 64 x 128 for Flux.2, 128 x 256 for
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 
 FAMILIES = ["sd15", "sd20_v", "sdxl", "sdxl_edm", "sd3", "flux", "chroma", "flux2", "qwen_image", "lumina2",
             "hunyuan_image"]
@@ -21,7 +21,7 @@ FAMILIES = ["sd15", "sd20_v", "sdxl", "sdxl_edm", "sd3", "flux", "chroma", "flux
 
 @pytest.fixture(scope="module")
 def fm(comfy):
-    import family_models
+    from devtools import families as family_models
     return family_models
 
 

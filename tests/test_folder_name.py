@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_headless
+from devtools import headless as comfy_headless
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".git", ".venv", ".comfyui", "output", "__pycache__", ".pytest_cache"}

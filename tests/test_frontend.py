@@ -1,7 +1,7 @@
 """The real frontend: ComfyUI's server (``main.py --cpu``) with this pack, driven in headless Chromium.
 
 One server and one browser for the whole module. The server gets a file under every name the example workflows'
-loaders and LoadImage nodes select (``comfy_harness.provide_workflow_files``: the tiny SD1.x checkpoint linked as
+loaders and LoadImage nodes select (``devtools.harness.provide_workflow_files``: the tiny SD1.x checkpoint linked as
 ``v1-5-pruned-emaonly.safetensors``, a tiny ControlNet for each ControlNet name, a test picture, placeholders for
 the diffusion models, text encoders and VAEs of the workflows that are only opened), a random LPIPS trunk in
 ``models/lpips``. For every example workflow, opened as a user
@@ -13,7 +13,7 @@ opens it (sidebar Templates -> the pack's category -> the card), the test checks
   covering a group's title;
 * every widget of every pack node present, in the schema's order, with the value saved in the file, drawn inside
   its node; the workflow's note on screen with none of its text cut off;
-* the prompt the frontend builds (``app.graphToPrompt()``) equals ``scripts/workflow_convert.py``'s conversion.
+* the prompt the frontend builds (``app.graphToPrompt()``) equals ``devtools/workflow.py``'s conversion.
 
 With its models renamed to files the server lacks, every workflow must make the frontend offer their download.
 
@@ -41,11 +41,11 @@ import time
 
 import pytest
 
-import comfy_harness as h
+from devtools import harness as h
 import frontend_page as fp
-import setup_browser
-import tiny_models
-import workflow_convert as wc
+from scripts import setup_browser
+from devtools import models as tiny_models
+from devtools import workflow as wc
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def chromium():
 def frontend_server(comfy, tmp_path_factory):
     """The server, launched first so that it boots while the models are written (it lists model folders only
     when asked). Users of it call ``wait_ready()``."""
-    srv = fp.FrontendServer(tmp_path_factory.mktemp("frontend-server"), comfy.models_dir)
+    srv = fp.frontend_server(tmp_path_factory.mktemp("frontend-server"), comfy.models_dir)
     srv.launch()
     try:
         rt = h.runtime()
@@ -225,7 +225,7 @@ def test_shrunk_workflow_runs_from_the_ui(ui, comfy):
             image = ui.js(IMAGE_ON_NODE_JS, save["id"])
             dialogs = ui.js(fp.OPEN_DIALOGS_JS)
             assert not dialogs, f"the run ended in a dialog: {dialogs}"
-            ui.server.alive()
+            ui.server.check_alive()
             time.sleep(0.5)
         assert image, f"no image on the Save Image node within {RUN_TIMEOUT_S} s:\n{ui.server.tail()}"
         assert (image["w"], image["h"]) == (SHRINK["PanoramaLatent"]["width"], SHRINK["PanoramaLatent"]["height"])

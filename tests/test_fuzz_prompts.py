@@ -28,8 +28,8 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import comfy_harness as h  # noqa: E402
-from comfy_server import ONE_THREAD, Server, ServerError, get  # noqa: E402
+from devtools import harness as h  # noqa: E402
+from devtools.server import ONE_THREAD, Server, ServerError, get  # noqa: E402
 
 EXAMPLES = int(os.environ.get("SYNCDIFF_FUZZ_EXAMPLES", "80"))
 CASE_TIMEOUT_S = 240  # a valid run takes 0.1-60 s on a loaded 2-core machine; this only guards against hangs
@@ -214,7 +214,7 @@ def draw_prompt(data, node_id: str, info: dict, ckpt: str) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
-    import tiny_models
+    from devtools import models as tiny_models
 
     base = tmp_path_factory.mktemp("fuzz_server")
     extra_lpips = base / "vgg19"  # a random VGG19 trunk too, so that PanoramaCoherence can finish
@@ -271,7 +271,7 @@ def run_case(server: Server, prompt: dict) -> tuple[str, str]:
         body_text = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
     except (TypeError, ValueError) as e:  # pragma: no cover - the strategies only draw JSON values
         raise AssertionError(f"the fuzzer drew a value JSON cannot carry: {e}")
-    from comfy_server import post
+    from devtools.server import post
 
     status, body = post(server.url + "/prompt", None, raw=body_text.encode())
     if status == 400:

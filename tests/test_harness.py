@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_harness as h
+from devtools import harness as h
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_tiny_vae_round_trip_is_finite(tiny_sd15):
 
 
 def test_same_seed_gives_identical_weights(comfy, tmp_path):
-    import tiny_models
+    from devtools import models as tiny_models
     a = tiny_models.build_model("sd15", seed=3).model.diffusion_model.state_dict()
     b = tiny_models.build_model("sd15", seed=3).model.diffusion_model.state_dict()
     c = tiny_models.build_model("sd15", seed=4).model.diffusion_model.state_dict()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 
 
 def huge(*shape) -> torch.Tensor:

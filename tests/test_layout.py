@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 from layout_helpers import CFG, build_micro_model, one_thread, prompt, stock_node
 
 H, W = 8, 32           # latent px

@@ -17,7 +17,7 @@ def mn(comfy):
 @pytest.fixture(scope="module")
 def trunks(comfy, lpips_trunk, mn):
     """The harness's random VGG16 in models/lpips, plus a random VGG19 written next to it."""
-    import tiny_models
+    from devtools import models as tiny_models
 
     path = lpips_trunk.parent / "vgg19-random-test.safetensors"
     if not path.exists():
@@ -81,7 +81,7 @@ def test_an_image_smaller_than_two_windows_is_refused_before_loading(mn, pack, m
 
 
 def test_graph_error_for_a_small_image_names_the_input(run_prompt, object_node):
-    from comfy_headless import PromptExecutionError
+    from devtools.headless import PromptExecutionError
 
     with pytest.raises(PromptExecutionError) as info:
         _coherence(run_prompt, object_node, torch.rand(1, 32, 40, 3), 32)

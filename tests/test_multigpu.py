@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 
 FAKE = torch.device("cpu", 1)
 H, W, WIN, STRIDE = 8, 40, 8, 4  # latent px: 9 windows
@@ -123,7 +123,7 @@ def test_controlnet_keeps_every_window_on_the_main_gpu(pack, multigpu, monkeypat
 def test_a_dit_with_canvas_positions_and_checkpointed_blocks(pack, multigpu, monkeypatch, lpips):
     """Flux.1 (tiny): RoPE canvas positions per window and checkpointed DiT blocks in the gradient pass, both lanes
     synchronizing their windows; the result is the one-device result."""
-    import family_models as fm
+    from devtools import families as fm
 
     if "flux" not in fm.available():
         pytest.skip("this ComfyUI has no Flux family")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfy_harness as h
+from devtools import harness as h
 
 
 def _images(n=2, height=32, width=64, seed=0):

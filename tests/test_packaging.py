@@ -43,7 +43,8 @@ def test_pyproject_fits_the_comfy_registry(comfy):
 def test_pytest_settings_and_license():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     opts = data["tool"]["pytest"]["ini_options"]
-    assert opts["testpaths"] == ["tests"] and opts["pythonpath"] == ["."]
+    assert opts["testpaths"] == ["tests"] and opts["pythonpath"] == [".", "tests"]
+    assert any(m.startswith("gpu:") for m in opts["markers"])
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
 
 
@@ -51,7 +52,7 @@ def test_requires_comfyui_is_a_lower_bound_comfyui_reads(comfy):
     """requires-comfyui is what the Registry/Manager show; ComfyUI's parser reads it, and the ComfyUI this suite
     runs on satisfies it (setup refuses older ones; CI runs the oldest lane it can get and 0.33)."""
     from comfy_config import config_parser
-    import comfy_headless
+    from devtools import headless as comfy_headless
     cfg = config_parser.extract_node_configuration(str(ROOT))
     m = re.fullmatch(r">=(\d+)\.(\d+)\.(\d+)", cfg.project.supported_comfyui_version)
     assert m, cfg.project.supported_comfyui_version

@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from syncdiff_core import gpano  # noqa: E402
-from syncdiff_core import panorama_decode as PD  # noqa: E402
+from syncdiff_core import gpano
+from syncdiff_core import panorama_decode as PD
 
 # ------------------------------------------------------------------------------------------------------------
 # Part 1: the core, on a toy decoder with a known receptive field
@@ -311,7 +309,7 @@ def test_panorama_decode_node_equals_the_bridge(run_prompt, object_node, tiny_kl
     (dict(tile_width=64, tile_overlap=128), "tile_overlap"),
 ])
 def test_panorama_decode_node_refuses_bad_tiling(run_prompt, object_node, tiny_kl_vae, inputs, match):
-    import comfy_harness
+    from devtools import harness as comfy_harness
 
     calls = []
     vae = _CountingVAE(tiny_kl_vae, calls)
@@ -389,7 +387,7 @@ def test_save_panorama_360_writes_gpano_metadata(run_prompt, object_node, fmt):
 
 
 def test_gpano_layout_of_a_full_sphere_and_too_tall_images(run_prompt, object_node):
-    import comfy_harness
+    from devtools import harness as comfy_harness
 
     full = gpano.gpano_layout(2048, 1024)  # 2:1 equirectangular: the whole sphere, no crop
     assert full["FullPanoHeightPixels"] == 1024 and full["CroppedAreaTopPixels"] == 0

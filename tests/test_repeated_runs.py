@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-import comfy_harness as h
-from comfy_server import ONE_THREAD, process_stats, running, saved_files
+from devtools import harness as h
+from devtools.server import ONE_THREAD, process_stats, running, saved_files
 
 RUNS = int(os.environ.get("SYNCDIFF_REPEAT_RUNS", "25"))
 REFERENCE_RUN = 10  # the figures after this run are the baseline (first-run caches, allocator pools are warm)

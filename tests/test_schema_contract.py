@@ -1,12 +1,12 @@
 """Schema contract: every node the pack registers is pinned in tests/schema_snapshot.json (id, display name,
 category, inputs with types/defaults/ranges/options and required vs optional, outputs). A change that would
 break saved workflows fails here with a readable diff. For a deliberate change: ``make snapshot`` (runs
-``scripts/schema_snapshot.py --write``), review ``git diff tests/schema_snapshot.json``, commit it."""
+``python -m scripts.schema_snapshot --write``), review ``git diff tests/schema_snapshot.json``, commit it."""
 from __future__ import annotations
 
 import pytest
 
-import schema_snapshot as ss
+from scripts import schema_snapshot as ss
 
 HOW_TO_UPDATE = ("If this change is deliberate (saved workflows may break), run `make snapshot` and commit "
                  "tests/schema_snapshot.json.")
@@ -105,7 +105,7 @@ def test_workflows_saved_before_the_sampler_gained_widgets_still_convert(comfy):
     import json
     from pathlib import Path
 
-    import workflow_convert as wc
+    from devtools import workflow as wc
 
     wf = json.loads((Path(__file__).resolve().parent.parent / "example_workflows" /
                      "syncdiffusion_panorama.json").read_text())

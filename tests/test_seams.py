@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import comfy_harness as h
+from devtools import harness as h
 from syncdiff_core.panorama_decode import encode_panorama
 from syncdiff_core.seams import band_weights, seam_score
 

@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
-import comfy_harness as h
-from comfy_server import LINK_NAME, running
-from comfy_server import get as _get
-from comfy_server import post as _post
+from devtools import harness as h
+from devtools.server import LINK_NAME, running
+from devtools.server import get as _get
+from devtools.server import post as _post
 
 pytestmark = pytest.mark.slow  # starts the real server in a subprocess
 

@@ -93,10 +93,9 @@ def test_the_required_version_itself_passes_the_check(tmp_path):
 def test_lane_tarball_search_order(tmp_path):
     """The 0.33 lane looks for its tarball at $SYNCDIFF_COMFYUI_033_TARBALL, then ../shared/comfyui/ next to the
     checkout, then /work/shared/comfyui/ (CI's clone may sit anywhere)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import setup_env as s; "
-            "print('\\n'.join(map(str, s.tarball_candidates_033())))")
+    code = "from scripts import setup_env as s; print('\\n'.join(map(str, s.tarball_candidates_033())))"
     env = dict(os.environ, SYNCDIFF_COMFYUI_033_TARBALL=str(tmp_path / "x.tar.gz"))
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts")], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout.split()
     assert out == [str(tmp_path / "x.tar.gz"), str(ROOT.parent / "shared" / "comfyui" / "ComfyUI-0.33.0.tar.gz"),
                    "/work/shared/comfyui/ComfyUI-0.33.0.tar.gz"]
@@ -105,11 +104,7 @@ def test_lane_tarball_search_order(tmp_path):
 def test_identical_large_files_are_hard_linked_between_venvs(tmp_path):
     """The second lane's venv shares torch's files with the first (CI's disk holds both): identical files of 1 MiB
     or more become hard links; a file that differs, a small one, or one the other venv lacks stays its own."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import setup_env
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from scripts import setup_env
     big = os.urandom(1 << 20)
     venvs = {}
     for name, other_byte in (("a", b"x"), ("b", b"y")):

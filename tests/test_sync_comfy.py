@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import comfy_harness as h
+from devtools import harness as h
 
 H, W, WIN, STRIDE = 8, 24, 8, 4  # latent px: 64x192 px canvas, 64 px windows, 32 px stride -> 5 windows
 CFG = 5.0

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from syncdiff_core import perceptual as P  # noqa: E402
+from syncdiff_core import perceptual as P
 
 V16 = P.TRUNKS["vgg16"]
 

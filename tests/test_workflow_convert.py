@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-import workflow_convert as wc
+from devtools import workflow as wc
 
 
 def _node(nid, ntype, widgets=None, inputs=(), outputs=(), mode=0, title=None):

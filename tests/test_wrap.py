@@ -18,11 +18,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from reference import F64, Toy  # noqa: E402
-from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
+from reference import F64, Toy
+from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample
 
 # ------------------------------------------------------------------------------------------------------------
 # Part 1: the core loop, toy callables
@@ -196,7 +194,7 @@ def test_comfy_wrap_sampler_rolls_with_the_noise(comfy, run_prompt, object_node,
     (CANVAS_W, 80, "stride must divide the canvas width"),  # 32 latent px, stride 10
 ])
 def test_comfy_wrap_bad_canvas_is_refused(comfy, run_prompt, object_node, tiny_sd15, width, stride, match):
-    import comfy_harness
+    from devtools import harness as comfy_harness
 
     if not _sampler_has_wrap(comfy):
         pytest.skip("SyncDiffusionSampler has no 'wrap' input yet")

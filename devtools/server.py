@@ -1,5 +1,6 @@
-"""The real ComfyUI server (``main.py --cpu``) in a subprocess, with this pack in its custom_nodes folder, driven over
-HTTP as the browser drives it. Used by test_server.py, test_repeated_runs.py and test_fuzz_prompts.py."""
+"""The real ComfyUI server (``main.py --cpu``) in a subprocess, with this pack in its custom_nodes folder as a user
+installs it, driven over HTTP as the browser drives it: the one server launcher of the server, fuzz, repeated-run
+and frontend tests."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import comfy_harness as h
+from devtools import headless
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 300  # generous: a busy 2-core CI machine
@@ -56,25 +57,30 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 class Server:
-    """``Server(base, models_dir).start()``; ``.url``, ``.proc``, ``.base`` (output/ under it), ``.tail()``."""
+    """``Server(base, models_dir).start()``; ``.url``, ``.proc``, ``.base`` (output/ under it), ``.tail()``.
 
-    def __init__(self, base: Path, models_dir: Path, extra_args: tuple = (), env: dict | None = None):
+    ``models_dir``'s ``folders`` are the server's extra model paths; ``settings`` (a dict) become the default user's
+    ``comfy.settings.json`` (the frontend reads them); ``launch()`` then ``wait_ready()`` let the caller prepare
+    other things while the server starts (``start()`` does both)."""
+
+    def __init__(self, base: Path, models_dir: Path, extra_args: tuple = (), env: dict | None = None,
+                 folders: tuple = ("checkpoints", "lpips"), settings: dict | None = None):
         self.base = base
         self.extra_env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("custom_nodes", "output", "input", "temp", "user"):
+        for sub in ("custom_nodes", "output", "input", "temp", "user/default"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         # The pack as a user installs it: a folder (here a link to this checkout) in custom_nodes/.
         (base / "custom_nodes" / LINK_NAME).symlink_to(ROOT, target_is_directory=True)
+        if settings is not None:
+            (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))
         extra = base / "extra_model_paths.yaml"
-        extra.write_text(
-            "syncdiffusion_tests:\n"
-            f"    base_path: {models_dir}\n"
-            "    checkpoints: checkpoints\n"
-            "    lpips: lpips\n")
+        extra.write_text("syncdiffusion_tests:\n"
+                         f"    base_path: {models_dir}\n"
+                         + "".join(f"    {folder}: {folder}\n" for folder in folders))
         self.log_path = base / "server.log"
-        self.cmd = [sys.executable, str(h.comfy_headless.comfyui_path() / "main.py"),
+        self.cmd = [sys.executable, str(headless.comfyui_path() / "main.py"),
                     "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--base-directory", str(base),
                     "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
@@ -82,27 +88,36 @@ class Server:
                     "--extra-model-paths-config", str(extra),
                     "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--log-stdout", *extra_args]
         self.proc = None
+        self.log = None
         self.client_id = str(uuid.uuid4())
 
     @property
     def output(self) -> Path:
         return self.base / "output"
 
-    def start(self) -> "Server":
+    def launch(self) -> None:
+        """Start ``main.py`` (``wait_ready`` waits for it to answer)."""
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, **self.extra_env}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=self.base, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(f"ComfyUI exited with {self.proc.returncode} during startup:\n{self.tail()}")
             try:
                 get(self.url + "/system_stats", timeout=2)
-                return self
+                return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         raise ServerError(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
+
+    def start(self) -> "Server":
+        self.launch()
+        self.wait_ready()
+        return self
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -112,7 +127,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
-        if getattr(self, "log", None):
+        if self.log:
             self.log.close()
 
     def tail(self, n: int = 6000) -> str:
@@ -123,6 +138,11 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise ``ServerError`` (with the log's tail) when the server has died."""
+        if not self.alive():
+            raise ServerError(f"the server died (exit {self.proc.returncode if self.proc else None}):\n{self.tail()}")
 
     # ------------------------------------------------------------------ prompts
     def submit(self, prompt: dict, extra_data: dict | None = None, timeout: float = 30.0):

@@ -1,7 +1,16 @@
-"""Tiny random-weight Stable Diffusion models built through ComfyUI's own classes (no downloads).
+"""The one model and asset builder of the tests, the benches and the demo: random-weight models built through
+ComfyUI's own classes (no downloads).
 
-Shared by the test harness and the demo. Import only after ``comfy_headless.bootstrap()`` (or
-``start()``): it imports ``comfy``.
+* tiny SD1.x / SD2.x checkpoints (``write_checkpoint``), their parts (``build_model``, ``build_taesd_vae``,
+  ``build_kl_vae``, ``build_clip``), conditioning (``make_conditioning``) and ControlNets (``write_controlnet``);
+* the micro UNet and ControlNet of the layout tests (``build_micro_model``, ``build_micro_controlnet``);
+* real-size models for the GPU benchmarks (``SD2_BASE_UNET``, ``SDXL_UNET``, ``FLUX_DEV``, ``SD_VAE``;
+  ``build_sd2_unet``, ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
+* the random LPIPS trunk (``random_trunk_state_dict``, ``write_random_trunk``, ``install_random_trunk``).
+
+Tiny models of every other family are in ``devtools.families`` (they share ``init_weights_``). The functions
+import ComfyUI when called: call them after ``devtools.headless.bootstrap()`` (or ``start()``).
+``python -m devtools.models CHECKPOINT --size sd2-base|tiny-sd20`` writes a checkpoint in a fresh process.
 
 Why these shapes (ComfyUI 0.3.75):
 
@@ -58,26 +67,35 @@ def model_config(family: str):
 
 
 @torch.no_grad()
-def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0) -> torch.nn.Module:
+def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = ()) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)); 1-D weights (norm scales): 1; other 1-D
-    parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a
-    meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and
-    so are buffers (they hold computed things such as the sigma schedule).
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 so every dtype gets the same weights;
+    1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1) gammas): 1; other 1-D parameters
+    (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a meaning (TAESD's
+    ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are buffers (they hold
+    computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint weight created
+    empty. Parameters whose names start with one of ``skip`` are left alone.
     """
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            fan_in = p[0].numel()
-            t = torch.randn(p.shape, generator=g, dtype=torch.float32) * (std_scale / math.sqrt(fan_in))
-            p.copy_(t.to(p.dtype))
-        elif p.ndim == 1 and name.endswith("weight"):
+        leaf = name.rsplit(".", 1)[-1]
+        if p.numel() == 0 or name.startswith(skip):
+            continue
+        if p.ndim >= 2 and p[0].numel() > 1:
+            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
+            p.copy_(t)
+        elif p.ndim >= 1 and leaf.endswith(("weight", "scale", "gamma")):
             p.fill_(1.0)
-        elif p.ndim == 1:
+        elif p.ndim >= 1:
             p.zero_()
         elif not torch.isfinite(p).all():
             raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
+    for name, b in module.named_buffers():
+        if name.endswith("pos_embed"):
+            b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.5, generator=g))
+        elif b.is_floating_point() and not torch.isfinite(b).all():
+            raise ValueError(f"buffer {name} is not initialised")
     return module
 
 
@@ -245,3 +263,156 @@ def write_random_trunk(path: Path | str, name: str = "vgg16", seed: int = 0) -> 
     else:
         torch.save(sd, str(path))
     return path
+
+
+# ----------------------------------------------------------------------------- the micro UNet (layout tests)
+
+MICRO_CTX = 64  # context_dim of the micro UNet (the prompts' embedding width)
+#: The tiny SD1.x one-level config at 32 channels and a MICRO_CTX-wide context: the same architecture as the tiny
+#: checkpoint's UNet, about 100x cheaper, for tests that build models directly (checkpoint detection needs 320).
+MICRO_UNET = {**unet_config("sd15"), "model_channels": 32, "context_dim": MICRO_CTX}
+
+
+def build_micro_model(seed: int = 0):
+    return build_model("sd15", seed, model_channels=MICRO_UNET["model_channels"], context_dim=MICRO_CTX)
+
+
+def build_micro_controlnet(seed: int = 1):
+    """A random ControlNet for the micro UNet (its zero convs random too, so the hint changes the result)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
+                                     operations=comfy.ops.disable_weight_init)
+    init_weights_(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
+
+
+# ----------------------------------------------------------------------------- real sizes (GPU benchmarks)
+
+#: SD 2.0-base's UNet (865 M parameters), as ``comfy.supported_models.SD20`` takes it.
+SD2_BASE_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "context_dim": 1024,
+    "use_linear_in_transformer": True, "num_head_channels": 64, "adm_in_channels": None,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+#: SDXL's UNet (2.57 B parameters).
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+#: Flux.1 [dev] (11.9 B parameters).
+FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+            "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+            "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+            "txt_ids_dims": []}
+#: SD's KL VAE (4 latent channels), the ``ddconfig`` of ``AutoencoderKL``.
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+#: The same classes, narrow, for a bench's ``--tiny`` check on the CPU.
+TINY_SD2_UNET = {**SD2_BASE_UNET, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+                 "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1}
+TINY_SD_VAE = {**SD_VAE, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+
+
+def build_sd2_unet(dtype=torch.float16, seed: int = 0, tiny: bool = False, load_device=None):
+    """SD 2.0-base's UNet (``tiny``: :data:`TINY_SD2_UNET`) with random weights as a ``ModelPatcher``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SD20(dict(TINY_SD2_UNET if tiny else SD2_BASE_UNET))
+    if tiny:  # after the class's own settings, which fix 64-channel heads
+        mc.unet_config["num_head_channels"] = 32
+    mc.set_inference_dtype(dtype, None)
+    base = mc.get_model({})
+    init_weights_(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=load_device or mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_sd_vae(dtype=None, seed: int = 0, tiny: bool = False):
+    """SD's KL VAE (``tiny``: :data:`TINY_SD_VAE`) with random weights as a ComfyUI ``VAE``."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    params = {"embed_dim": 4, "ddconfig": TINY_SD_VAE if tiny else SD_VAE}
+    net = init_weights_(AutoencoderKL(**params), seed)
+    return comfy.sd.VAE(sd=net.state_dict(), config={"params": params}, dtype=dtype)
+
+
+def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
+    """A random-weight checkpoint of SD 2.0-base's size (the UNet in fp16, the KL VAE) written with ComfyUI's own
+    ``save_checkpoint``, for graphs that load it with ``CheckpointLoaderSimple`` as a user's would be loaded."""
+    import comfy.sd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_sd2_unet(torch.float16, seed, load_device=torch.device("cpu"))
+    vae = build_sd_vae(seed=seed + 1)
+    comfy.sd.save_checkpoint(str(path), model, vae=vae, metadata={"syncdiffusion": "random SD2-base-size"})
+    return path
+
+
+def write_taesd_decoder(path: Path | str, seed: int) -> Path:
+    """A random TAESD decoder (ComfyUI's class) as the ``taesd_decoder`` file of ``models/vae_approx``."""
+    import comfy.taesd.taesd as taesd
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dec = init_weights_(taesd.TAESD().taesd_decoder, seed)
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
+    return path
+
+
+def install_random_trunk(models_dir: Path | str, name: str = "vgg16", seed: int = 0,
+                         file_name: str | None = None) -> Path:
+    """A random ``name`` trunk written into ``models_dir/lpips`` (once), and that folder registered as the pack's
+    ``lpips`` model folder, so LPIPS and the style loss load offline (tests, benches, the demo)."""
+    import folder_paths
+
+    from syncdiff_core.comfy.assets import register_lpips_folder
+
+    folder = Path(models_dir) / "lpips"
+    path = folder / (file_name or f"{name}-random.safetensors")
+    if not path.exists():
+        write_random_trunk(path, name, seed)
+    register_lpips_folder()  # what the pack's entry point does
+    if str(folder) not in folder_paths.get_folder_paths("lpips"):
+        folder_paths.add_model_folder_path("lpips", str(folder))
+    return path
+
+
+def main(argv=None) -> int:
+    """Write a random checkpoint in this process (a bench's parent writes it with a lane's ComfyUI)."""
+    import argparse
+
+    from devtools import headless
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("path", type=Path)
+    p.add_argument("--size", choices=("sd2-base", "tiny-sd20"), default="sd2-base")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    headless.bootstrap(None, cpu=a.size != "sd2-base")
+    if a.size == "sd2-base":
+        write_sd2_base_checkpoint(a.path, a.seed)
+    else:
+        write_checkpoint(a.path, family="sd20", seed=a.seed)
+    print("checkpoint written", a.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """Tiny random-weight models of every still-image family in ``comfy.supported_models``, built through ComfyUI's
 own classes, with matching VAEs and conditioning (no downloads, no checkpoint files).
 
-Import only after ``comfy_headless.bootstrap()`` (the test harness does that in ``pytest_configure``).
+Import only after ``devtools.headless.bootstrap()`` (the test harness does that in ``pytest_configure``).
 
 Usage::
 
-    import family_models as fm
+    from devtools import families as fm
     fm.available()                       # names of the families this ComfyUI has, in FAMILIES order
     fam = fm.build("flux")               # cached per process (and dtype / inference flag)
     fam.model, fam.vae                   # comfy.model_patcher.ModelPatcher, comfy.sd.VAE
@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
+
+from devtools.models import init_weights_
 
 SEED = 4321
 CTX = 64  # text embedding width of every tiny family
@@ -134,34 +135,6 @@ SPECS = [
     FamilySpec("hunyuan_image", "HunyuanImage21", _HUNYUAN_IMAGE, "hunyuan32"),
 ]
 FAMILIES = {s.name: s for s in SPECS}
-
-
-# --------------------------------------------------------------------------------------------- weights
-
-@torch.no_grad()
-def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = ()) -> torch.nn.Module:
-    """Every parameter from a seeded generator: matrices/kernels N(0, std_scale²/fan_in), 1-D weights and
-    scales/gammas 1, other 1-D parameters 0; 0-D parameters (e.g. TAESD's ``vae_scale``) must already be finite."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if p.numel() == 0 or name.startswith(skip):
-            continue
-        if p.ndim >= 2 and p[0].numel() > 1:  # drawn in float32 so that every dtype gets the same weights
-            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
-            p.copy_(t)
-        elif p.ndim >= 1 and leaf.endswith(("weight", "scale", "gamma")):
-            p.fill_(1.0)  # norm scales (incl. Wan's (dim, 1, 1, 1) gammas)
-        elif p.ndim >= 1:
-            p.zero_()
-        elif not torch.isfinite(p).all():
-            raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
-    for name, b in module.named_buffers():
-        if name.endswith("pos_embed"):  # MMDiT's learned/sin-cos table: a checkpoint weight, created empty
-            b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.5, generator=g))
-        elif b.is_floating_point() and not torch.isfinite(b).all():
-            raise ValueError(f"buffer {name} is not initialised")
-    return module
 
 
 def _params_class_fields(spec: FamilySpec) -> set | None:

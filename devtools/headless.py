@@ -1,10 +1,10 @@
 """Run this node pack inside a real ComfyUI, in-process and headless.
 
-Shared by the test harness (``tests/comfy_harness.py``) and the demo (``scripts/demo.py``).
+The one ComfyUI start of the tests (``devtools.harness``), the benches and the demo (``scripts/demo.py``).
 
 Usage::
 
-    import comfy_headless as ch
+    from devtools import headless as ch
     rt = ch.start(base_dir)            # once per process: ComfyUI on sys.path, --cpu, nodes, the pack
     result = rt.run_prompt(prompt)     # API-format prompt through execution.PromptExecutor
 
@@ -406,7 +406,7 @@ def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True, pytorch_a
         logging.getLogger().setLevel(log_level)
     for mod in ("comfy.model_management", "folder_paths"):
         if mod in sys.modules:
-            raise RuntimeError(f"{mod} was imported before comfy_headless.bootstrap() could set --cpu and "
+            raise RuntimeError(f"{mod} was imported before devtools.headless.bootstrap() could set --cpu and "
                                "the base directory; call bootstrap() first")
     from comfy.cli_args import args
     args.cpu = args.cpu or cpu
@@ -478,7 +478,7 @@ def load_this_pack(rt: ComfyRuntime) -> list[str]:
 
 def runtime() -> ComfyRuntime:
     if _RUNTIME is None:
-        raise RuntimeError("comfy_headless.start() has not been called")
+        raise RuntimeError("devtools.headless.start() has not been called")
     return _RUNTIME
 
 

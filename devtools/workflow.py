@@ -2,7 +2,7 @@
 prompts (what ``/prompt`` and ``execution.PromptExecutor`` take), using each node type's live schema.
 
 ComfyUI's frontend does this conversion in the browser (``graphToPrompt``); nothing in the Python side does,
-so tests and the demo use this module. Needs a started ComfyUI (``comfy_headless.start()``) for the schemas.
+so tests and the demo use this module. Needs a started ComfyUI (``devtools.headless.start()``) for the schemas.
 
 What a UI workflow looks like (the parts used here)::
 

@@ -1,13 +1,13 @@
 """Test harness: this pack inside a real, headless ComfyUI, with tiny random-weight models.
 
-The fixtures in ``conftest.py`` are thin wrappers around what is here; tests may also import this module
-directly (``import comfy_harness as h``; ``tests/`` is on ``sys.path`` under pytest).
+The fixtures in ``tests/conftest.py`` are thin wrappers around what is here; tests and benches may also import
+this module directly (``from devtools import harness as h``).
 
 Graph tests
 -----------
 ``run_prompt(prompt)`` (fixture, or ``runtime().run_prompt``) validates an API-format prompt with
 ``execution.validate_prompt`` and executes it with ComfyUI's ``execution.PromptExecutor``; it returns a
-``comfy_headless.PromptResult`` (``result["3"]`` = that node's outputs as a tuple, ``result.ui``,
+``devtools.headless.PromptResult`` (``result["3"]`` = that node's outputs as a tuple, ``result.ui``,
 ``result.image_files()``, ``result.progress``, ``result.messages``, ``result.interrupted``). A failing node
 raises ``PromptExecutionError`` (``.exception_type == "ValueError"``, ``.exception_message``,
 ``.node_id``); an invalid prompt raises ``PromptValidationError``. A prompt with no output node gets a
@@ -23,18 +23,12 @@ tiny.ckpt_name``; that is the path users take and the one that creates weights u
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-import comfy_headless  # noqa: E402
-from comfy_headless import (PromptExecutionError, PromptResult, PromptValidationError,  # noqa: E402,F401
-                            ComfyRuntime)
+from devtools import headless as comfy_headless
+from devtools.headless import ComfyRuntime, PromptExecutionError, PromptResult, PromptValidationError  # noqa: F401
 
 OBJECTS: dict[str, object] = {}
 _KEYS = itertools.count()
@@ -57,7 +51,7 @@ def _ensure_object_node(rt: ComfyRuntime, io_type: str) -> str:
         return name
 
     class ObjectNode:
-        """Test-only: outputs an in-memory object stored in comfy_harness.OBJECTS under ``key``."""
+        """Test-only: outputs an in-memory object stored in devtools.harness.OBJECTS under ``key``."""
         CATEGORY = "_for_testing/syncdiffusion"
         RETURN_TYPES = (io_type,)
         FUNCTION = "get"
@@ -142,9 +136,9 @@ def run_prompt(prompt: dict, **kw) -> PromptResult:
 def tiny_models(family: str, seed: int = SEED, with_clip: bool | None = None, ckpt_name: str | None = None):
     """Write a tiny checkpoint of ``family`` into ComfyUI's checkpoints folder (once per name) and load it
     the way a graph does: ``CheckpointLoaderSimple.load_checkpoint`` under ``torch.inference_mode()``.
-    Returns ``tiny_models.TinyModels`` with conditioning: encoded by the checkpoint's CLIP when present
+    Returns ``devtools.models.TinyModels`` with conditioning: encoded by the checkpoint's CLIP when present
     (positive = DEFAULT_PROMPT, negative = ""), else ``make_conditioning`` tensors."""
-    import tiny_models as tm
+    from devtools import models as tm
     rt = runtime()
     ckpt_name = ckpt_name or f"tiny_{family}.safetensors"
     path = rt.model_folder("checkpoints") / ckpt_name
@@ -194,7 +188,7 @@ MODEL_LOADERS = {
 
 def _active_widgets(workflow: dict, classes: dict):
     """(node, {widget name: value}) of every node of the workflow that runs (not muted), in file order."""
-    import workflow_convert as wc
+    from devtools import workflow as wc
     for n in workflow["nodes"]:
         if n.get("mode", 0) == wc.MODE_MUTED or n["type"] not in classes:
             continue
@@ -223,7 +217,7 @@ def provide_workflow_files(workflow: dict, classes: dict, models_dir: Path, inpu
     import numpy as np
     from PIL import Image
 
-    import tiny_models as tm
+    from devtools import models as tm
     for name, folder in named_models(workflow, classes):
         target = models_dir / folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +243,7 @@ def write_random_lpips_trunk(seed: int = SEED) -> Path:
     """A random VGG16 trunk in ComfyUI's ``models/lpips``, where the pack looks first, so synchronization runs
     offline in tests. Random weights: the loss is meaningless as a perception measure but has the real
     architecture, shapes and gradients."""
-    import tiny_models as tm
+    from devtools import models as tm
     path = runtime().models_dir / "lpips" / "vgg16-random-test.safetensors"
     if not path.exists():
         tm.write_random_trunk(path, "vgg16", seed)
