@@ -213,7 +213,7 @@ def provide_workflow_files(workflow: dict, classes: dict, models_dir: Path, inpu
     (linked) for checkpoints, a tiny random ControlNet of ``family`` for ControlNets, a small 2:1 test picture for
     images, and an empty placeholder for the rest (diffusion models, text encoders, VAEs): enough for ComfyUI's
     validation and the frontend's model lists, which only read names; a run replaces those loaders
-    (``tests/test_example_workflows.py``, ``stand_in_family``)."""
+    (``tests/comfy/test_example_workflows.py``, ``stand_in_family``)."""
     import numpy as np
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""The real ComfyUI frontend in headless Chromium, for ``tests/test_frontend.py``: the server, the page, what the
+"""The real ComfyUI frontend in headless Chromium, for ``tests/comfy/test_frontend.py``: the server, the page, what the
 page is asked (JavaScript run in it), and the checks of what it answers.
 
 The JavaScript reads ComfyUI frontend 1.32's globals (``app``, ``LiteGraph``) and its DOM (PrimeVue dialogs,

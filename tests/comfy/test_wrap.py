@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 from reference import F64, Toy
 from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample

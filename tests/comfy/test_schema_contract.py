@@ -107,7 +107,7 @@ def test_workflows_saved_before_the_sampler_gained_widgets_still_convert(comfy):
 
     from devtools import workflow as wc
 
-    wf = json.loads((Path(__file__).resolve().parent.parent / "example_workflows" /
+    wf = json.loads((Path(__file__).resolve().parents[2] / "example_workflows" /
                      "syncdiffusion_panorama.json").read_text())
     sampler = next(n for n in wf["nodes"] if n["type"] == "SyncDiffusionSampler")
     sampler["widgets_values"] = sampler["widgets_values"][:12]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 from syncdiff_core import gpano
 from syncdiff_core import panorama_decode as PD

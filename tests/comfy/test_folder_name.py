@@ -19,7 +19,7 @@ import pytest
 
 from devtools import headless as comfy_headless
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".git", ".venv", ".comfyui", "output", "__pycache__", ".pytest_cache"}
 
 # A probe test written into the copy: it checks, from inside that pytest run, that the pack was loaded by
@@ -64,7 +64,7 @@ def test_suite_runs_in_a_checkout_named(folder, tmp_path):
     # From the copy's root, as `make test` runs it: a few tests that need no model, one that loads the pack
     # through ComfyUI, and the probe.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_packaging.py", "tests/test_harness.py::test_pack_is_loaded_as_a_custom_node_package",
+           "tests/comfy/test_packaging.py", "tests/comfy/test_harness.py::test_pack_is_loaded_as_a_custom_node_package",
            "tests/test_zz_folder_probe.py"]
     proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr

@@ -15,7 +15,7 @@ checks use the file as it is.
 What a user sees of each workflow is checked too: its ``models`` list offers every model file its loaders
 select for download (what the frontend needs to offer it), its note starts with the template's title and one-line
 description and says what it costs on a GPU and that a CPU is too slow, and its thumbnail is what
-``scripts/make_thumbnails.py`` draws from it. (How the frontend draws it: ``tests/test_frontend.py``.)
+``scripts/make_thumbnails.py`` draws from it. (How the frontend draws it: ``tests/comfy/test_frontend.py``.)
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from devtools import harness as h
 from scripts import make_thumbnails
 from devtools import workflow as wc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 # What ComfyUI's frontend (1.32, MissingModelsWarning) accepts for a download offer
 DOWNLOAD_URL = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/(?P<file>[^?#]+)$")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from devtools import harness as h
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pack_is_loaded_as_a_custom_node_package(comfy):
