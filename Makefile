@@ -42,7 +42,7 @@ test-quick: setup
 	$(call run_pytest,$(PY),-m "not slow" $(PYTEST_ARGS))
 
 demo: setup
-	@$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(DEMO_ARGS)
+	@$(PY) -m scripts.demo $(if $(CKPT),--ckpt "$(CKPT)") $(DEMO_ARGS)
 
 snapshot: setup
-	@$(PY) scripts/schema_snapshot.py --write
+	@$(PY) -m scripts.schema_snapshot --write

@@ -30,17 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "scripts", ROOT / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from devtools.models import random_trunk_state_dict as random_trunk
+from syncdiff_core import NO_SYNC, Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample
+from syncdiff_core.batching import BatchSize
+from syncdiff_core import perceptual
+from syncdiff_core.sync import synchronize
+from syncdiff_core.windows import crop
 
-from reference import input_scale as vp_input_scale  # noqa: E402  (the tests' reference: SD's 1/sqrt(1+σ²))
-from tiny_models import random_trunk_state_dict as random_trunk  # noqa: E402
-from syncdiff_core import Anchor, BatchPolicy, SyncSettings, plan_windows, sample  # noqa: E402
-from syncdiff_core import perceptual  # noqa: E402
-from syncdiff_core.sync import synchronize  # noqa: E402
-from syncdiff_core.windows import crop  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vp_input_scale(sigma) -> float:
+    """SD's variance-preserving model input scale 1/sqrt(1 + sigma^2) (from the sampler's x = x0 + sigma * eps)."""
+    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
 
 #: scikit-image images that ship in the wheel (checked: they load with no network). Photos, then textures.
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "grass", "gravel")
@@ -139,7 +141,7 @@ def generate(denoiser, seeds, setup: Setup, sync: SyncSettings, sync_loss) -> to
     plan = plan_windows(setup.height, setup.width, setup.window, setup.stride)
     sigmas = ddim_sigmas(setup.steps)
     x = initial_noise(seeds, (3, setup.height, setup.width)) * math.sqrt(1 + float(sigmas[0]) ** 2)
-    out = sample(denoiser, x, sigmas, plan, sync=sync, decode=lambda x0: x0, loss=sync_loss,
+    out = sample(Lanes.single(denoiser, lambda x0: x0, sync_loss), x, sigmas, plan, sync=sync,
                  anchor=Anchor("center"), input_scale=vp_input_scale, batching=BatchPolicy(len(plan)))
     return out.clamp(-1, 1)
 
@@ -165,14 +167,14 @@ def step_size_report(denoiser, seeds, setup: Setup, weight: float, sync_loss, at
     def keep(i, xi, x0i):
         states[i + 1] = xi.clone()
 
-    sample(denoiser, x, sigmas, plan, batching=BatchPolicy(len(plan)), callback=keep)
+    sample(Lanes.single(denoiser), x, sigmas, plan, batching=BatchPolicy(len(plan)), callback=keep)
     for i in sorted(wanted):
         xi, sigma = states[i], sigmas[i]
         w_i = weight * setup.decay**i
         views = [crop(xi, win) for win in plan]
-        moved = synchronize(views, sigma, i, plan, denoise=denoiser, decode=lambda x0: x0, loss=sync_loss,
+        moved = synchronize(Lanes.single(denoiser, lambda x0: x0, sync_loss), views, sigma, i, plan,
                             anchor=Anchor("center"), weight=w_i, input_scale=vp_input_scale(sigma),
-                            batch=len(plan))
+                            batches=[BatchSize(len(plan))])
         a = plan.center_index
         dx = torch.cat([moved[j] - views[j] for j in range(len(plan)) if j != a])
         before = torch.cat([views[j] for j in range(len(plan)) if j != a])
@@ -195,7 +197,7 @@ def run_benchmark(seeds, sync_steps_list=(5, 10, 20, 50), weight: float = 20.0, 
     metric_lpips = perceptual.build_lpips(random_trunk("vgg16", METRIC_VGG16_SEED), "cpu", "random vgg16 seed 1")
     metric_style = perceptual.build_style_features(random_trunk("vgg19", METRIC_VGG19_SEED), "cpu",
                                                    "random vgg19 seed 2")
-    settings = [("MultiDiffusion (w = 0)", SyncSettings(weight=0.0, steps=0, decay=setup.decay))]
+    settings = [("MultiDiffusion (w = 0)", NO_SYNC)]
     for k in sync_steps_list:
         k = min(k, setup.steps)
         settings.append((f"SyncDiffusion (w = {weight:g}, sync_steps = {k})",
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
     record = {k: v for k, v in results.items() if k != "images"}
     record.update(step_scale=scale, total_seconds=total, date=time.strftime("%Y-%m-%d"),
                   machine=f"{machine_name()}, {torch.get_num_threads()} torch threads",
-                  torch=torch.__version__, command="python bench/coherence.py " + " ".join(argv or sys.argv[1:]))
+                  torch=torch.__version__, command="python -m bench.coherence " + " ".join(argv or sys.argv[1:]))
     (args.out / "coherence_results.json").write_text(json.dumps(record, indent=1))
     print()
     print(markdown_table(results))

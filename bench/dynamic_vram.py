@@ -3,7 +3,7 @@
 on NVIDIA) and off (``--disable-dynamic-vram``), on the GPU.
 
 One process per lane and mode (ComfyUI's arguments are per process), each running ComfyUI headless in-process
-(``scripts/comfy_headless.py``: ComfyUI's own ``PromptExecutor``, as the server runs prompts). A random-weight
+(``devtools/headless.py``: ComfyUI's own ``PromptExecutor``, as the server runs prompts). A random-weight
 checkpoint of SD 2.0-base's size (UNet 865 M, the KL VAE; fp16) is written once and loaded by the graph's own
 ``CheckpointLoaderSimple``, as a user's would be (dynamic VRAM's non-dynamic delegate needs a core loader). Each
 process runs the same synchronized panorama prompt twice (the second is the warm prompt that reloaded the model on
@@ -108,8 +108,7 @@ def _enable_dynamic_vram_devices_like_main_py(args) -> str:
 def child(opts) -> dict:
     lane, mode, comfy_path, ckpt = opts.child.split(":", 3)
     os.environ["COMFYUI_PATH"] = comfy_path
-    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
-    import comfy_headless as ch
+    from devtools import headless as ch
 
     base = Path(opts.out) / f"base-{lane}-{mode}"
     ch.bootstrap(base, cpu=opts.tiny)
@@ -131,9 +130,8 @@ def child(opts) -> dict:
     link = ckpt_dir / Path(ckpt).name
     if not link.exists():
         link.symlink_to(Path(ckpt).resolve())
-    lpips_dir = rt.models_dir / "lpips"
-    import tiny_models
-    tiny_models.write_random_trunk(lpips_dir / "vgg16-random.safetensors", "vgg16", seed=0)
+    from devtools import models
+    models.install_random_trunk(rt.models_dir, "vgg16", seed=0)
     loader = rt.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]()
     with torch.inference_mode():
         model, _, vae = loader.load_checkpoint(link.name)[:3]
@@ -144,8 +142,7 @@ def child(opts) -> dict:
     from syncdiff_core.comfy.model import is_dynamic
 
     dynamic = is_dynamic(model)
-    sys.path.insert(0, str(ROOT / "tests"))
-    import comfy_harness as h
+    from devtools import harness as h
     window = 64 if opts.tiny else 512
     prompt = {
         "1": h.object_node(model, "MODEL"), "2": h.object_node(pos, "CONDITIONING"),
@@ -189,19 +186,9 @@ def child(opts) -> dict:
 def write_checkpoint(opts, comfy_path: str, path: Path) -> None:
     """A random-weight SD2-base-size checkpoint, written by a process of the first lane (ComfyUI's own
     ``save_checkpoint``); with ``--tiny`` the test suite's tiny SD2 checkpoint (one-level UNet, TAESD)."""
-    if opts.tiny:
-        write = f"import tiny_models; tiny_models.write_checkpoint({str(path)!r}, family='sd20', seed=0)"
-    else:
-        write = f"from bench.sizes import write_sd2_base_checkpoint; write_sd2_base_checkpoint({str(path)!r}, seed=0)"
-    code = f"""
-import sys
-sys.path[:0] = [{str(ROOT / 'scripts')!r}, {str(ROOT)!r}]
-import comfy_headless as ch
-ch.bootstrap(None, cpu={bool(opts.tiny)})
-{write}
-print("checkpoint written", {str(path)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "COMFYUI_PATH": comfy_path})
+    size = "tiny-sd20" if opts.tiny else "sd2-base"
+    subprocess.run([sys.executable, "-m", "devtools.models", str(path), "--size", size], check=True, cwd=ROOT,
+                   env={**os.environ, "COMFYUI_PATH": comfy_path})
 
 
 def main(argv=None) -> int:
@@ -221,11 +208,11 @@ def main(argv=None) -> int:
         for mode in MODES:
             if mode != "default" and lane.startswith("0.3."):  # 0.3.x has no dynamic VRAM
                 continue
-            cmd = [sys.executable, __file__, "--child", f"{lane}:{mode}:{path}:{ckpt}", "--out", str(out),
+            cmd = [sys.executable, "-m", "bench.dynamic_vram", "--child", f"{lane}:{mode}:{path}:{ckpt}", "--out", str(out),
                    "--width", str(opts.width), "--height", str(opts.height), "--steps", str(opts.steps),
                    "--sync-steps", str(opts.sync_steps)] + (["--tiny"] if opts.tiny else [])
             print("==", lane, mode, flush=True)
-            done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             result_file = out / f"child-{lane}-{mode}.json"
             if done.returncode or not result_file.exists():
                 report["errors"].append(f"{lane} {mode}: exit {done.returncode}")

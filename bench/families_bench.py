@@ -27,13 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the bench's modules as bench.<name>
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.options import script_path_fix
-
-    script_path_fix(Path(__file__).parent)
-
-from bench.sizes import FLUX_DEV, SD_VAE, SDXL_UNET  # noqa: E402
+from devtools.models import FLUX_DEV, SD_VAE, SDXL_UNET
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,16 +51,9 @@ def parse_args(argv=None):
 
 
 def start(opts):
-    os.environ.setdefault("COMFYUI_PATH", str(ROOT / ".comfyui" / "ComfyUI"))
-    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT), str(ROOT / "tests")]
-    import comfy_headless as ch
-    base = Path(tempfile.mkdtemp(prefix="syncdiff-families-"))
-    ch.bootstrap(base, cpu=opts.tiny)
-    import comfy.model_management  # noqa: F401
-    import tiny_models
-    tiny_models.write_random_trunk(base / "models" / "lpips" / "vgg16.safetensors", "vgg16", seed=3)
-    from syncdiff_core.comfy.assets import register_lpips_folder
-    register_lpips_folder()
+    from devtools import headless, models
+    base = headless.bootstrap(Path(tempfile.mkdtemp(prefix="syncdiff-families-")), cpu=opts.tiny)
+    models.install_random_trunk(base / "models", "vgg16", seed=3, file_name="vgg16.safetensors")
     return base
 
 
@@ -80,7 +67,7 @@ def build(name: str, opts):
     import comfy.supported_models as sm
     spec = FAMILIES[name]
     if opts.tiny:
-        import family_models as fm
+        from devtools import families as fm
         fam = fm.build(spec["tiny"])
         return fam.model, fam.vae, fam.positive, fam.negative
     device = mm.get_torch_device()
@@ -160,9 +147,8 @@ def guided_flops(pack_sampling, pack_job, model, vae, pos, neg, window_latent, s
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from syncdiff_core.sync import SyncSettings
-    job = pack_job.PanoramaJob(seed=1, steps=1, cfg=spec["cfg"], window_px=0, stride_px=0,
-                               sync=SyncSettings(weight=0.0, steps=0))
+    from syncdiff_core.sync import NO_SYNC
+    job = pack_job.PanoramaJob(seed=1, steps=1, cfg=spec["cfg"], window_px=0, stride_px=0, sync=NO_SYNC)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         pack_sampling.sample_panorama(model, pos, neg, {"samples": window_latent}, job, vae=vae)
     return float(fc.get_total_flops())
@@ -237,8 +223,8 @@ def main(argv=None) -> int:
                 window_latent = latent[..., :win, :win].clone()
                 fl = guided_flops(pack_sampling, pack_job, model, vae, pos, neg, window_latent, spec)
                 rate = report["bf16_matmul_tflops"] * 1e12
-                windows = len(pack_job.Windowing(stride_px=0).plan(latent.shape[-2], latent.shape[-1], scale, win,
-                                                                   facts.default_stride_px))
+                windows = len(pack_job.plan_canvas(pack_job.Windowing(), latent.shape[-2], latent.shape[-1], scale,
+                                                   win, facts.default_stride_px))
                 evals = windows * steps
                 res["floor"] = {"guided_flops_one_window": fl, "windows": windows,
                                 "md_s": round(fl * evals / rate, 2),

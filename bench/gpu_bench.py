@@ -27,16 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the bench's modules as bench.<name>
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.options import script_path_fix
-
-    script_path_fix(Path(__file__).parent)
-
-from bench.options import add_run_options, apply_tiny, run_in_comfy  # noqa: E402
+from bench.options import add_run_options, apply_tiny, run_in_comfy
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ difference of the panoramas (next to the same prompt twice on one GPU: the run-t
     python bench/multigpu_bench.py --comfyui /path/to/ComfyUI-0.33.0 --out OUT   # a machine with 2+ GPUs
     python bench/multigpu_bench.py --comfyui ... --tiny --out /tmp/mg            # CPU, tiny models, a stand-in
                                                                                  # second device (cpu:1)
-ComfyUI is started headless (``scripts/comfy_headless.py``), so 0.33's dynamic VRAM stays off, as main.py with
+ComfyUI is started headless (``devtools/headless.py``), so 0.33's dynamic VRAM stays off, as main.py with
 ``--disable-dynamic-vram``. Results: ``multigpu.json`` in ``--out`` and a table at the end.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
 TARGETS = {0.0: 1.8, 20.0: 1.7}  # sync weight -> speed-up issue 17 asks for
 
@@ -87,11 +86,11 @@ def main(argv=None) -> int:
     ckpt = out_dir / "sd2-size-random.safetensors"
     if not ckpt.exists():
         write_checkpoint(opts, opts.comfyui, ckpt)
-    import comfy_headless as ch
+    from devtools import headless as ch
 
     rt = ch.start(out_dir / "base", cpu=opts.tiny)
     import torch
-    import tiny_models
+    from devtools import models as tiny_models
     from syncdiff_core.comfy.sampling import sample_panorama
     from syncdiff_core.job import PanoramaJob
     from syncdiff_core.sync import Anchor, SyncSettings
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
     link = rt.model_folder("checkpoints") / ckpt.name
     if not link.exists():
         link.symlink_to(ckpt.resolve())
-    tiny_models.write_random_trunk(rt.models_dir / "lpips" / "vgg16-random.safetensors", "vgg16", seed=0)
+    tiny_models.install_random_trunk(rt.models_dir, "vgg16", seed=0)
     with torch.inference_mode():
         model, _, vae = rt.nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(link.name)[:3]
     g = torch.Generator().manual_seed(2)

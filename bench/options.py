@@ -1,13 +1,12 @@
 """The benchmarks' shared command-line options, and ComfyUI's start-up for a bench process.
 
-Plain Python: nothing here imports torch or ComfyUI, so ``start_comfy`` can set ComfyUI's switches before
+Plain Python: nothing here imports torch or ComfyUI at import time, so ``start_comfy`` can set ComfyUI's switches before
 ``comfy.model_management`` is imported (by ``bench.state`` and the modules after it).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,20 +43,15 @@ def apply_tiny(a: argparse.Namespace) -> argparse.Namespace:
 
 
 def start_comfy(tiny: bool, base_dir: Path | str) -> None:
-    """ComfyUI on ``sys.path`` with its models folder under ``base_dir`` (where the bench writes its random
-    trunk and TAESD files); with ``tiny`` on the CPU (``--cpu``, no CUDA device visible). Call before anything
-    imports ``comfy.model_management``; the settings hold for the whole process, as ComfyUI's own flags do."""
+    """ComfyUI (``devtools.headless.bootstrap``) with its models folder under ``base_dir`` (where the bench writes
+    its random trunk and TAESD files); with ``tiny`` on the CPU (``--cpu``, no CUDA device visible). Call before
+    anything imports ``comfy.model_management``; the settings hold for the whole process, as ComfyUI's own flags do.
+    ComfyUI's attention choice stays its own (as a user's ComfyUI picks it); log levels stay the caller's."""
     if tiny:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    for p in (ROOT / "scripts", ROOT):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    import comfy_headless
+    from devtools import headless
 
-    # ComfyUI's attention choice stays its own (as a user's ComfyUI picks it); log levels stay the caller's.
-    comfy_headless.bootstrap(base_dir, cpu=tiny, pytorch_attention=False, log_level=None)
-    sys.path.remove(str(ROOT))  # after ComfyUI's tree: the pack's nodes/ must never shadow ComfyUI's nodes.py
-    sys.path.insert(1, str(ROOT))
+    headless.bootstrap(base_dir, cpu=tiny, pytorch_attention=False, log_level=None)
 
 
 def run_in_comfy(args: argparse.Namespace, prefix: str, modules: tuple[str, ...], run, **bench_kwargs) -> None:
@@ -81,11 +75,3 @@ def run_in_comfy(args: argparse.Namespace, prefix: str, modules: tuple[str, ...]
         finally:
             b.save()
 
-
-def script_path_fix(script_dir: Path) -> None:
-    """A script in bench/ has bench/ first on ``sys.path``; its modules are imported as ``bench.<name>`` instead
-    (one name each, and none of them shadows a top-level module of ComfyUI or a library)."""
-    here = Path(script_dir).resolve()
-    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != here]
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))

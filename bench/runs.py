@@ -46,7 +46,7 @@ def pack_run(b: Bench, models, *, width=None, steps=None, w=0.0, sync_steps=None
             t1 = now()
     finite = bool(torch.isfinite(out).all())
     rec = {"label": label, "width": width, "steps": steps, "w": w, "sync_steps": settings.steps,
-           "window_batch": job.window_batch, "sync_batch": job.gradient_batch(), "loss_decoder": job.loss_decoder,
+           "window_batch": job.window_batch, "sync_batch": job.sync_batch or job.gradient_batch(), "loss_decoder": job.loss_decoder,
            "windows": len(plan_windows(a.height // 8, width // 8, b.window_latent, a.stride // 8)),
            "compile": compile, "time_s": round(t1 - t0, 4), "step_s": [round(s, 4) for s in clock.step_s],
            "finite": finite, "notes": list(notes), **b.memory()}

@@ -4,7 +4,7 @@ PNG under output/.
 
     make demo                                  # offline: a tiny random-weight model built with ComfyUI's classes
     make demo CKPT=/path/to/sd15.safetensors   # a real SD1.x/SD2.x checkpoint (its CLIP and VAE)
-    .venv/bin/python scripts/demo.py --help    # sizes, steps, workflow, output folder
+    .venv/bin/python -m scripts.demo --help    # sizes, steps, workflow, output folder
 
 The workflow (default ``example_workflows/syncdiffusion_panorama.json``) is converted from the UI format the
 frontend saves to an API prompt with the live node schemas, its checkpoint loader is pointed at the model,
@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_WORKFLOW = ROOT / "example_workflows" / "syncdiffusion_panorama.json"
 CKPT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name"}
@@ -87,9 +85,9 @@ def main(argv=None) -> int:
 
     cpu = opts.cpu or not _has_gpu()
     stages.start(f"start ComfyUI headless ({'--cpu' if cpu else 'on the GPU'}) and load the pack")
-    import comfy_headless
+    from devtools import headless
     base = Path(tempfile.mkdtemp(prefix="syncdiff-demo-"))
-    rt = comfy_headless.start(base, cpu=cpu)
+    rt = headless.start(base, cpu=cpu)
     opts.output.mkdir(parents=True, exist_ok=True)
     rt.folder_paths.set_output_directory(str(opts.output.resolve()))
     print(f"ComfyUI {rt.comfy_dir}; pack nodes: {', '.join(rt.pack_node_ids)}")
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
                   "download it, else stop and say where to put vgg16-397923af.pth (or pass --lpips-dir).")
 
     stages.start("convert the UI workflow to an API prompt")
-    import workflow_convert as wc
+    from devtools import workflow as wc
     wf = wc.load_workflow(opts.workflow)
     loaders = [n for n in wf["nodes"] if n.get("type") in CKPT_LOADERS]
     if not loaders:
@@ -205,7 +203,7 @@ def stage_checkpoint(rt, ckpt_path: Path) -> str:
 
 def _register_tiny_loader(rt) -> int:
     """Build the tiny model and register a demo-only node that outputs it like CheckpointLoaderSimple."""
-    import tiny_models
+    from devtools import models as tiny_models
     model = tiny_models.build_model("sd15", seed=2024, model_channels=TINY_MODEL_CHANNELS, num_heads=1)
     clip = tiny_models.build_clip("sd15", seed=2025)
     vae = tiny_models.build_taesd_vae(seed=2026)
@@ -235,15 +233,13 @@ def _has_trunk(rt) -> bool:
 
 
 def _write_random_trunk(rt) -> None:
-    import tiny_models
-    folder = rt.models_dir / "lpips"
-    tiny_models.write_random_trunk(folder / "vgg16-random-demo.safetensors", "vgg16", seed=0)
-    rt.add_model_folder("lpips", folder)
+    from devtools import models
+    models.install_random_trunk(rt.models_dir, "vgg16", seed=0, file_name="vgg16-random-demo.safetensors")
 
 
 def _apply_overrides(prompt: dict, rt, overrides: dict) -> list[str]:
     """Set widget inputs named in ``overrides`` on every node that has them (never on linked inputs)."""
-    import workflow_convert as wc
+    from devtools import workflow as wc
     changed = []
     for nid, node in prompt.items():
         specs = {s.name: s for s in wc.node_inputs(rt.nodes.NODE_CLASS_MAPPINGS[node["class_type"]])}
@@ -257,6 +253,4 @@ def _apply_overrides(prompt: dict, rt, overrides: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))  # for syncdiff_core (plain torch) when writing a random trunk
     sys.exit(main())

@@ -12,7 +12,7 @@ and what conditions them, evaluated from the stock nodes that build it: the Cont
 ImageCompositeMasked, ImageFlip) as the canvas, and the layout regions' masks (SolidMask, MaskComposite).
 
 Run after adding or changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all) or with paths.
-``tests/test_example_workflows.py`` checks that every thumbnail is what this script draws from its workflow.
+``tests/comfy/test_example_workflows.py`` checks that every thumbnail is what this script draws from its workflow.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The pack's node schemas as a contract: what saved workflows depend on.
 
-``python scripts/schema_snapshot.py --write``   (or ``make snapshot``) regenerates tests/schema_snapshot.json
-``python scripts/schema_snapshot.py --check``   prints the differences with the snapshot (exit 1 if any)
+``python -m scripts.schema_snapshot --write`` (or ``make snapshot``) regenerates tests/schema_snapshot.json
+``python -m scripts.schema_snapshot --check`` prints the differences with the snapshot (exit 1 if any)
 
 The contract of a node is what ComfyUI serves in ``/object_info`` for it (``GET_NODE_INFO_V1`` for V3 nodes),
 restricted to the fields that saved workflows depend on (``PINNED_NODE_KEYS``): id, display name, category,
@@ -23,8 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT = ROOT / "tests" / "schema_snapshot.json"
 PINNED_NODE_KEYS = ("input", "input_order", "output", "output_is_list", "output_name", "name", "display_name",
                     "category", "output_node", "deprecated", "experimental", "api_node")
@@ -149,9 +148,8 @@ def main() -> int:
     g.add_argument("--write", action="store_true", help=f"regenerate {SNAPSHOT.relative_to(ROOT)}")
     g.add_argument("--check", action="store_true", help="print differences, exit 1 if any")
     opts = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    import comfy_headless
-    rt = comfy_headless.start()
+    from devtools import headless
+    rt = headless.start()
     live = live_contracts(rt)
     old = load_snapshot()
     changes = diff(old, live)

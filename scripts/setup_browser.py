@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the browser test (``tests/test_frontend.py``) needs, installed when missing: Debian's ``chromium`` and the
+"""What the browser test (``tests/comfy/test_frontend.py``) needs, installed when missing: Debian's ``chromium`` and the
 ``playwright`` PyPI package (its driver only). Idempotent; a second run takes well under a second.
 
     python scripts/setup_browser.py          # prints the Chromium executable it found or installed

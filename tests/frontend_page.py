@@ -1,4 +1,4 @@
-"""The real ComfyUI frontend in headless Chromium, for ``tests/test_frontend.py``: the server, the page, what the
+"""The real ComfyUI frontend in headless Chromium, for ``tests/comfy/test_frontend.py``: the server, the page, what the
 page is asked (JavaScript run in it), and the checks of what it answers.
 
 The JavaScript reads ComfyUI frontend 1.32's globals (``app``, ``LiteGraph``) and its DOM (PrimeVue dialogs,
@@ -10,20 +10,15 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import comfy_headless
-import workflow_convert as wc
+from devtools import workflow as wc
+from devtools.server import LINK_NAME, Server
+from devtools.server import get as get_json  # noqa: F401  (test_frontend uses fp.get_json)
 
 ROOT = Path(__file__).resolve().parent.parent
-LINK_NAME = "comfyui-syncdiffusion"
 ARTIFACTS = Path(os.environ.get("SYNCDIFF_TEST_ARTIFACTS") or ROOT / "output" / "test-artifacts" / "frontend")
-STARTUP_TIMEOUT_S = 150
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -35,80 +30,14 @@ class PageProblem(AssertionError):
 
 # ----------------------------------------------------------------------------- server
 
-from comfy_server import free_port as _free_port  # noqa: E402
-from comfy_server import get as get_json  # noqa: E402
-
-
 # The models folders the server lists from the tests' models directory (what the example workflows load).
 MODEL_FOLDERS = ("checkpoints", "controlnet", "diffusion_models", "text_encoders", "vae", "lpips")
 
 
-class FrontendServer:
-    """``main.py --cpu`` with a temp base directory, the pack linked into its custom_nodes, the test models'
-    folders as extra model paths, and a user whose first-run template dialog has already been seen."""
-
-    def __init__(self, base: Path, models_dir: Path):
-        self.base = base
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("custom_nodes", "output", "input", "temp", "user/default"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        (base / "custom_nodes" / LINK_NAME).symlink_to(ROOT, target_is_directory=True)
-        # Without this the frontend opens the template browser by itself on the first visit, racing the test.
-        (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-        extra = base / "extra_model_paths.yaml"
-        extra.write_text("syncdiffusion_frontend_test:\n"
-                         f"    base_path: {models_dir}\n"
-                         + "".join(f"    {folder}: {folder}\n" for folder in MODEL_FOLDERS))
-        self.log_path = base / "server.log"
-        self.cmd = [sys.executable, str(comfy_headless.comfyui_path() / "main.py"),
-                    "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1", "--port", str(self.port),
-                    "--base-directory", str(base), "--output-directory", str(base / "output"),
-                    "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
-                    "--user-directory", str(base / "user"), "--extra-model-paths-config", str(extra),
-                    "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--log-stdout"]
-        self.proc = None
-        self._log = None
-
-    def launch(self) -> None:
-        """Start ``main.py``; ``wait_ready`` waits for it (so the caller can prepare other things meanwhile)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PageProblem(f"ComfyUI exited with {self.proc.returncode} during startup:\n{self.tail()}")
-            try:
-                get_json(self.url + "/system_stats", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
-        raise PageProblem(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise PageProblem(f"the server died (exit {self.proc.returncode}):\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        if self._log:
-            self._log.close()
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
+def frontend_server(base: Path, models_dir: Path) -> Server:
+    """A server whose default user has already seen the first-run template dialog (without that the frontend opens
+    the template browser by itself on the first visit, racing the test), listing the example workflows' folders."""
+    return Server(base, models_dir, folders=MODEL_FOLDERS, settings={"Comfy.TutorialCompleted": True})
 
 
 # ----------------------------------------------------------------------------- page
@@ -116,7 +45,7 @@ class FrontendServer:
 class UI:
     """The page, plus what it reported: console errors, uncaught exceptions."""
 
-    def __init__(self, page, server: FrontendServer):
+    def __init__(self, page, server: Server):
         self.page = page
         self.server = server
         self.console_errors: list[str] = []
@@ -404,7 +333,7 @@ def queue_and_wait_for_error_dialog(ui: UI, timeout_s: float) -> str:
             return "\n".join(dialogs)
         if ui.js(ERROR_OVERLAY_JS):
             return open_error_details(ui)
-        ui.server.alive()
+        ui.server.check_alive()
         time.sleep(0.25)
     raise PageProblem(f"no error dialog within {timeout_s} s; toasts: {ui.js(ERROR_TOASTS_JS)}")
 

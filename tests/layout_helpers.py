@@ -1,5 +1,5 @@
 """Shared by test_layout.py and test_controlnet_windows.py: a micro SD1.x-style UNet (and ControlNet) built
-through ComfyUI's own classes, prompts as conditioning tensors, and an independent per-window reference sampler made of stock ComfyUI parts.
+through ComfyUI's own classes (``devtools.models``), prompts as conditioning tensors, and an independent per-window reference sampler made of stock ComfyUI parts.
 
 Why a micro model and not the harness's ``tiny_sd15``/``tiny_sd20``: those keep SD's width (model_channels
 320) so that checkpoint detection recognises them; one 3-step 64x256 px panorama costs ~15 s of a shared
@@ -19,14 +19,11 @@ from __future__ import annotations
 import contextlib
 import math
 
-import tiny_models
 import torch
 
-CTX = 64  # context_dim of the micro UNet (the prompts' embedding width)
-CFG = 5.0
+from devtools.models import MICRO_CTX as CTX, MICRO_UNET, build_micro_controlnet, build_micro_model  # noqa: F401
 
-#: The harness's SD1.x one-level config at 32 channels and a CTX-wide context (see the module docstring).
-MICRO_UNET = {**tiny_models.unet_config("sd15"), "model_channels": 32, "context_dim": CTX}
+CFG = 5.0
 
 
 @contextlib.contextmanager
@@ -40,24 +37,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-def build_micro_model(seed: int = 0):
-    return tiny_models.build_model("sd15", seed, model_channels=MICRO_UNET["model_channels"], context_dim=CTX)
-
-
-def build_micro_controlnet(seed: int = 1):
-    """A random ControlNet for the micro UNet (its zero convs random too, so the hint changes the result)."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.model_management as mm
-    import comfy.ops
-
-    cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
-                                     operations=comfy.ops.disable_weight_init)
-    tiny_models.init_weights_(net, seed)
-    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
 
 
 def prompt(seed: int, tokens: int = 8, scale: float = 1.0) -> list:
