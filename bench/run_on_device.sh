@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run bench/gpu_bench.py on the GPU machine, from the repository root.
+# Run a benchmark (default bench.gpu_bench) or the GPU tests on the GPU machine, from the repository root.
 #
 # The machine has torch and most of ComfyUI's needs but not torchsde, trampoline or lpips: they travel as
 # pure-python wheels in .whl/ (git-ignored; carried with the call, see docs/dev/performance-history.md), and .comfyui/
@@ -7,9 +7,9 @@
 # may not travel. Arguments go to gpu_bench.py; results land in $OUT (results.json, log.txt, nvidia-smi.txt).
 #
 #   here:   git rev-parse HEAD > bench/.commit   (add "+dirty" if bench/ or syncdiff_core/ has changes)
-#   device: bash bench/run_on_device.sh --plan explore
-#           BENCH_SCRIPT=bench/probe.py bash bench/run_on_device.sh --budget-s 520   (kernel split, torch.compile)
-#           BENCH_SCRIPT=bench/decoder_levers.py bash bench/run_on_device.sh        (loss-decoder levers; --decoder-only)
+#   device: bash bench/run_on_device.sh --plan explore                        (bench.gpu_bench)
+#           BENCH=bench.memory_bench bash bench/run_on_device.sh              (the memory plan on emulated cards)
+#           bash bench/run_on_device.sh gpu-tests                              (tests marked gpu; pytest in .whl/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench-out}
@@ -33,5 +33,10 @@ import comfy.sd, comfy.samplers, comfy.supported_models  # noqa: F401
 import syncdiff_core.comfy.sampling, syncdiff_core.comfy.decode  # noqa: F401
 print("imports ok; torch", torch.__version__, "cuda", torch.cuda.is_available())
 EOF
-python3 "${BENCH_SCRIPT:-bench/gpu_bench.py}" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+if [ "${1:-}" = gpu-tests ]; then
+    shift
+    SYNCDIFF_GPU_TESTS=1 python3 -m pytest -q -m gpu tests/comfy/test_gpu_reliability.py "$@" 2>&1 | tee "$OUT/log.txt"
+    exit "${PIPESTATUS[0]}"
+fi
+python3 -m "${BENCH:-bench.gpu_bench}" --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"
