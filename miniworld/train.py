@@ -3,8 +3,9 @@
     python -m miniworld.train --out miniworld/assets                 # what the committed assets came from
     python -m miniworld.train --out /tmp/w --device cpu --quick      # a smoke run of every stage (minutes)
 
-Stages (each seeded from ``--seed``): (1) the attribute classifier on window crops; (2) the KL VAE on 64 px
-crops (L1 + MSE + a small KL term), then its latents rescaled so that SD1.x's latent scale gives them unit
+Stages (each seeded from ``--seed``): (1) the attribute classifier on window crops; (2) the KL VAE on window-size
+crops (L1 + MSE + a small KL term; its GroupNorms normalise over the whole image, so it is trained at the size
+it decodes), then its latents rescaled so that SD1.x's latent scale gives them unit
 variance; (3) the SD1.x UNet on latent crops of encoded scenes with eps prediction on SD's schedule, conditioned
 on CLIP-L embeddings of prompts that name the scene's attributes (10 % of samples get an empty or a negative
 prompt, for classifier-free guidance), with an EMA of its weights saved. ComfyUI's tree comes from
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--unet-steps", type=int, default=12000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--vae-crop", type=int, default=64, help="VAE training crop side in px (a multiple of 8)")
+    ap.add_argument("--vae-crop", type=int, default=128, help="VAE training crop side in px (a multiple of 8)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test of every stage")
     return ap.parse_args(argv)
