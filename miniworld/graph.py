@@ -1,0 +1,130 @@
+"""Run the world's models in a real headless ComfyUI graph with this pack's nodes (demo, evaluation, tests).
+
+The trained models reach the graph through one loader node, ``MiniWorldLoader`` (MODEL, CLIP, VAE), registered
+into ComfyUI's node registry at run time: ComfyUI's checkpoint detection only knows real families' widths
+(see ``miniworld.models``), so a file loader cannot build these narrow models. Everything after the loader --
+CLIPTextEncode, PanoramaLatent, SyncDiffusionSampler, VAEDecode, SaveImage -- is the normal graph.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADER = "MiniWorldLoader"
+_CACHE: dict = {}
+
+
+def headless_module():
+    """The repository's headless-ComfyUI helper (``comfy_headless``), wherever the repository keeps it."""
+    try:
+        from devtools import comfy_headless  # type: ignore
+        return comfy_headless
+    except ImportError:
+        pass
+    for sub in ("scripts", "devtools"):
+        p = ROOT / sub
+        if (p / "comfy_headless.py").is_file() and str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    import comfy_headless  # type: ignore
+    return comfy_headless
+
+
+def start(cpu: bool = True, base: Path | None = None):
+    """ComfyUI headless with the pack loaded, the world's loader registered and an LPIPS trunk available."""
+    ch = headless_module()
+    rt = ch.start(base or Path(tempfile.mkdtemp(prefix="miniworld-")), cpu=cpu)
+    register_loader(rt)
+    ensure_trunk(rt)
+    return rt
+
+
+def loaded(folder: Path | None = None):
+    """The world's (model, clip, vae), built once per process and folder."""
+    from miniworld import models
+    key = str(folder or models.ASSETS)
+    if key not in _CACHE:
+        _CACHE[key] = models.load(folder or models.ASSETS)
+    return _CACHE[key]
+
+
+def register_loader(rt, folder: Path | None = None) -> None:
+    class MiniWorldLoader:
+        CATEGORY = "_for_testing/syncdiffusion"
+        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+        FUNCTION = "load"
+        DESCRIPTION = "The miniature trained world's SD1.x-architecture model, text encoder and KL VAE."
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def load(self):
+            return loaded(folder)
+
+    rt.register_nodes({LOADER: MiniWorldLoader}, {LOADER: "Mini world model (SD1.x architecture)"})
+
+
+def has_trunk(rt, name: str = "vgg16") -> bool:
+    fp = rt.folder_paths
+    if "lpips" not in fp.folder_names_and_paths:
+        return False
+    return any(Path(f).is_dir() and any(p.name.startswith(name) for p in Path(f).iterdir())
+               for f in fp.get_folder_paths("lpips"))
+
+
+def random_trunk(name: str = "vgg16", seed: int = 0) -> dict:
+    """A random VGG trunk (torchvision's initialisation, ``features.*`` keys), from ``seed``."""
+    from syncdiff_core import perceptual
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        feats = perceptual.vgg_features(name)
+    return {f"features.{k}": v.contiguous() for k, v in feats.state_dict().items()}
+
+
+def ensure_trunk(rt) -> None:
+    """Use ComfyUI's models/lpips trunk when there is one, else write a random VGG16 trunk there (offline)."""
+    real = Path(rt.comfy_dir) / "models" / "lpips"
+    if real.is_dir():
+        rt.add_model_folder("lpips", real)
+    if not has_trunk(rt):
+        from safetensors.torch import save_file
+        folder = Path(rt.models_dir) / "lpips"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(random_trunk("vgg16", 0), str(folder / "vgg16-random.safetensors"))
+        rt.add_model_folder("lpips", folder)
+
+
+def panorama_prompt(positive: str, negative: str, width: int, height: int, seed: int, steps: int, cfg: float,
+                    window: int, stride: int, sync_weight: float, sync_steps: int, prefix: str,
+                    sync_decay: float = 0.95) -> dict:
+    """An API prompt: loader -> two CLIPTextEncode -> PanoramaLatent -> SyncDiffusionSampler -> VAEDecode -> SaveImage."""
+    return {
+        "1": {"class_type": LOADER, "inputs": {}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "4": {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "5": {"class_type": "SyncDiffusionSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2],
+            "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": cfg, "window_size": window,
+            "stride": stride, "sync_weight": sync_weight, "sync_decay": sync_decay, "sync_steps": sync_steps,
+            "sync_every": 1, "wrap": False, "window_batch": 8}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+def run_panorama(rt, **kw) -> torch.Tensor:
+    """Run :func:`panorama_prompt` and return the saved image as (3, H, W) float in 0..1."""
+    from PIL import Image
+    result = rt.run_prompt(panorama_prompt(**kw))
+    files = result.image_files()
+    if not files:
+        raise RuntimeError("the panorama graph saved no image")
+    with Image.open(files[-1]) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

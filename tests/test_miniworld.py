@@ -1,0 +1,167 @@
+"""The miniature trained world: its generator, its committed weights, and synchronization measured on them."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from miniworld import world  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ generator
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b = world.render(11), world.render(11)
+    assert torch.equal(a.image, b.image)
+    assert (a.time, a.season, a.foreground) == (b.time, b.season, b.foreground)
+    assert not torch.equal(a.image, world.render(12).image)
+
+
+def test_attributes_set_the_look_and_keep_the_rest_of_the_seed():
+    night = world.render(5, time="night", season="winter")
+    day = world.render(5, time="day", season="winter")
+    assert night.image.mean() < day.image.mean() - 0.2  # night is darker across the scene
+    summer = world.render(5, time="day", season="summer")
+    ground = slice(int(0.9 * 128), 128)
+    # winter ground is snow (bright, grey), summer ground green
+    assert day.image[:, ground].mean() > summer.image[:, ground].mean() + 0.2
+    assert summer.image[1, ground].mean() > summer.image[0, ground].mean()
+
+
+def test_generator_rejects_unknown_attributes():
+    with pytest.raises(ValueError, match="time must be one of"):
+        world.render(0, time="noonish")
+    with pytest.raises(ValueError, match="at least 8 px"):
+        world.render(0, width=4)
+
+
+def test_prompts_name_the_attributes():
+    p = world.prompt("dawn", "winter", "lake", variant=1)
+    assert "sunrise" in p and "lake" in p
+    assert "snow" in world.prompt("night", "winter", "meadow", variant=0)
+
+
+# ------------------------------------------------------------------------------------------------ assets
+
+
+def test_committed_assets_match_their_checksums(comfy):
+    from miniworld import models
+    files = models.check_assets(models.ASSETS)
+    sums = json.loads(models.CHECKSUMS.read_text())
+    assert set(sums) == set(models.ASSET_FILES) == set(files)
+    assert sum(p.stat().st_size for p in files.values()) < 25 * 2 ** 20
+    for name, path in files.items():
+        assert models.sha256(path) == sums[name]
+
+
+def _copy_assets(tmp_path: Path) -> Path:
+    from miniworld import models
+    dst = tmp_path / "assets"
+    shutil.copytree(models.ASSETS, dst)
+    return dst
+
+
+def test_missing_asset_names_the_file_and_the_rebuild_command(comfy, tmp_path):
+    from miniworld import models
+    folder = _copy_assets(tmp_path)
+    (folder / "unet.safetensors").unlink()
+    with pytest.raises(models.AssetError) as e:
+        models.load(folder, with_clip=False)
+    assert "unet.safetensors" in str(e.value) and "missing" in str(e.value)
+    assert "python -m miniworld.train" in str(e.value)
+
+
+def test_corrupted_asset_names_the_file_and_the_rebuild_command(comfy, tmp_path):
+    from miniworld import models
+    folder = _copy_assets(tmp_path)
+    p = folder / "vae.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(models.AssetError) as e:
+        models.check_assets(folder)
+    assert "vae.safetensors" in str(e.value) and "corrupted" in str(e.value)
+    assert "python -m miniworld.train" in str(e.value)
+
+
+def test_text_encoder_is_rebuilt_bit_identically(comfy):
+    """The CLIP is not stored: the UNet's meaning of the words relies on the seeded rebuild being exact."""
+    from miniworld import models
+    a = models.encode_prompts(models.clip(), ["mountains at dusk, snow, lake"])
+    b = models.encode_prompts(models.clip(), ["mountains at dusk, snow, lake"])
+    c = models.encode_prompts(models.clip(), ["mountains at dawn, snow, lake"])
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ in a graph
+
+
+@pytest.fixture(scope="module")
+def world_rt(comfy, lpips_trunk):
+    from miniworld import graph
+    graph.register_loader(comfy)
+    return comfy
+
+
+def _classifier():
+    from miniworld import models
+    return models.load_classifier()
+
+
+@pytest.mark.xfail(reason="the committed weights were trained on a CPU for 500 UNet steps (no GPU could be had): "
+                          "the pipeline runs, the time-of-day prompt is not followed yet; passes once the assets "
+                          "are rebuilt with the full `python -m miniworld.train` defaults", strict=False)
+def test_trained_world_runs_in_a_comfy_graph_and_follows_the_prompt(world_rt):
+    """Loader node -> CLIPTextEncode -> PanoramaLatent -> SyncDiffusionSampler -> VAEDecode -> SaveImage; what the
+    prompt's time of day asks for shows: the night panorama is darker than the day one, and the classifier trained
+    on the world finds more night in it."""
+    from miniworld import graph
+    clf = _classifier()
+    got, p_night = {}, {}
+    for t in ("night", "day"):
+        img = graph.run_panorama(world_rt, positive=world.prompt(t, "summer", "meadow", 0), negative="",
+                                 width=256, height=128, seed=3, steps=12, cfg=4.0, window=128, stride=64,
+                                 sync_weight=0.0, sync_steps=0, prefix=f"mw_{t}")
+        assert img.shape == (3, 128, 256)
+        assert torch.isfinite(img).all()
+        got[t] = img
+        crops = torch.stack([img[:, :, :128], img[:, :, 128:]])
+        with torch.no_grad():
+            p_night[t] = float(clf(crops)[0].softmax(1)[:, world.TIMES.index("night")].mean())
+    assert got["night"].mean() < got["day"].mean() - 0.05
+    assert p_night["night"] > p_night["day"], p_night
+
+
+#: Seeds, weight and margin from the world's evaluation (docs/COHERENCE-world.md): on these seeds, unconditional,
+#: sync_weight 100 raised window agreement with the anchor by 0.58 (standard error 0.22) over MultiDiffusion;
+#: the margin is that gain less about 1.5 standard errors. sync_weight 20 gave no measurable gain on these weights.
+SYNC_SEEDS = (0, 1, 2, 3)
+SYNC_WEIGHT = 100.0
+SYNC_MARGIN = 0.25
+
+
+@pytest.mark.slow
+def test_synchronization_raises_window_agreement_with_the_anchor(world_rt):
+    from miniworld import graph
+    from miniworld.evaluate import agreement
+    clf = _classifier()
+    score = {}
+    for w in (0.0, SYNC_WEIGHT):
+        vals = []
+        for seed in SYNC_SEEDS:
+            img = graph.run_panorama(world_rt, positive="", negative="", width=512, height=128, seed=seed,
+                                     steps=20, cfg=1.0, window=128, stride=32, sync_weight=w, sync_steps=5,
+                                     prefix=f"mw_sync_{seed}_{w:g}")
+            vals.append(agreement(img, clf, 128, 32)["agree"])
+        score[w] = sum(vals) / len(vals)
+    assert score[SYNC_WEIGHT] >= score[0.0] + SYNC_MARGIN, score
