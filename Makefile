@@ -5,7 +5,8 @@
 #   make test-033   setup-033, then the whole pytest suite against ComfyUI 0.33.0
 #   make test-all   both lanes, one after the other; fails if either fails (what .ci/run does)
 #   make test-quick the default lane without the tests marked slow
-#   make demo       setup, then the example workflow headless -> output/*.png  (CKPT=/path/model.safetensors)
+#   make demo       setup, then the example workflow headless -> output/*.png: the miniature world's model, or
+#                   CKPT=/path/model.safetensors
 #   make snapshot   deliberately regenerate tests/schema_snapshot.json after an intended schema change
 # Needs python3.11 on PATH for the venvs (or PYTHON=/path/to/python3.x, 3.10+).
 SHELL := /bin/bash
@@ -41,8 +42,9 @@ test-all: test test-033
 test-quick: setup
 	$(call run_pytest,$(PY),-m "not slow" $(PYTEST_ARGS))
 
+# Without CKPT: the miniature trained world's model (miniworld/), MultiDiffusion against SyncDiffusion, same seed.
 demo: setup
-	@$(PY) -m scripts.demo $(if $(CKPT),--ckpt "$(CKPT)") $(DEMO_ARGS)
+	@$(if $(CKPT),$(PY) -m scripts.demo --ckpt "$(CKPT)",$(PY) -m miniworld.demo --output output) $(DEMO_ARGS)
 
 snapshot: setup
 	@$(PY) -m scripts.schema_snapshot --write

@@ -333,7 +333,7 @@ def test_comfy_bad_settings(pack):
     with pytest.raises(ValueError, match="loss_decoder"):
         h.make_job(pack, seed=0, steps=1, cfg=1.0, window_px=64, stride_px=32, loss_decoder="nope")
     with pytest.raises(ValueError, match="window_batch"):
-        h.make_job(pack, seed=0, steps=1, cfg=1.0, window_px=64, stride_px=32, window_batch=0)
+        h.make_job(pack, seed=0, steps=1, cfg=1.0, window_px=64, stride_px=32, window_batch=-1)  # 0 is automatic
 
 
 @pytest.mark.parametrize("count", range(0, 30))
