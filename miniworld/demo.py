@@ -37,10 +37,8 @@ def parse_args(argv=None):
 
 
 def convert(rt, workflow: Path) -> dict:
+    from devtools import workflow as wc
     from miniworld import graph
-    ch = graph.headless_module()
-    sys.path.insert(0, str(Path(ch.__file__).parent))
-    import workflow_convert as wc  # type: ignore  (lives next to comfy_headless)
     wf = wc.load_workflow(workflow)
     loaders = [n for n in wf["nodes"] if n.get("type") in ("CheckpointLoaderSimple", "CheckpointLoader")]
     if not loaders:

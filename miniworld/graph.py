@@ -7,7 +7,6 @@ CLIPTextEncode, PanoramaLatent, SyncDiffusionSampler, VAEDecode, SaveImage -- is
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,18 +19,9 @@ _CACHE: dict = {}
 
 
 def headless_module():
-    """The repository's headless-ComfyUI helper (``comfy_headless``), wherever the repository keeps it."""
-    try:
-        from devtools import comfy_headless  # type: ignore
-        return comfy_headless
-    except ImportError:
-        pass
-    for sub in ("scripts", "devtools"):
-        p = ROOT / sub
-        if (p / "comfy_headless.py").is_file() and str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    import comfy_headless  # type: ignore
-    return comfy_headless
+    """The repository's headless-ComfyUI start (``devtools.headless``)."""
+    from devtools import headless
+    return headless
 
 
 def start(cpu: bool = True, base: Path | None = None):
