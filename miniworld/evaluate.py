@@ -132,6 +132,9 @@ def main(argv=None) -> int:
             row["intra_style_l"] = float(metrics.intra_style_l(x, opts.window, st)[0])
         row["seconds"] = round(time.time() - t, 2)
         rows.append(row)
+        if opts.json:  # what is done so far survives a run cut short
+            opts.json.parent.mkdir(parents=True, exist_ok=True)
+            opts.json.write_text(json.dumps({"partial": True, "rows": rows}, indent=1) + "\n")
         print(f"[{i + 1}/{len(jobs)}] seed {seed} w {w:g}: agree {row['agree']:.2f} "
               f"(time {row['agree_time']:.2f} season {row['agree_season']:.2f}) "
               f"intra-LPIPS {row['intra_lpips']:.3f} style {row['intra_style_l']:.4f}  {row['seconds']} s")

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     ap.add_argument("--vae-crop", type=int, default=128, help="VAE training crop side in px (a multiple of 8)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test of every stage")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="wall-clock seconds for the VAE and UNet stages together (0 = none): a stage ends at its "
+                         "step count or its share of the budget, whichever comes first, with its learning rate "
+                         "annealed to the end either way; the steps reached go into train_report.json")
     return ap.parse_args(argv)
 
 
@@ -77,6 +81,31 @@ def random_crops(pool: torch.Tensor, idx: torch.Tensor, size: int, g: torch.Gene
                                                                             ys.tolist())]).float() / 255
 
 
+class Progress:
+    """Where a stage is in [0, 1]: steps done over steps, or seconds spent over its budget, whichever is ahead.
+    The learning rate follows it (a short warm-up, then a cosine to zero), so a stage cut by its time budget
+    still ends annealed. Without a budget the run is reproducible step for step."""
+
+    def __init__(self, opt, max_lr: float, steps: int, budget_s: float = 0.0, warmup: float = 0.05):
+        self.opt, self.max_lr, self.steps, self.budget_s, self.warmup = opt, max_lr, max(steps, 1), budget_s, warmup
+        self.t0, self.step = time.time(), 0
+
+    def fraction(self) -> float:
+        p = self.step / self.steps
+        if self.budget_s > 0:
+            p = max(p, (time.time() - self.t0) / self.budget_s)
+        return min(p, 1.0)
+
+    def __iter__(self):
+        while (p := self.fraction()) < 1.0:
+            cos = 0.5 * (1 + math.cos(math.pi * (p - self.warmup) / (1 - self.warmup)))
+            lr = self.max_lr * (p / self.warmup if p < self.warmup else cos)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            yield self.step
+            self.step += 1
+
+
 def train_classifier(pool, labels, steps, batch, device, g):
     from miniworld.classifier import AttributeNet
     torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=g)))
@@ -102,12 +131,12 @@ def vae_moments(net, x):
     return mean, logvar.clamp(-30, 20)
 
 
-def train_vae(pool, steps, batch, device, g, seed, crop=64):
+def train_vae(pool, steps, batch, device, g, seed, crop=64, budget_s=0.0):
     from miniworld import models
     net = models.vae_net(seed).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.05)
-    for step in range(steps):
+    progress = Progress(opt, 1e-3, steps, budget_s)
+    for step in progress:
         idx = torch.randint(len(pool), (batch,), generator=g)
         x = random_crops(pool, idx, crop, g).to(device) * 2 - 1
         mean, logvar = vae_moments(net, x)
@@ -118,11 +147,11 @@ def train_vae(pool, steps, batch, device, g, seed, crop=64):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
+        if step % max(1, steps // 10) == 0:
             log(f"vae {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f}")
+    log(f"vae ended at step {progress.step} loss {loss.item():.4f}")
     net.eval()
-    return net
+    return net, progress.step
 
 
 @torch.no_grad()
@@ -161,7 +190,7 @@ def prompt_table(text_encoder, attrs_all):
     return {k: i for i, k in enumerate(keys)}, emb, uncond
 
 
-def train_unet(latents, attrs, table, steps, batch, device, g, seed):
+def train_unet(latents, attrs, table, steps, batch, device, g, seed, budget_s=0.0):
     from miniworld import models
     key_index, emb, uncond = table
     emb, uncond = emb.to(device), uncond.to(device)
@@ -172,14 +201,14 @@ def train_unet(latents, attrs, table, steps, batch, device, g, seed):
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=4e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-4, total_steps=max(steps, 1), pct_start=0.03)
+    progress = Progress(opt, 4e-4, steps, budget_s, warmup=0.03)
     sigmas = model.model_sampling.sigmas.to(device)
     scale = models.SD_SCALE  # what SD1.x's latent format multiplies the VAE's latents by
     akey = torch.tensor([key_index[a] for a in attrs])
     n, _, lh, lw = latents.shape
     win = WINDOW_PX // 8
     ema_decay = 0.999 if steps > 2000 else 0.99
-    for step in range(steps):
+    for step in progress:
         idx = torch.randint(n, (batch,), generator=g)
         xs = torch.randint(0, lw - win + 1, (batch,), generator=g)
         x0 = torch.stack([latents[i, :, :, x:x + win] for i, x in zip(idx.tolist(), xs.tolist())]).to(device)
@@ -204,13 +233,13 @@ def train_unet(latents, attrs, table, steps, batch, device, g, seed):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        sched.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - ema_decay)
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
+        if step % max(1, steps // 20) == 0:
             log(f"unet {step}/{steps} loss {loss.item():.4f}")
-    return ema
+    log(f"unet ended at step {progress.step} loss {loss.item():.4f}")
+    return ema, progress.step
 
 
 def save(module_or_sd, path: Path, dtype=torch.float16):
@@ -244,7 +273,8 @@ def main(argv=None) -> int:
     save(clf, opts.out / "classifier.safetensors")
     report["t_classifier_s"] = round(time.time() - t0, 1)
 
-    vae = train_vae(pool, opts.vae_steps, opts.batch, device, g, opts.seed + 1, opts.vae_crop)
+    vae, report["vae_steps_done"] = train_vae(pool, opts.vae_steps, opts.batch, device, g, opts.seed + 1,
+                                              opts.vae_crop, opts.budget_s * 0.25)
     report["latent_rescale"] = rescale_latents_(vae, pool, device)
     save(vae, opts.out / "vae.safetensors")
     report["t_vae_s"] = round(time.time() - t0, 1)
@@ -256,7 +286,9 @@ def main(argv=None) -> int:
     latents = encode_pool(vae, pool, device)
     log(f"latents {tuple(latents.shape)} std {latents.std():.3f} (x{models.SD_SCALE} -> "
         f"{latents.std() * models.SD_SCALE:.3f})")
-    unet = train_unet(latents, attrs, table, opts.unet_steps, opts.batch, device, g, opts.seed + 2)
+    unet_budget = max(opts.budget_s - (time.time() - t0), 1.0) if opts.budget_s else 0.0
+    unet, report["unet_steps_done"] = train_unet(latents, attrs, table, opts.unet_steps, opts.batch, device, g,
+                                                 opts.seed + 2, unet_budget)
     save(unet, opts.out / "unet.safetensors")
     report["t_total_s"] = round(time.time() - t0, 1)
     models.write_checksums(opts.out)
