@@ -15,7 +15,8 @@ pack logged, and the relative difference to the whole GPU's panorama. ``--steps`
 schedule to fit a call; each card's whole-panorama time is then extrapolated per step from its two runs (plain
 steps from MultiDiffusion, the extra of a sync step from the difference). ``results.json`` in ``--out`` is
 rewritten after every run, so a call stopped by its time limit keeps what it measured; ``--budget-s`` (the whole
-call) and ``--family-budget-s`` (each family) skip runs that would start after them.
+call) and ``--family-budget-s`` (each family) skip runs that would end after them, by the whole GPU's time of the
+same run (a card is not faster).
 
     python -m bench.memory_bench --out OUT [--family sd2 --family sdxl] [--cards 8,12,16,24,32] [--tiny]
 
@@ -28,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     p.add_argument("--family", action="append", choices=list(FAMILIES))
     p.add_argument("--cards", default="", help="nominal GB, comma-separated, in this order (default: the family's)")
-    p.add_argument("--steps", type=int, default=0, help="0: the family's (50 SD, 30 SDXL, 20 Flux and Qwen-Image)")
-    p.add_argument("--sync-steps", type=int, default=0, help="0: the family's (10)")
+    p.add_argument("--steps", default="", help="one number or NAME=N,...; 0 or unset: the family's whole schedule "
+                                               "(50 SD, 30 SDXL, 20 Flux and Qwen-Image)")
+    p.add_argument("--sync-steps", default="", help="one number or NAME=N,...; 0 or unset: the family's (10)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip runs that would start after this")
     p.add_argument("--family-budget-s", default="",
                    help="seconds per family, one number or NAME=S,... (skip that family's later runs)")
@@ -73,13 +76,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def family_budgets(text: str, names: list[str]) -> dict[str, float]:
+def per_family(text: str, names: list[str], default: float) -> dict[str, float]:
+    """``text`` (one number for every family, or ``NAME=N,...``; the rest get ``default``) by family name."""
     if not text:
-        return {n: float("inf") for n in names}
+        return dict.fromkeys(names, default)
     if "=" not in text:
-        return {n: float(text) for n in names}
+        return dict.fromkeys(names, float(text))
     given = dict(item.split("=", 1) for item in text.split(",") if item)
-    return {n: float(given.get(n, "inf")) for n in names}
+    unknown = set(given) - set(FAMILIES)
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; known: {list(FAMILIES)}")
+    return {n: float(given[n]) if n in given else default for n in names}
 
 
 def build(name: str, tiny: bool):
@@ -196,8 +203,11 @@ def load(model) -> dict:
     import comfy.model_management as mm
 
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        mm.load_models_gpu([model])
+    try:
+        with torch.inference_mode():
+            mm.load_models_gpu([model])
+    except Exception as e:  # noqa: BLE001 - recorded: the runs then say what happens
+        return {"load_error": f"{type(e).__name__}: {str(e)[:300]}"}
     rec = {"load_s": round(time.perf_counter() - t0, 2)}
     if hasattr(model, "loaded_size") and hasattr(model, "model_size"):
         rec["weights_loaded_gib"] = round(model.loaded_size() / GIB, 2)
@@ -257,10 +267,12 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu",
               "total_gib": round(torch.cuda.get_device_properties(0).total_memory / GIB, 1) if cuda else None,
               "torch": torch.__version__, "commit": commit.read_text().strip() if commit.exists() else "",
-              "date": time.strftime("%Y-%m-%d"), "cards_gib": CARDS, "argv": argv, "families": {}}
+              "date": time.strftime("%Y-%m-%d"), "cards_gib": CARDS,
+              "argv": sys.argv[1:] if argv is None else argv, "families": {}}
     save = lambda: (out_dir / "results.json").write_text(json.dumps(report, indent=1))  # noqa: E731
     names = opts.family or list(FAMILIES)
-    budgets = family_budgets(opts.family_budget_s, names)
+    budgets = per_family(opts.family_budget_s, names, float("inf"))
+    short_steps, short_sync = per_family(opts.steps, names, 0), per_family(opts.sync_steps, names, 0)
     for name in names:
         spec = FAMILIES[name]
         fam_start = time.perf_counter()
@@ -285,8 +297,8 @@ def main(argv=None) -> int:
             latent = latent.unsqueeze(2)
         full_steps = 2 if opts.tiny else spec["steps"]
         full_sync = 1 if opts.tiny else spec["sync_steps"]
-        steps = min(opts.steps or full_steps, full_steps)
-        sync_steps = min(opts.sync_steps or full_sync, steps)
+        steps = min(int(short_steps[name]) or full_steps, full_steps)
+        sync_steps = min(int(short_sync[name]) or full_sync, steps)
         sizes = {"window_px": 16, "stride_px": 8} if opts.tiny else {}
         dm = model.model.diffusion_model
         fam.update(canvas_px=[h, w], steps=steps, sync_steps=sync_steps, full_steps=full_steps,
@@ -303,25 +315,26 @@ def main(argv=None) -> int:
         fam["warmup"] = one_run(sampling, model, vae, pos, neg, latent[..., :win + stride].contiguous(), 2, 1, 20.0,
                                 spec["cfg"], **sizes)[0]
         cards = [int(c) for c in opts.cards.split(",") if c] if opts.cards else list(spec["cards"])
-        reference = {}
+        reference, seconds_full = {}, {}
         for card in [None] + cards:
             recs = {}
             card_label = card or "full"
             emulate(None if card is None else CARDS[card], opts.tiny, memory_plan)
             loaded = None
             for label, weight in MODES:
+                # a card is at least as slow as the whole GPU: skip a run its budget cannot finish
+                expect = seconds_full.get(label, 0.0)
                 elapsed, fam_elapsed = time.perf_counter() - start, time.perf_counter() - fam_start
-                if elapsed > opts.budget_s or fam_elapsed > budgets[name]:
+                if elapsed + expect > opts.budget_s or fam_elapsed + expect > budgets[name]:
                     fam.setdefault("skipped_for_time", []).append(f"{card_label} {label}")
                     continue
-                if loaded is None:
-                    loaded = load(model)
+                first, loaded = loaded is None, loaded or load(model)
                 rec, out = one_run(sampling, model, vae, pos, neg, latent, steps, sync_steps if weight else 0,
                                    weight, spec["cfg"], **sizes)
-                rec.update(card_gb=card_label, mode=label, **(loaded if label == MODES[0][0] else {}))
+                rec.update(card_gb=card_label, mode=label, **(loaded if first else {}))
                 if out is not None:
                     if card is None:
-                        reference[label] = out
+                        reference[label], seconds_full[label] = out, rec["seconds"]
                     elif label in reference:
                         ref = reference[label]
                         rec["rel_diff_to_full"] = float((out - ref).norm() / ref.norm())
