@@ -61,38 +61,15 @@ def build(name: str, opts):
     """(model patcher, VAE, positive, negative) of ``name`` at real size on the GPU (tiny on the CPU)."""
     import torch
 
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
-    import comfy.supported_models as sm
     spec = FAMILIES[name]
     if opts.tiny:
         from devtools import families as fm
         fam = fm.build(spec["tiny"])
         return fam.model, fam.vae, fam.positive, fam.negative
-    device = mm.get_torch_device()
-    dtype = getattr(torch, spec["dtype"])
-    config = dict(spec["unet"])
-    if config.get("image_model") == "flux":  # keep the keys this ComfyUI's FluxParams has (feature detection)
-        import dataclasses
-
-        import comfy.ldm.flux.model as flux
-        fields = {f.name for f in dataclasses.fields(flux.FluxParams)}
-        config = {k: v for k, v in config.items() if k in fields or k == "image_model"}
-    mc = getattr(sm, spec["cls"])(config)
-    mc.set_inference_dtype(dtype, None)
-    with torch.inference_mode():
-        base = mc.get_model({}, device=device)
-        g = torch.Generator(device=device).manual_seed(0)
-        for pname, p in base.diffusion_model.named_parameters():  # ComfyUI makes them empty
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-            elif pname.endswith("weight") or pname.endswith("scale"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    base.diffusion_model.requires_grad_(False)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=mm.unet_offload_device())
+    from devtools.models import build_sized_model
+    model = build_sized_model(spec["cls"], spec["unet"], getattr(torch, spec["dtype"]))
+    dtype = model.model.get_dtype()
     if name == "flux":
         sd = {"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),
               "decoder.up.3.upsample.conv.weight": torch.zeros(512, 512, 3, 3)}

@@ -137,24 +137,30 @@ SPECS = [
 FAMILIES = {s.name: s for s in SPECS}
 
 
-def _params_class_fields(spec: FamilySpec) -> set | None:
+def _params_class_fields(config: dict) -> set | None:
     """Field names of the diffusion model's parameter dataclass (FluxParams, ChromaParams, HunyuanVideoParams)
     in this ComfyUI, or None for models that take keyword arguments directly."""
     import comfy.ldm.chroma.model as chroma
     import comfy.ldm.flux.model as flux
     import comfy.ldm.hunyuan_video.model as hv
     params = {"flux": flux.FluxParams, "flux2": flux.FluxParams, "chroma": getattr(chroma, "ChromaParams", None),
-              "hunyuan_video": hv.HunyuanVideoParams}.get(spec.unet_config.get("image_model"))
+              "hunyuan_video": hv.HunyuanVideoParams}.get(config.get("image_model"))
     return None if params is None else {f.name for f in dataclasses.fields(params)}
 
 
-def unet_config_for(spec: FamilySpec) -> dict:
-    """The spec's config, less the keys this ComfyUI's parameter class does not have (feature detection)."""
-    cfg = dict(spec.unet_config)
-    fields = _params_class_fields(spec)
+def config_for_this_comfyui(config: dict) -> dict:
+    """A diffusion model's config, less the keys this ComfyUI's parameter class does not have (feature
+    detection: 0.33's ``FluxParams`` has ``txt_ids_dims``, older ones do not)."""
+    cfg = dict(config)
+    fields = _params_class_fields(cfg)
     if fields is not None:
         cfg = {k: v for k, v in cfg.items() if k in fields or k == "image_model"}
     return cfg
+
+
+def unet_config_for(spec: FamilySpec) -> dict:
+    """The spec's config for this ComfyUI (:func:`config_for_this_comfyui`)."""
+    return config_for_this_comfyui(spec.unet_config)
 
 
 def available() -> list[str]:
@@ -214,7 +220,8 @@ def _vae_hunyuan32(seed):
     return comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.zeros(1024, 64, 3, 3)})
 
 
-VAE_KINDS = {"kl4": _vae_kl4, "kl16": _vae_kl16, "flux2": _vae_flux2, "wan21": _vae_wan21, "hunyuan32": _vae_hunyuan32}
+VAE_KINDS = {"kl4": _vae_kl4, "kl16": _vae_kl16, "flux2": _vae_flux2, "wan21": _vae_wan21, "hunyuan32": _vae_hunyuan32,
+             "wan21-real": functools.partial(_vae_wan21, dim=96)}  # Qwen-Image's VAE at its real width (benchmarks)
 
 
 @torch.no_grad()

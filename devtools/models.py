@@ -4,8 +4,9 @@ ComfyUI's own classes (no downloads).
 * tiny SD1.x / SD2.x checkpoints (``write_checkpoint``), their parts (``build_model``, ``build_taesd_vae``,
   ``build_kl_vae``, ``build_clip``), conditioning (``make_conditioning``) and ControlNets (``write_controlnet``);
 * the micro UNet and ControlNet of the layout tests (``build_micro_model``, ``build_micro_controlnet``);
-* real-size models for the GPU benchmarks (``SD2_BASE_UNET``, ``SDXL_UNET``, ``FLUX_DEV``, ``SD_VAE``;
-  ``build_sd2_unet``, ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
+* real-size models for the GPU benchmarks (``SD15_UNET``, ``SD2_BASE_UNET``, ``SDXL_UNET``, ``FLUX_DEV``,
+  ``QWEN_IMAGE``, ``SD_VAE``; ``build_sized_model`` in any weight dtype on the device, ``build_sd2_unet``,
+  ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
 * the random LPIPS trunk (``random_trunk_state_dict``, ``write_random_trunk``, ``install_random_trunk``).
 
 Tiny models of every other family are in ``devtools.families`` (they share ``init_weights_``). The functions
@@ -316,6 +317,12 @@ FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_i
             "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
             "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
             "txt_ids_dims": []}
+#: SD 1.5's UNet (860 M parameters), as ``comfy.supported_models.SD15`` takes it.
+SD15_UNET = {**SD2_BASE_UNET, "context_dim": 768, "use_linear_in_transformer": False, "num_heads": 8,
+             "num_head_channels": -1}
+#: Qwen-Image's transformer (20.4 B parameters): the keys ComfyUI's detection sets (its class's defaults are the
+#: real size).
+QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}
 #: SD's KL VAE (4 latent channels), the ``ddconfig`` of ``AutoencoderKL``.
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
@@ -338,6 +345,40 @@ def build_sd2_unet(dtype=torch.float16, seed: int = 0, tiny: bool = False, load_
     base = mc.get_model({})
     init_weights_(base.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(base, load_device=load_device or mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_sized_model(cls_name: str, config: dict, weight_dtype, seed: int = 0, device=None):
+    """A diffusion model of ``comfy.supported_models.<cls_name>`` with random weights as a ``ModelPatcher``, made
+    directly on ``device`` (the load device by default) and stored in ``weight_dtype``, computed in the dtype
+    ComfyUI's loader picks for that storage (``unet_manual_cast``: with ``float8_e4m3fn`` weights, what UNETLoader's
+    ``weight_dtype`` fp8_e4m3fn gives, each layer is cast per call). Every tensor is drawn on the device in a 2-byte
+    or wider dtype and cast into its storage, so a 20 B-parameter model takes seconds on a GPU and never passes
+    through host memory. Weights as :func:`init_weights_` sets them (N(0, 1/sqrt(fan_in)) matrices, unit scales,
+    zero biases), drawn from another generator (not the same values)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    from devtools.families import config_for_this_comfyui
+
+    device = torch.device(device) if device is not None else mm.get_torch_device()
+    mc = getattr(sm, cls_name)(config_for_this_comfyui(config))
+    mc.set_inference_dtype(weight_dtype, mm.unet_manual_cast(weight_dtype, device, mc.supported_inference_dtypes))
+    with torch.inference_mode():
+        base = mc.get_model({}, device=device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        for name, p in base.diffusion_model.named_parameters():
+            if p.ndim >= 2 and p[0].numel() > 1:
+                draw = p.dtype if p.dtype.itemsize >= 2 else torch.bfloat16
+                p.copy_(torch.empty(p.shape, dtype=draw, device=p.device).normal_(
+                    0.0, 1.0 / math.sqrt(p[0].numel()), generator=g))
+            elif p.ndim >= 1 and name.endswith(("weight", "scale", "gamma")):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    base.diffusion_model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
 

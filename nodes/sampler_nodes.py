@@ -5,8 +5,8 @@ import torch
 from comfy_api.latest import io
 
 from .inputs import expect, expect_option
-from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_PX, MAX_WINDOW_BATCH, POSITIONS, PanoramaJob,
-                                 Windowing, check_canvas_pixels, require_multiple)
+from ..syncdiff_core.job import (COMPILE_BACKEND, LOSS_DECODERS, MAX_MEMORY_CAP_GB, MAX_PX, MAX_WINDOW_BATCH,
+                                 POSITIONS, PanoramaJob, Windowing, check_canvas_pixels, require_multiple)
 from ..syncdiff_core.sync import Anchor, SyncSettings
 from .common import CATEGORY
 
@@ -84,14 +84,25 @@ def anchor_input() -> list:
                                        "center window.")]
 
 
+def memory_input() -> list:
+    """The memory cap; appended after every older input (saved workflows list widget values by position)."""
+    return [io.Float.Input("memory_cap_gb", default=0.0, min=0.0, max=MAX_MEMORY_CAP_GB, step=0.5, optional=True,
+                           tooltip="The most GPU memory, in GB (GiB, as ComfyUI's --reserve-vram counts), that the "
+                                   "memory plan gives the sampler's own work beyond the loaded models, for running "
+                                   "other models beside it; 0 = no cap (what the GPU has free). The plan then picks "
+                                   "smaller batches and exact memory savings; the result does not change. A cap "
+                                   "below what one window needs stops the run before it starts and says how much "
+                                   "it needs.")]
+
+
 def windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
                    loss_decoder=LOSS_DECODERS[0], sync_batch=0, anchor=None, checkpoint_model=False,
-                   positions=POSITIONS[0]) -> dict:
+                   positions=POSITIONS[0], memory_cap_gb=0.0) -> dict:
     """The keyword arguments of ``Windowing`` (and ``PanoramaJob``) from those widgets' values."""
     return dict(window_px=window_size, stride_px=stride, wrap=wrap, window_batch=window_batch,
                 sync=SyncSettings(weight=sync_weight, decay=sync_decay, steps=sync_steps, every=sync_every),
                 anchor=anchor if anchor is not None else Anchor(), loss_decoder=loss_decoder, sync_batch=sync_batch,
-                checkpoint_model=checkpoint_model, positions=positions)
+                checkpoint_model=checkpoint_model, positions=positions, memory_cap_gb=memory_cap_gb)
 
 
 class PanoramaLatent(io.ComfyNode):
@@ -194,6 +205,7 @@ class SyncDiffusionSampler(io.ComfyNode):
                                        "the same denoise; a latent noise mask limits the change to its area."),
                 *dit_inputs(),
                 *anchor_input(),
+                *memory_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled panorama latent.")],
         )
@@ -202,7 +214,7 @@ class SyncDiffusionSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, latent_image, seed, steps, cfg, window_size, stride,
                 sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
                 loss_decoder=LOSS_DECODERS[0], sync_batch=0, compile=False, denoise=1.0, checkpoint_model=False,
-                positions=POSITIONS[0], anchor=None) -> io.NodeOutput:
+                positions=POSITIONS[0], anchor=None, memory_cap_gb=0.0) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import sample_panorama
 
         expect(model=(model, "MODEL"), positive=(positive, "CONDITIONING"), negative=(negative, "CONDITIONING"),
@@ -211,7 +223,7 @@ class SyncDiffusionSampler(io.ComfyNode):
         job = PanoramaJob(
             seed=seed, steps=steps, cfg=cfg, denoise=denoise, compile=COMPILE_BACKEND if compile else "",
             **windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
-                             loss_decoder, sync_batch, anchor, checkpoint_model, positions),
+                             loss_decoder, sync_batch, anchor, checkpoint_model, positions, memory_cap_gb),
         )
         return io.NodeOutput(sample_panorama(model, positive, negative, latent_image, job, vae=vae))
 
@@ -234,6 +246,7 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
                                      "and sync_steps > 0 (unless loss_decoder is taesd)."),
                 *dit_inputs(),
                 *anchor_input(),
+                *memory_input(),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's (or SamplerCustom's) sampler.")],
         )
@@ -241,14 +254,14 @@ class SyncDiffusionCustomSampler(io.ComfyNode):
     @classmethod
     def execute(cls, window_size, stride, sync_weight, sync_decay, sync_steps, sync_every, wrap, window_batch,
                 loss_decoder=LOSS_DECODERS[0], sync_batch=0, vae=None, checkpoint_model=False, positions=POSITIONS[0],
-                anchor=None) -> io.NodeOutput:
+                anchor=None, memory_cap_gb=0.0) -> io.NodeOutput:
         from ..syncdiff_core.comfy.sampling import WindowedSampler
 
         expect(vae=(vae, "VAE?"), anchor=(anchor, "SYNCDIFF_ANCHOR?"))
 
         windowing = Windowing(**windowing_args(window_size, stride, sync_weight, sync_decay, sync_steps, sync_every,
                                                wrap, window_batch, loss_decoder, sync_batch, anchor, checkpoint_model,
-                                               positions))
+                                               positions, memory_cap_gb))
         return io.NodeOutput(WindowedSampler(windowing, vae=vae))
 
 

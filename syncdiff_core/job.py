@@ -39,6 +39,8 @@ SYNC_BATCH_AUTO = 2
 SYNC_BATCH_AUTO_PX = 512 * 512
 #: The largest window_batch / sync_batch the sampler node offers.
 MAX_WINDOW_BATCH = 256
+#: The largest ``memory_cap_gb`` the sampler nodes offer, in GiB.
+MAX_MEMORY_CAP_GB = 1024.0
 #: The compile backend the sampler's ``compile`` switch turns on.
 COMPILE_BACKEND = "inductor"
 #: Where a DiT window's rotary positions come from: ``window`` (each window is an image starting at 0, as the models
@@ -76,7 +78,9 @@ class Windowing:
     """How the windowed sampler covers the canvas and synchronizes it, whatever drives it (the sampler node, or
     ComfyUI's custom sampling as a SAMPLER). Sizes are in pixels; ``window_px`` 0 means the model's native
     window and ``stride_px`` 0 the model's default stride, as in the widgets. ``window_batch`` and ``sync_batch`` 0:
-    chosen by the memory plan (:mod:`memory`; the gradient batch at most :meth:`gradient_batch`). ``compile``: "" for
+    chosen by the memory plan (:mod:`memory`; the gradient batch at most :meth:`gradient_batch`).
+    ``memory_cap_gb``: the most GPU memory, in GiB, the plan may give the run's own work beyond the loaded models
+    (0: what is free). ``compile``: "" for
     eager, else a ``torch.compile`` backend for the
     diffusion model and the loss decoder. Only rules on single values live here; the rules that need the model and
     the canvas are in :func:`plan_canvas` (and the bridge's ``prepare_run``)."""
@@ -92,6 +96,7 @@ class Windowing:
     compile: str = ""
     checkpoint_model: bool = False
     positions: str = POSITIONS[0]
+    memory_cap_gb: float = 0.0
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -103,6 +108,10 @@ class Windowing:
         if self.window_batch < 0 or self.sync_batch < 0:
             raise ValueError(f"window_batch and sync_batch must be >= 0 (0 = automatic), got "
                              f"{self.window_batch} and {self.sync_batch}")
+        require_finite("memory_cap_gb", self.memory_cap_gb)
+        if not 0.0 <= self.memory_cap_gb <= MAX_MEMORY_CAP_GB:
+            raise ValueError(f"memory_cap_gb must be between 0 (no cap) and {MAX_MEMORY_CAP_GB:g} GiB, got "
+                             f"{self.memory_cap_gb}")
         if self.loss_decoder not in LOSS_DECODERS:
             raise ValueError(f"loss_decoder must be one of {list(LOSS_DECODERS)}, got {self.loss_decoder!r}")
 

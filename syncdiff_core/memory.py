@@ -11,7 +11,9 @@ fewest recomputations that fit, every one of them exact (the panorama does not d
    are never held at once); as a last resort the saved activations kept in host memory.
 
 The approximate loss decoders (``vae_half``, ``taesd``) are never chosen here: only the user picks them. Settings
-the user saved (``window_batch``, ``sync_batch`` above 0, ``checkpoint_model`` on) are kept as they are.
+the user saved (``window_batch``, ``sync_batch`` above 0, ``checkpoint_model`` on) are kept as they are. A memory cap
+(``memory_cap_gb``, for users who run other models beside the pack) bounds the plan's budget like free memory does;
+a cap below the least any exact plan needs is refused with the cap, that need and the ways out.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class MemoryPlan:
     offload: bool = False
     peak: float = 0.0
     budget: float = math.inf
+    capped: bool = False
 
     def describe(self, sync: bool) -> str:
         parts = [f"window_batch {self.window_batch}"]
@@ -64,7 +67,8 @@ class MemoryPlan:
             parts += [name for name, on in (("model blocks recomputed", self.checkpoint_model),
                                             ("gradient in two stages", self.two_stage),
                                             ("activations in host memory", self.offload)) if on]
-        budget = "" if math.isinf(self.budget) else f" of {self.budget / GIB:.1f} GiB free"
+        budget = "" if math.isinf(self.budget) else f" of {self.budget / GIB:.1f} GiB " + (
+            "(memory_cap_gb)" if self.capped else "free")
         return f"{', '.join(parts)}; estimated peak {self.peak / GIB:.2f} GiB{budget}"
 
 
@@ -83,45 +87,54 @@ def gradient_need(costs: WindowCosts, batch: int, checkpoint: bool, two_stage: b
 
 
 def plan_memory(free: float, costs: WindowCosts, windows: int, *, sync: bool, window_batch: int = 0,
-                sync_batch: int = 0, auto_sync_batch: int = 1, checkpoint_model: bool = False) -> MemoryPlan:
-    """The fastest exact plan within ``free`` bytes for ``windows`` windows.
+                sync_batch: int = 0, auto_sync_batch: int = 1, checkpoint_model: bool = False,
+                cap: float = math.inf) -> MemoryPlan:
+    """The fastest exact plan within ``free`` bytes (and the user's ``cap``, bytes) for ``windows`` windows.
 
     ``window_batch`` / ``sync_batch`` 0: chosen here (the gradient batch up to ``auto_sync_batch``); above 0: kept.
     ``checkpoint_model`` on: kept on. Raises :class:`NoExactPlan` when even one window at a time with every exact
     lever does not fit (only for what the plan chooses: batch sizes the user set are left to the out-of-memory
-    fallback, which names them)."""
+    fallback, which names them); its message names the cap when the cap is what does not fit."""
+    capped = cap < free
+    free = min(free, cap)
     plain_one = costs.fixed + costs.plain
     if window_batch:
         plain = window_batch
+    elif math.isinf(free):
+        plain = windows
     else:
         plain = max(1, min(windows, int((free - costs.fixed) // max(costs.plain, 1.0))))
     plain_peak = costs.fixed + plain * costs.plain
     if not sync:
         if not window_batch and plain_one > free:
-            raise NoExactPlan(_too_small(free, plain_one, sync=False))
-        return MemoryPlan(plain, peak=plain_peak, budget=free)
+            raise NoExactPlan(_too_small(free, plain_one, sync=False, capped=capped))
+        return MemoryPlan(plain, peak=plain_peak, budget=free, capped=capped)
     movers = max(1, windows - 1)
-    cap = min(sync_batch or auto_sync_batch, movers)
+    most = min(sync_batch or auto_sync_batch, movers)
     ways = [w for w in GRADIENT_WAYS if (costs.model_checkpointed is not None or not w[0])
             and (w[0] or not checkpoint_model)]
     for checkpoint, two_stage, offload in ways:
-        for batch in range(cap, 0, -1) if not sync_batch else (cap,):
+        for batch in range(most, 0, -1) if not sync_batch else (most,):
             need = gradient_need(costs, batch, checkpoint, two_stage, offload)
             if need <= free:
-                return MemoryPlan(plain, batch, checkpoint, two_stage, offload, max(plain_peak, need), free)
+                return MemoryPlan(plain, batch, checkpoint, two_stage, offload, max(plain_peak, need), free, capped)
     checkpoint, two_stage, offload = ways[-1]
     least = gradient_need(costs, 1, checkpoint, two_stage, offload)
     if sync_batch:  # the user's batch: let it run, the out-of-memory fallback names the setting
-        need = gradient_need(costs, cap, checkpoint, two_stage, offload)
-        return MemoryPlan(plain, cap, checkpoint, two_stage, offload, max(plain_peak, need), free)
-    raise NoExactPlan(_too_small(free, least, sync=True))
+        need = gradient_need(costs, most, checkpoint, two_stage, offload)
+        return MemoryPlan(plain, most, checkpoint, two_stage, offload, max(plain_peak, need), free, capped)
+    raise NoExactPlan(_too_small(free, least, sync=True, capped=capped))
 
 
-def _too_small(free: float, least: float, sync: bool) -> str:
+def _too_small(free: float, least: float, sync: bool, capped: bool = False) -> str:
     what = "synchronizing one window at a time, with every exact memory saving" if sync else \
         "one window at a time"
     fixes = "a smaller window_size, loss_decoder 'taesd' (approximate, much less memory), sync_weight 0 " \
             "(MultiDiffusion), or a card with more memory" if sync else "a smaller window_size or a card with more " \
                                                                        "memory"
+    if capped:
+        return (f"SyncDiffusion: memory_cap_gb {free / GIB:.2f} GiB is below what any exact plan needs: about "
+                f"{least / GIB:.2f} GiB beyond the loaded models ({what}). Raise memory_cap_gb to at least "
+                f"{math.ceil(least / GIB * 100) / 100:.2f} (0 = no cap), or use {fixes}")
     return (f"SyncDiffusion: not enough GPU memory: {what} needs about {least / GIB:.1f} GiB beyond the loaded "
             f"models, and {max(free, 0) / GIB:.1f} GiB is free. Use {fixes}; or close what else uses the GPU")

@@ -15,7 +15,7 @@ import torch
 
 import comfy.model_management
 
-from ..memory import MemoryPlan, WindowCosts, plan_memory
+from ..memory import GIB, MemoryPlan, WindowCosts, plan_memory
 from .autograd_patches import block_keys
 
 log = logging.getLogger("syncdiffusion")
@@ -44,9 +44,9 @@ def free_memory(device) -> float:
     return float(mm.get_free_memory(device) - mm.minimum_inference_memory())
 
 
-def window_costs(run, guider, rows: int) -> WindowCosts:
-    """The per-window costs of ``run`` (a ``RunPlan``) for the guider's model, ``rows`` guider rows a window."""
-    inner = guider.inner_model
+def window_costs(run, inner, rows: int) -> WindowCosts:
+    """The per-window costs of ``run`` (a ``RunPlan``) for ``inner`` (the guider's model, a ComfyUI ``BaseModel``),
+    ``rows`` guider rows a window. Reads only sizes and dtypes: the model need not be loaded."""
     dm = inner.diffusion_model
     element = _compute_itemsize(inner) / 2.0
     scale = run.facts.pixel_scale
@@ -70,15 +70,38 @@ def window_costs(run, guider, rows: int) -> WindowCosts:
                        decoder=MARGIN * decoder, decode=MARGIN * DECODE_WORKING * pixels, fixed=FIXED)
 
 
-def decide(run, guider, free: float | None = None) -> MemoryPlan:
-    """The run's :class:`MemoryPlan` on its device (``free``: bytes, read from ComfyUI when None), logged."""
-    rows = max(1, len(getattr(guider, "conds", {}) or {}))
-    costs = window_costs(run, guider, rows)
-    free = free_memory(run.patcher.load_device) if free is None else free
+def guider_rows(guider) -> int:
+    """Rows a window takes in one prediction of ``guider``: one per conditioning it holds (cond, uncond, ...)."""
+    return max(1, len(getattr(guider, "conds", {}) or {}))
+
+
+def memory_cap(run) -> float:
+    """The user's cap on the plan's memory, in bytes (``memory_cap_gb`` counts GiB, as ``--reserve-vram`` does; 0:
+    none)."""
+    cap = run.windowing.memory_cap_gb
+    return cap * GIB if cap > 0 else math.inf
+
+
+def _plan(run, inner, rows: int, free: float) -> MemoryPlan:
     w = run.windowing
-    plan = plan_memory(free, costs, len(run.plan), sync=run.sync, window_batch=w.window_batch,
-                       sync_batch=w.sync_batch, auto_sync_batch=w.gradient_batch(run.window_pixels),
-                       checkpoint_model=w.checkpoint_model)
+    return plan_memory(free, window_costs(run, inner, rows), len(run.plan), sync=run.sync,
+                       window_batch=w.window_batch, sync_batch=w.sync_batch,
+                       auto_sync_batch=w.gradient_batch(run.window_pixels), checkpoint_model=w.checkpoint_model,
+                       cap=memory_cap(run))
+
+
+def check_cap(run, inner, rows: int) -> None:
+    """Refuse a ``memory_cap_gb`` below what any exact plan of ``run`` needs (:class:`NoExactPlan`, naming the cap,
+    the least need and the ways out), from sizes alone: called before any model or asset is loaded."""
+    if not math.isinf(memory_cap(run)):
+        _plan(run, inner, rows, math.inf)
+
+
+def decide(run, guider, free: float | None = None) -> MemoryPlan:
+    """The run's :class:`MemoryPlan` on its device (``free``: bytes, read from ComfyUI when None; the user's cap
+    applies on top), logged."""
+    free = free_memory(run.patcher.load_device) if free is None else free
+    plan = _plan(run, guider.inner_model, guider_rows(guider), free)
     log.info("SyncDiffusion: %d windows; memory plan: %s", len(run.plan), plan.describe(run.sync))
     return plan
 

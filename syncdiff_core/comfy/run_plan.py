@@ -10,7 +10,7 @@ import torch
 
 from ..job import Windowing, check_canvas_pixels, plan_canvas
 from ..windows import WindowPlan
-from . import families, multigpu
+from . import families, memory_plan, multigpu
 from .assets import get_lpips
 from .compile import check_compile_backend
 from .loss_decoders import taesd_path
@@ -64,12 +64,15 @@ def check_latent_size(samples: torch.Tensor, scale: int) -> None:
                         names=("batch", "width", "height"))
 
 
-def prepare_run(windowing: Windowing, model, vae, latent: torch.Tensor, steps: int, loss=None) -> RunPlan:
+def prepare_run(windowing: Windowing, model, vae, latent: torch.Tensor, steps: int, loss=None,
+                rows: int = 1) -> RunPlan:
     """The :class:`RunPlan` of ``windowing`` for ``model`` (a ModelPatcher) on ``latent`` (in the model's layout)
-    over ``steps`` steps; ``loss`` replaces LPIPS (tests). Raises a ValueError naming the input before any model
-    call when the family cannot be sampled (or synchronized) on this latent, the canvas is over the pixel limit,
-    the windows do not fit it in the family's pixels, synchronization lacks its VAE (or TAESD file), canvas
-    positions lack the model's RoPE hook, compile cannot run, or a GPU ComfyUI's MultiGPU prepared is missing."""
+    over ``steps`` steps, ``rows`` guider rows a window (cond, uncond); ``loss`` replaces LPIPS (tests). Raises a
+    ValueError naming the input before any model call when the family cannot be sampled (or synchronized) on this
+    latent, the canvas is over the pixel limit, the windows do not fit it in the family's pixels, synchronization
+    lacks its VAE (or TAESD file), canvas positions lack the model's RoPE hook, compile cannot run, a GPU ComfyUI's
+    MultiGPU prepared is missing, or ``memory_cap_gb`` is below what any exact memory plan needs (checked before
+    LPIPS or the gradient path is loaded)."""
     # 1. the devices, the family and the canvas
     multigpu.check_devices_present(multigpu.prepared_devices(model))
     windowing = windowing.for_steps(steps)
@@ -92,6 +95,7 @@ def prepare_run(windowing: Windowing, model, vae, latent: torch.Tensor, steps: i
                          f"Lumina 2, Z-Image); {facts.family} does not: use positions 'window'")
     if windowing.compile:
         check_compile_backend(windowing.compile, model.load_device)
+    memory_plan.check_cap(RunPlan(windowing, facts, plan, steps, model), model.model, rows)
 
     # 4. the gradient path: the anchor at the window's pixel size, weights that can carry gradients, LPIPS
     patcher = model

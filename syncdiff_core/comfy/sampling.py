@@ -38,6 +38,10 @@ from .run_plan import RunPlan, check_latent_size, check_sigmas, prepare_run
 from .window_denoiser import NoiseMask, WindowDenoiser
 
 
+#: Guider rows a window takes in the sampler node's CFGGuider (positive and negative).
+CFG_ROWS = 2
+
+
 class WindowedSampler(comfy.samplers.Sampler):
     """A ComfyUI sampler that runs the core's windowed loop over whatever sigmas, noise and guider it is given.
 
@@ -53,7 +57,7 @@ class WindowedSampler(comfy.samplers.Sampler):
         # 1. the run, prepared once and checked before any model call
         check_sigmas(sigmas)
         run = self.run or prepare_run(self.windowing, guider.model_patcher, self.vae, noise, len(sigmas) - 1,
-                                      self.loss)
+                                      self.loss, rows=memory_plan.guider_rows(guider))
         if self.run is None and any(core_regions.REGION_KEY in c for cs in guider.conds.values() for c in cs):
             raise ValueError("Layout Mask Region conditioning needs the SyncDiffusion Sampler node (it resolves the "
                              "regions' masks and bootstraps them); use that node for layout-guided panoramas")
@@ -166,7 +170,7 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     # own pixel size is checked before the latent is made in the model's layout (which allocates)
     check_latent_size(latent["samples"], int(latent.get("downscale_ratio_spacial", 8)))
     latent_image = families.prepare_latent(model, latent)
-    run = prepare_run(job, model, vae, latent_image, job.steps, loss)
+    run = prepare_run(job, model, vae, latent_image, job.steps, loss, rows=CFG_ROWS)
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:

@@ -1,6 +1,7 @@
 """The memory plan (``syncdiff_core.memory``) and the exact gradient ways it chooses between (plain torch)."""
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -73,6 +74,38 @@ def test_nothing_exact_fits_names_what_would():
         plan_memory(0.25 * GIB, COSTS, 21, sync=False)
 
 
+def test_a_memory_cap_bounds_the_plan_like_free_memory():
+    free = plan_memory(2.2 * GIB, COSTS, 21, sync=True, auto_sync_batch=2)
+    capped = plan_memory(80 * GIB, COSTS, 21, sync=True, auto_sync_batch=2, cap=2.2 * GIB)
+    uncapped = plan_memory(80 * GIB, COSTS, 21, sync=True, auto_sync_batch=2)
+    assert capped.sync_batch == 1 and capped.checkpoint_model and not uncapped.checkpoint_model
+    assert (capped.window_batch, capped.sync_batch, capped.checkpoint_model, capped.two_stage, capped.peak) == \
+        (free.window_batch, free.sync_batch, free.checkpoint_model, free.two_stage, free.peak)
+    assert capped.describe(sync=True).endswith("of 2.2 GiB (memory_cap_gb)")
+    # a cap above what is free changes nothing: the free memory binds
+    loose = plan_memory(2.2 * GIB, COSTS, 21, sync=True, auto_sync_batch=2, cap=40 * GIB)
+    assert loose == free and loose.describe(sync=True).endswith("of 2.2 GiB free")
+
+
+def test_a_cap_below_any_exact_plan_names_the_cap_the_need_and_the_options():
+    need = gradient_need(COSTS, 1, True, True, True)  # the least: every exact saving, one window
+    with pytest.raises(NoExactPlan, match=r"memory_cap_gb 0\.40 GiB is below what any exact plan needs: about "
+                                          r"0\.50 GiB beyond the loaded models \(synchronizing one window at a time, "
+                                          r"with every exact memory saving\)\. Raise memory_cap_gb to at least 0\.50 "
+                                          r"\(0 = no cap\), or use a smaller window_size, loss_decoder 'taesd'.*"
+                                          r"sync_weight 0"):
+        plan_memory(80 * GIB, COSTS, 21, sync=True, cap=0.4 * GIB)
+    assert need == pytest.approx(0.5 * GIB)
+    with pytest.raises(NoExactPlan, match=r"memory_cap_gb 0\.25 GiB .* about 0\.30 GiB .* \(one window at a time\)"):
+        plan_memory(80 * GIB, COSTS, 21, sync=False, cap=0.25 * GIB)
+
+
+@pytest.mark.parametrize("cap", [-1.0, float("nan"), float("inf"), 5000.0])
+def test_a_memory_cap_outside_its_range_is_refused_by_name(pack, cap):
+    with pytest.raises(ValueError, match=r"memory_cap_gb must be"):
+        pack.job.Windowing(memory_cap_gb=cap)
+
+
 def test_a_model_without_blocks_skips_block_recomputation():
     costs = WindowCosts(plain=0.1 * GIB, model=1.0 * GIB, model_checkpointed=None, decoder=1.5 * GIB, decode=0.3 * GIB)
     plan = plan_memory(2.0 * GIB, costs, 5, sync=True)
@@ -109,8 +142,8 @@ def sync_run(pack, micro, vae, lpips, free, monkeypatch, **kw):
 
 
 def test_every_plan_gives_the_unconstrained_panorama(comfy, pack, micro, tiny_kl_vae, lpips, monkeypatch):
-    """The plan follows the free memory (injected), and every exact lever it picks gives the panorama of the
-    unconstrained plan."""
+    """The plan follows the free memory (injected) and the user's memory cap, and every exact lever it picks gives
+    the panorama of the unconstrained plan."""
     costs = pack.memory_plan.window_costs
     seen = {}
 
@@ -127,11 +160,55 @@ def test_every_plan_gives_the_unconstrained_panorama(comfy, pack, micro, tiny_kl
     c = seen["costs"]
     tight = c.fixed + max(c.model, c.decoder) * 1.01  # two stages fit, one graph does not
     offload = c.fixed + max(c.plain, c.decode) * 1.01  # only host memory fits
-    for free, expect in ((tight, "gradient in two stages"), (offload, "activations in host memory")):
-        got, line = sync_run(pack, micro, tiny_kl_vae, lpips, free, monkeypatch)
+    # the same levers from the free memory, and from memory_cap_gb alone with plenty free
+    for free, cap, expect in ((tight, 0.0, "gradient in two stages"), (offload, 0.0, "activations in host memory"),
+                              (64 * GIB, tight / GIB, "gradient in two stages")):
+        got, line = sync_run(pack, micro, tiny_kl_vae, lpips, free, monkeypatch, memory_cap_gb=cap)
         assert expect in line and "sync_batch 1" in line, line
+        assert line.endswith("(memory_cap_gb)" if cap else "GiB free"), line
         rel = float((got - want).norm() / want.norm())
         assert rel < 1e-5, (expect, rel)
+
+
+@pytest.mark.parametrize("node", ["SyncDiffusionSampler", "SyncDiffusionCustomSampler"])
+def test_a_cap_too_small_is_refused_before_anything_is_loaded(comfy, pack, micro, tiny_kl_vae, monkeypatch, node):
+    """Through each sampler node: the cap's error comes before any model call, any model load and LPIPS (the
+    free memory is plenty: only the cap is too small)."""
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    calls = []
+    model = micro.model.clone()
+    model.set_model_unet_function_wrapper(lambda apply, args: calls.append("model") or apply(
+        args["input"], args["timestep"], **args["c"]))
+    monkeypatch.setattr(pack.memory_plan, "free_memory", lambda device: 64 * GIB)
+    monkeypatch.setattr(pack.run_plan, "get_lpips", lambda device: calls.append("lpips"))
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **k: loads.append(models))
+    sn = pack.sampler_nodes
+    widgets = dict(window_size=16, stride=8, sync_weight=20.0, sync_decay=0.95, sync_steps=1, sync_every=1,
+                   wrap=False, window_batch=0, memory_cap_gb=0.01)
+    latent = {"samples": torch.zeros(1, 4, 2, 6)}
+    with pytest.raises(ValueError, match=r"memory_cap_gb 0\.01 GiB is below what any exact plan needs: about "
+                                         r"(\d+\.\d\d) GiB beyond the loaded models \(synchronizing .*\)\. Raise "
+                                         r"memory_cap_gb to at least \d+\.\d\d \(0 = no cap\), or use a smaller "
+                                         r"window_size, loss_decoder 'taesd'") as refused:
+        with torch.inference_mode():
+            if node == "SyncDiffusionSampler":
+                sn.SyncDiffusionSampler.execute(model=model, positive=micro.positive, negative=micro.negative,
+                                                vae=tiny_kl_vae, latent_image=latent, seed=1, steps=2, cfg=5.0,
+                                                **widgets)
+            else:
+                sampler = sn.SyncDiffusionCustomSampler.execute(vae=tiny_kl_vae, **widgets).args[0]
+                guider = comfy.samplers.CFGGuider(model)
+                guider.set_conds(micro.positive, micro.negative)
+                guider.set_cfg(5.0)
+                sigmas = pack.families.sampling_sigmas(model, 2, 1.0)
+                guider.sample(torch.randn(1, 4, 2, 6), latent["samples"], sampler, sigmas, seed=1)
+    assert float(re.search(r"about (\d+\.\d\d) GiB", str(refused.value)).group(1)) > 0.01
+    assert calls == []
+    if node == "SyncDiffusionSampler":  # SamplerCustomAdvanced's guider loads the model before any sampler runs
+        assert loads == []
 
 
 def test_no_exact_plan_is_refused_before_any_model_call(comfy, pack, micro, tiny_kl_vae, monkeypatch):

@@ -124,5 +124,6 @@ def test_sampler_inputs_added_later_are_optional(snapshot):
                      "stride", "sync_weight", "sync_decay", "sync_steps", "sync_every", "wrap", "window_batch"]
     sampler = snapshot["SyncDiffusionSampler"]
     assert sampler["input_order"]["required"] == first_release
-    for name in ("loss_decoder", "sync_batch", "compile"):
+    for name in ("loss_decoder", "sync_batch", "compile", "memory_cap_gb"):
         assert name in sampler["input"]["optional"], name
+    assert "memory_cap_gb" in snapshot["SyncDiffusionCustomSampler"]["input"]["optional"]
