@@ -75,9 +75,10 @@ def custom_sampler_nodes(comfy, latent, *, sync: float, anchor=None, wrap=False,
 
 
 def noise_mask_graph(object_node, model, vae, micro, photo, *, sync: float, reference: bool, canvas: dict | None = None,
-                     wrap: bool = False, steps: int = 3, comfy=None) -> dict:
+                     wrap: bool = False, steps: int = 3, comfy=None, anchor: dict | None = None) -> dict:
     """photo -> canvas -> VAE Encode + Set Latent Noise Mask -> the SyncDiffusion Sampler node (node "10"), or,
-    given ``comfy``, the SyncDiffusion SAMPLER in SamplerCustomAdvanced."""
+    given ``comfy``, the SyncDiffusion SAMPLER in SamplerCustomAdvanced. ``reference``: the photo as the Anchor
+    Selector's reference image; ``anchor``: the Anchor Selector's inputs instead."""
     prompt = {
         "1": object_node(model, "MODEL"), "2": object_node(micro.positive, "CONDITIONING"),
         "3": object_node(micro.negative, "CONDITIONING"), "4": object_node(vae, "VAE"),
@@ -86,14 +87,15 @@ def noise_mask_graph(object_node, model, vae, micro, photo, *, sync: float, refe
         "7": {"class_type": "VAEEncode", "inputs": {"pixels": ["6", 0], "vae": ["4", 0]}},
         "8": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["7", 0], "mask": ["6", 1]}},
     }
-    anchor = ["9", 0] if reference else None
-    if comfy is None:
-        prompt["10"] = sampler_node(["8", 0], sync=sync, anchor=anchor, wrap=wrap, steps=steps)
-    else:
-        prompt.update(custom_sampler_nodes(comfy, ["8", 0], sync=sync, anchor=anchor, wrap=wrap, steps=steps))
     if reference:
-        prompt["9"] = {"class_type": "AnchorSelector", "inputs": {"mode": "reference image", "index": 0,
-                                                                   "image": ["5", 0]}}
+        anchor = {"mode": "reference image", "index": 0, "image": ["5", 0]}
+    link = None if anchor is None else ["9", 0]
+    if comfy is None:
+        prompt["10"] = sampler_node(["8", 0], sync=sync, anchor=link, wrap=wrap, steps=steps)
+    else:
+        prompt.update(custom_sampler_nodes(comfy, ["8", 0], sync=sync, anchor=link, wrap=wrap, steps=steps))
+    if anchor is not None:
+        prompt["9"] = {"class_type": "AnchorSelector", "inputs": anchor}
     return prompt
 
 
@@ -158,6 +160,36 @@ def test_360_canvas_wraps_and_keeps_the_photo_across_the_seam(graphs, run_prompt
     keep = assert_kept_is_the_encoded_photo(encoded, out, mask)
     assert keep[..., 0].any() and keep[..., -1].any()  # the photo straddles the seam: kept on both sides
     assert not keep[..., keep.shape[-1] // 2].any()
+
+
+@pytest.mark.parametrize("case", ["flat_mask_input", "360_noise_mask"])
+def test_a_kept_region_anchor_is_the_window_the_photo_covers_most(graphs, pack, run_prompt, object_node, case):
+    """The Anchor Selector's 'kept region' mode samples exactly as the index anchor of the window the photo covers
+    most, found here from the geometry. A flat photo at the canvas' right edge: the last window (6 of 7; the
+    centre anchor, 3, gives another result), from the mask input, through the sampler node. A 360° photo looking
+    across the seam (yaw 180) on the wrapped 24-window canvas: the middle row's window centred on the seam (row 1,
+    column 7: index 15), from the latent's noise mask, through the SAMPLER and ComfyUI's denoise mask."""
+    comfy, micro, vae = graphs
+    kept = {"mode": "kept region", "index": 0}
+    if case == "flat_mask_input":
+        canvas, photo, wrap, custom, expected = canvas_node(["5", 0], placement="right"), make_photo(), False, None, 6
+        kept["mask"] = ["6", 1]
+    else:
+        canvas = canvas_node(["5", 0], width=256, height=128, projection="equirectangular", fov=80.0, yaw=180.0,
+                             pitch=0.0, feather=4)
+        photo, wrap, custom, expected = make_photo(48, 64), True, comfy, 15
+        window = pack.windows.plan_windows(16, 32, WIN_PX // 8, STRIDE_PX // 8, wrap=True)[expected]
+        assert (window.top, window.left, window.wraps) == (4, 28, True)  # rows 4..12, columns 28..36 (mod 32)
+
+    def sampled(anchor: dict) -> torch.Tensor:
+        result = run_prompt(noise_mask_graph(object_node, micro.model, vae, micro, photo, sync=20.0, reference=False,
+                                             canvas=canvas, wrap=wrap, steps=2, comfy=custom, anchor=anchor))
+        return result["10"][0]["samples"]
+
+    by_kept = sampled(kept)
+    assert torch.equal(by_kept, sampled({"mode": "index", "index": expected}))
+    if case == "flat_mask_input":
+        assert not torch.equal(by_kept, sampled({"mode": "center", "index": 0}))
 
 
 def decoded_windows(pack, vae, latent: torch.Tensor, windows) -> torch.Tensor:
