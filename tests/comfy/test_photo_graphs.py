@@ -1,13 +1,14 @@
 """Panorama From Photo in real ComfyUI graphs: photo -> canvas -> VAE Encode + Set Latent Noise Mask (or
 InpaintModelConditioning) -> SyncDiffusion Sampler, on the micro SD1.x UNet, a micro SD1.5 inpainting UNet (9 input
-channels) and the small KL VAE.
+channels), a tiny Flux.1 Fill and the small KL VAE.
 
 What is checked: the kept part of the final latent is the encoded photo wherever the noise mask is 0 (flat and
 across the 360° seam), within the float rounding of the model's latent scaling (``process_latent_in`` then
 ``process_latent_out``, which stock KSampler's result carries as well: bit-equality is out of reach for any
 sampler of ComfyUI), on a schedule that ends at sigma 0; with sync on and the photo as the Anchor Selector's reference image, the generated
-windows are closer to the photo by LPIPS than with sync off on the same seed; an inpainting model's concatenated
-mask and masked-image latent reach the UNet cropped to each window, with sync off and on.
+windows are closer to the photo by LPIPS than with sync off on the same seed; a 'kept region' anchor is the window
+the photo covers most; an inpainting model's concatenated mask and masked-image latent (SD 1.5 inpainting's 9
+channels, Flux.1 Fill's) reach the model cropped to each window, with sync off and on.
 """
 from __future__ import annotations
 
@@ -268,26 +269,45 @@ def inpaint_graph(object_node, model, vae, micro, photo, sampler: dict) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def inpainting_models(graphs, inpaint_model):
+    """name -> (model, VAE, conditioning, channels of its concat conditioning): the micro SD1.5 inpainting UNet
+    (mask 1 + masked latent 4) and a tiny Flux.1 Fill (masked latent 16 + the mask's 8x8 pixels as 64 channels;
+    its first layer takes 4 x 96 = 384 features per 2x2 patch)."""
+    from devtools import families as fm
+    _, micro, vae = graphs
+    fill = fm.build("flux_fill")
+    assert fill.model.model.diffusion_model.img_in.in_features == 384
+    fill_vae = fm.build_vae("kl16", encoder=True)  # the photo's latent differs from the grey's
+    return {"sd15_inpaint": (inpaint_model, vae, micro, 5), "flux_fill": (fill.model, fill_vae, fill, 80)}
+
+
 @pytest.mark.parametrize("sync", [0.0, 20.0], ids=["sync_off", "sync_on"])
+@pytest.mark.parametrize("name", ["sd15_inpaint", "flux_fill"])
 def test_an_inpainting_model_sees_its_concat_conditioning_cropped_to_each_window(graphs, pack, run_prompt,
-                                                                                 object_node, inpaint_model, sync):
-    comfy, micro, vae = graphs
+                                                                                 object_node, inpainting_models,
+                                                                                 name, sync):
+    """InpaintModelConditioning's concat_latent_image and concat_mask reach the model as each window's own crop of
+    what stock KSampler gives it for the whole canvas (the crop equal to the canvas' slice), sync off and on."""
+    model, vae, conds, channels = inpainting_models[name]
     photo = make_photo()
-    # the whole canvas' concat conditioning, as stock KSampler gives it to the UNet (one step)
+    # the whole canvas' concat conditioning, as stock KSampler gives it to the model (one step)
     full_seen = []
     ks = {"class_type": "KSampler", "inputs": {
         "model": ["1", 0], "positive": ["7", 0], "negative": ["7", 1], "latent_image": ["7", 2], "seed": SEED,
         "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-    run_prompt(inpaint_graph(object_node, capturing(inpaint_model, full_seen), vae, micro, photo, ks))
+    run_prompt(inpaint_graph(object_node, capturing(model, full_seen), vae, conds, photo, ks))
     full = full_seen[0][1][:1]
-    assert full.shape == (1, 5, H_PX // 8, W_PX // 8)
-    assert full[:, 0].min() == 0 and full[:, 0].max() == 1  # the mask channel: the photo kept, the rest generated
+    assert full.shape == (1, channels, H_PX // 8, W_PX // 8)
+    mask = full[:, 0] if name == "sd15_inpaint" else full[:, 16:].mean(1)  # the mask channel(s)
+    assert mask.min() == 0 and mask.max() == 1  # the photo kept, the rest generated
 
     seen = []
     sampler = sampler_node(["7", 2], sync=sync, positive=("7", 0), negative=("7", 1), steps=2)
-    result = run_prompt(inpaint_graph(object_node, capturing(inpaint_model, seen), vae, micro, photo, sampler))
+    result = run_prompt(inpaint_graph(object_node, capturing(model, seen), vae, conds, photo, sampler))
     plan = pack.windows.plan_windows(H_PX // 8, W_PX // 8, WIN_PX // 8, STRIDE_PX // 8)
     crops = [pack.windows.crop(full, w) for w in plan]
+    assert len({tuple(c.flatten().tolist()) for c in crops}) == len(plan)  # the windows' crops all differ
     matched = set()
     for x, concat in seen:
         assert concat.shape[-2:] == (WIN_PX // 8, WIN_PX // 8) and concat.shape[0] == x.shape[0]
