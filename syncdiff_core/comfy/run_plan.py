@@ -25,9 +25,10 @@ class RunPlan:
     """What a run of the windowed sampler works from.
 
     ``windowing``: the settings with ``sync_steps`` clamped to the run's ``steps``, an image anchor fitted to
-    the window and a kept-region anchor resolved to its window's index; ``facts``: the model family's (:class:`families.Facts`); ``plan``: the windows over the canvas;
-    ``patcher``: the patcher whose model predicts in the gradient pass (the model's own unless it loads its
-    weights per call); ``loss``: LPIPS, None when not synchronizing."""
+    the window and a kept-region anchor resolved to its window's index; ``facts``: the model family's
+    (:class:`families.Facts`); ``plan``: the windows over the canvas; ``patcher``: the patcher whose model
+    predicts in the gradient pass (the model's own unless it loads its weights per call); ``loss``: LPIPS, None
+    when not synchronizing."""
 
     windowing: Windowing
     facts: families.Facts
