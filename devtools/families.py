@@ -124,6 +124,8 @@ SPECS = [
     FamilySpec("sd35", "SD3", {**_SD3, "qk_norm": "rms", "x_block_self_attn_layers": [0]}, "kl16", pooled=POOLED,
                note="SD3.5 medium style: RMS q/k norm, MMDiT-X self-attention"),
     FamilySpec("flux", "Flux", _FLUX, "kl16", pooled=POOLED, guidance=3.5),
+    FamilySpec("flux_fill", "Flux", {**_FLUX, "in_channels": 96}, "kl16", pooled=POOLED, guidance=30.0,
+               note="Flux.1 Fill: 16 latent + 16 masked-image + 64 mask channels (the mask's 8x8 pixels) concatenated"),
     FamilySpec("flux_schnell", "FluxSchnell", {**_FLUX, "guidance_embed": False}, "kl16", pooled=POOLED),
     FamilySpec("chroma", "Chroma", _CHROMA, "kl16"),
     FamilySpec("flux2", "Flux2", _FLUX2, "flux2", guidance=4.0, tokens=512),
@@ -245,14 +247,15 @@ def _calibrate_decoder(vae, seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def build_vae(kind: str, seed: int = SEED, dtype=None, inference: bool = True):
+def build_vae(kind: str, seed: int = SEED, dtype=None, inference: bool = True, encoder: bool = False):
     """A tiny (or, where ComfyUI fixes the widths, real-width) random VAE of ``kind`` as ``comfy.sd.VAE``, cached per
-    arguments. ``inference``: build under ``torch.inference_mode()`` like ComfyUI's loaders."""
+    arguments. ``inference``: build under ``torch.inference_mode()`` like ComfyUI's loaders. ``encoder``: random
+    encoder weights too, where what an image encodes to matters (else a real-width encoder gives constant latents)."""
     with torch.inference_mode(inference):
-        return _build_vae(kind, seed, dtype)
+        return _build_vae(kind, seed, dtype, encoder)
 
 
-def _build_vae(kind: str, seed: int, dtype):
+def _build_vae(kind: str, seed: int, dtype, encoder: bool = False):
     import logging
     log = logging.getLogger()
     level = log.level
@@ -263,9 +266,9 @@ def _build_vae(kind: str, seed: int, dtype):
         log.setLevel(level)
     if kind != "kl4":
         fsm = vae.first_stage_model
-        init_weights_(fsm, seed, skip=("encoder.",))
-        for name, p in fsm.named_parameters():  # the encoder (half of a real-width VAE): cheap and deterministic,
-            if name.startswith("encoder."):  # so encode works (constant latents); only decoding matters here
+        init_weights_(fsm, seed, skip=() if encoder else ("encoder.",))
+        for name, p in fsm.named_parameters():  # unless asked for, the encoder (half of a real-width VAE) is cheap
+            if name.startswith("encoder.") and not encoder:  # and deterministic: encode works, to constant latents
                 p.data.fill_(1.0 if name.endswith(("norm.weight", "gamma")) else 0.0)
         for name, b in fsm.named_buffers():
             if name.endswith("running_var"):

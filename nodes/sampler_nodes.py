@@ -12,8 +12,9 @@ from .common import CATEGORY
 
 AnchorOption = io.Custom("SYNCDIFF_ANCHOR")
 
-#: The Anchor Selector's modes ("reference image" is the core's "image" anchor).
-ANCHOR_OPTIONS = ["center", "index", "reference image"]
+#: The Anchor Selector's modes, the core's "image" and "kept_region" anchors under their display names; new modes
+#: are appended (saved workflows store the mode's name).
+ANCHOR_OPTIONS = ["center", "index", "reference image", "kept region"]
 
 #: Pixels per latent pixel of the empty canvas PanoramaLatent makes (as ComfyUI's EmptyLatentImage).
 LATENT_PX = 8
@@ -148,21 +149,29 @@ class AnchorSelector(io.ComfyNode):
                 io.Combo.Input("mode", options=ANCHOR_OPTIONS, default="center",
                                tooltip="center: the middle window (the reference code). index: the window of "
                                        "that number in raster order (0 = top-left, the paper's algorithm). "
-                                       "reference image: pull every window toward the given image instead."),
+                                       "reference image: pull every window toward the given image instead. "
+                                       "kept region: the window that the kept part of the mask covers most (a "
+                                       "photo being outpainted; the mask input, else the latent's noise mask)."),
                 io.Int.Input("index", default=0, min=0, max=4096,
                              tooltip="Window number for mode 'index' (raster order, starting at 0)."),
                 io.Image.Input("image", optional=True,
                                tooltip="Target look for mode 'reference image'; fitted (resized and "
                                        "center-cropped) to the window size."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="For mode 'kept region': 1 = generate, 0 = keep (Panorama From Photo's mask), "
+                                      "any size. Unconnected: the noise mask of the latent being sampled."),
             ],
             outputs=[AnchorOption.Output(display_name="anchor",
                                          tooltip="Connect to the sampler's anchor input.")],
         )
 
     @classmethod
-    def execute(cls, mode: str, index: int, image: torch.Tensor | None = None) -> io.NodeOutput:
-        expect(image=(image, "IMAGE?"))
+    def execute(cls, mode: str, index: int, image: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> io.NodeOutput:
+        expect(image=(image, "IMAGE?"), mask=(mask, "MASK?"))
         expect_option("mode", mode, ANCHOR_OPTIONS)
+        if mode == "kept region":
+            return io.NodeOutput(Anchor(mode="kept_region", mask=mask))
         if mode == "reference image":
             if image is None:
                 raise ValueError("mode 'reference image' needs an image connected to the image input")

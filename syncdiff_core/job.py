@@ -156,7 +156,8 @@ def plan_canvas(windowing: Windowing, canvas_height: int, canvas_width: int, sca
                          f"or set sync_weight to 0")
     plan = plan_windows(canvas_height, canvas_width, window, stride_px // scale, wrap=windowing.wrap,
                         px_per_unit=scale)
-    windowing.anchor.window_index(plan)  # an index anchor must be on the grid
+    if windowing.anchor.mode == "index":  # on the grid (a kept-region anchor is resolved with the run's mask)
+        windowing.anchor.window_index(plan)
     return plan
 
 

@@ -289,7 +289,8 @@ def kept_window_index(plan: WindowPlan, keep_mask_latent: torch.Tensor) -> int:
     areas = [float(crop(keep, w).sum()) for w in plan]
     best = max(areas)
     if best <= 0.0:
-        raise ValueError("the mask keeps nothing (no window covers any kept area): there is no photo to follow")
+        raise ValueError("the mask keeps nothing (it is 1 = generate everywhere, so no window covers a kept area): "
+                         "there is no photo for a 'kept region' anchor to follow")
     return areas.index(best)
 
 

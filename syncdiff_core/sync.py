@@ -9,9 +9,10 @@ import torch
 
 from .batching import BatchSize
 from .lanes import Lanes
+from .photo import keep_mask_for_latent, kept_window_index
 from .windows import WindowPlan
 
-ANCHOR_MODES = ("center", "index", "image")
+ANCHOR_MODES = ("center", "index", "image", "kept_region")
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,16 @@ class Anchor:
 
     ``center``: the middle window of the raster order (the reference code). ``index``: window ``index``
     (0 is the paper's algorithm box). ``image``: a fixed target image (N or 1, 3, h, w) in [-1, 1] of the
-    window's pixel size; then no window is the anchor and every window moves.
+    window's pixel size; then no window is the anchor and every window moves. ``kept_region``: the window that the
+    kept part of ``mask`` covers most, so that the windows follow a photo being outpainted; ``mask`` is a noise
+    mask ((batch, [1,]) height, width; 1 = generate, 0 = keep) of any size, resized to the canvas' latent size as
+    ComfyUI resizes a noise mask. Without one, the run's own latent noise mask is used (:meth:`for_plan`).
     """
 
     mode: str = "center"
     index: int = 0
     image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.mode not in ANCHOR_MODES:
@@ -88,6 +93,9 @@ class Anchor:
                 what = "nothing" if img is None else f"shape {tuple(img.shape)}"
                 raise ValueError(f"the anchor image must be an RGB image (3 channels), got {what}; convert "
                                  "RGBA or grayscale images to RGB first")
+        if self.mask is not None and not (isinstance(self.mask, torch.Tensor) and 2 <= self.mask.ndim <= 4):
+            raise ValueError("the anchor mask must be a mask ((batch, [1,]) height, width), got "
+                             f"{tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask)}")
 
     def fitted(self, height: int, width: int) -> "Anchor":
         """This anchor with its image resized to cover ``height`` x ``width`` px (aspect kept), center-cropped to
@@ -96,12 +104,28 @@ class Anchor:
             return self
         return replace(self, image=fit_image(self.image, height, width).clamp(-1, 1))
 
+    def for_plan(self, plan: WindowPlan, noise_mask: torch.Tensor | None = None) -> "Anchor":
+        """This anchor as a run over ``plan`` uses it: a kept-region anchor becomes the index anchor of its window
+        (found once, from its own mask, else from ``noise_mask``, the run's latent noise mask); any other anchor is
+        returned unchanged."""
+        if self.mode != "kept_region":
+            return self
+        chosen = self if self.mask is not None else replace(self, mask=noise_mask)
+        return Anchor(mode="index", index=chosen.window_index(plan))
+
     def window_index(self, plan: WindowPlan) -> int | None:
         """The anchor window's index in ``plan``, or None for an image anchor."""
         if self.mode == "image":
             return None
         if self.mode == "center":
             return plan.center_index
+        if self.mode == "kept_region":
+            if self.mask is None:
+                raise ValueError("anchor mode 'kept region' needs a mask: connect the mask (1 = generate) to the "
+                                 "Anchor Selector's mask input, or sample a latent with a noise mask (Set Latent "
+                                 "Noise Mask, or InpaintModelConditioning with noise_mask on)")
+            keep = keep_mask_for_latent(self.mask, plan.canvas_height, plan.canvas_width)
+            return kept_window_index(plan, keep)
         if not 0 <= self.index < len(plan):
             raise ValueError(
                 f"anchor index {self.index} is outside the grid: this canvas has {len(plan)} windows "

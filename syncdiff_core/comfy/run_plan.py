@@ -5,6 +5,7 @@ to the sampler; the SAMPLER node's sampler prepares it when ComfyUI's custom sam
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -16,15 +17,18 @@ from .compile import check_compile_backend
 from .loss_decoders import taesd_path
 from .model import gradient_ready_patcher
 
+log = logging.getLogger("syncdiffusion")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """What a run of the windowed sampler works from.
 
-    ``windowing``: the settings with ``sync_steps`` clamped to the run's ``steps`` and an image anchor fitted to
-    the window; ``facts``: the model family's (:class:`families.Facts`); ``plan``: the windows over the canvas;
-    ``patcher``: the patcher whose model predicts in the gradient pass (the model's own unless it loads its
-    weights per call); ``loss``: LPIPS, None when not synchronizing."""
+    ``windowing``: the settings with ``sync_steps`` clamped to the run's ``steps``, an image anchor fitted to
+    the window and a kept-region anchor resolved to its window's index; ``facts``: the model family's
+    (:class:`families.Facts`); ``plan``: the windows over the canvas; ``patcher``: the patcher whose model
+    predicts in the gradient pass (the model's own unless it loads its weights per call); ``loss``: LPIPS, None
+    when not synchronizing."""
 
     windowing: Windowing
     facts: families.Facts
@@ -65,14 +69,16 @@ def check_latent_size(samples: torch.Tensor, scale: int) -> None:
 
 
 def prepare_run(windowing: Windowing, model, vae, latent: torch.Tensor, steps: int, loss=None,
-                rows: int = 1) -> RunPlan:
+                rows: int = 1, noise_mask: torch.Tensor | None = None) -> RunPlan:
     """The :class:`RunPlan` of ``windowing`` for ``model`` (a ModelPatcher) on ``latent`` (in the model's layout)
-    over ``steps`` steps, ``rows`` guider rows a window (cond, uncond); ``loss`` replaces LPIPS (tests). Raises a
-    ValueError naming the input before any model call when the family cannot be sampled (or synchronized) on this
-    latent, the canvas is over the pixel limit, the windows do not fit it in the family's pixels, synchronization
-    lacks its VAE (or TAESD file), canvas positions lack the model's RoPE hook, compile cannot run, a GPU ComfyUI's
-    MultiGPU prepared is missing, or ``memory_cap_gb`` is below what any exact memory plan needs (checked before
-    LPIPS or the gradient path is loaded)."""
+    over ``steps`` steps, ``rows`` guider rows a window (cond, uncond); ``loss`` replaces LPIPS (tests);
+    ``noise_mask``: the latent's noise mask (any size), which a kept-region anchor without a mask of its own
+    follows. Raises a ValueError naming the input before any model call when the family cannot be sampled (or
+    synchronized) on this latent, the canvas is over the pixel limit, the windows do not fit it in the family's
+    pixels, synchronization lacks its VAE (or TAESD file), canvas positions lack the model's RoPE hook, compile
+    cannot run, a kept-region anchor has no mask or the mask keeps nothing, a GPU ComfyUI's MultiGPU prepared is
+    missing, or ``memory_cap_gb`` is below what any exact memory plan needs (checked before LPIPS or the gradient
+    path is loaded)."""
     # 1. the devices, the family and the canvas
     multigpu.check_devices_present(multigpu.prepared_devices(model))
     windowing = windowing.for_steps(steps)
@@ -97,11 +103,16 @@ def prepare_run(windowing: Windowing, model, vae, latent: torch.Tensor, steps: i
         check_compile_backend(windowing.compile, model.load_device)
     memory_plan.check_cap(RunPlan(windowing, facts, plan, steps, model), model.model, rows)
 
-    # 4. the gradient path: the anchor at the window's pixel size, weights that can carry gradients, LPIPS
+    # 4. the gradient path: the anchor at the window's pixel size (or the window of the kept region), weights that
+    # can carry gradients, LPIPS
     patcher = model
     if sync:
         scale = facts.pixel_scale
         anchor = windowing.anchor.fitted(plan.window_height * scale, plan.window_width * scale)
+        if anchor.mode == "kept_region":
+            anchor = anchor.for_plan(plan, noise_mask)
+            log.info("SyncDiffusion: anchor window %d of %d, the one the kept region covers most", anchor.index,
+                     len(plan))
         windowing = dataclasses.replace(windowing, anchor=anchor)
         patcher = gradient_ready_patcher(model)
         loss = loss if loss is not None else get_lpips(model.load_device)

@@ -57,7 +57,7 @@ class WindowedSampler(comfy.samplers.Sampler):
         # 1. the run, prepared once and checked before any model call
         check_sigmas(sigmas)
         run = self.run or prepare_run(self.windowing, guider.model_patcher, self.vae, noise, len(sigmas) - 1,
-                                      self.loss, rows=memory_plan.guider_rows(guider))
+                                      self.loss, rows=memory_plan.guider_rows(guider), noise_mask=denoise_mask)
         if self.run is None and any(core_regions.REGION_KEY in c for cs in guider.conds.values() for c in cs):
             raise ValueError("Layout Mask Region conditioning needs the SyncDiffusion Sampler node (it resolves the "
                              "regions' masks and bootstraps them); use that node for layout-guided panoramas")
@@ -170,7 +170,8 @@ def sample_panorama(model, positive, negative, latent: dict, job: PanoramaJob, v
     # own pixel size is checked before the latent is made in the model's layout (which allocates)
     check_latent_size(latent["samples"], int(latent.get("downscale_ratio_spacial", 8)))
     latent_image = families.prepare_latent(model, latent)
-    run = prepare_run(job, model, vae, latent_image, job.steps, loss, rows=CFG_ROWS)
+    run = prepare_run(job, model, vae, latent_image, job.steps, loss, rows=CFG_ROWS,
+                      noise_mask=latent.get("noise_mask"))
     positive, region_specs = prepare_layout(positive, latent_image, negative)
     bootstrapping = any(spec.bootstrap_fraction > 0 for spec in region_specs)
     if bootstrapping and vae is None:

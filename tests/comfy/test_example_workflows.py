@@ -49,7 +49,7 @@ def test_there_are_example_workflows():
 # random model of that family (devtools/families.py) in place of its loaders and text encoders; every other node
 # (guidance, model sampling, guider, scheduler, the pack's nodes, decode, save) runs as saved.
 FAMILY_STAND_INS = {"sd_xl_base_1.0.safetensors": "sdxl", "flux1-dev.safetensors": "flux",
-                    "qwen_image_fp8_e4m3fn.safetensors": "qwen_image"}
+                    "flux1-fill-dev.safetensors": "flux_fill", "qwen_image_fp8_e4m3fn.safetensors": "qwen_image"}
 TEXT_ENCODERS = {"CLIPTextEncode"}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 FAMILY_NAMES = ["sd15", "sd15_inpaint", "sd20", "sd20_v", "sdxl", "sdxl_v", "sdxl_edm", "sd3", "sd35", "flux",
-                "flux_schnell", "chroma", "flux2", "qwen_image", "lumina2", "zimage", "hunyuan_image"]
+                "flux_fill", "flux_schnell", "chroma", "flux2", "qwen_image", "lumina2", "zimage", "hunyuan_image"]
 
 #: (latent channels, latent dims, px per latent px, patch, native px, default stride px, schedule, rope shift)
 EXPECTED = {
@@ -23,6 +23,7 @@ EXPECTED = {
     "sd3": (16, 2, 8, 2, 1024, 256, "flow", False),
     "sd35": (16, 2, 8, 2, 1024, 256, "flow", False),
     "flux": (16, 2, 8, 2, 1024, 256, "flow", True),
+    "flux_fill": (16, 2, 8, 2, 1024, 256, "flow", True),
     "flux_schnell": (16, 2, 8, 2, 1024, 256, "flow", True),
     "chroma": (16, 2, 8, 2, 1024, 256, "flow", False),
     "flux2": (128, 2, 16, 1, 1024, 256, "flow", True),
@@ -32,7 +33,7 @@ EXPECTED = {
     "hunyuan_image": (64, 2, 32, 1, 2048, 512, "flow", False),
 }
 #: Families whose ComfyUI blocks add into saved activations in place (plain autograd refuses them).
-IN_PLACE_BLOCKS = {"flux", "flux_schnell", "chroma", "flux2", "hunyuan_image"}
+IN_PLACE_BLOCKS = {"flux", "flux_fill", "flux_schnell", "chroma", "flux2", "hunyuan_image"}
 #: Gradient checks run in the quick suite: one per kind of problem (UNet; EDM latent-format constants; in-place
 #: DiT blocks; 5-D latents and the Wan VAE). The others are marked slow (several seconds each on 2 cores).
 QUICK_GRADIENTS = {"sd15", "sdxl_edm", "flux", "qwen_image"}

@@ -178,7 +178,8 @@ def test_combo_values_outside_the_options_are_refused(comfy, pack, value):
         with pytest.raises(ValueError, match=r"^format must be one of 'png', 'jpeg'; got"):
             pack.decode_nodes.SavePanorama360.execute(images=torch.rand(1, 32, 64, 3), filename_prefix="combo",
                                                       format=value, jpeg_quality=90)
-    with pytest.raises(ValueError, match=r"^mode must be one of 'center', 'index', 'reference image'; got"):
+    with pytest.raises(ValueError, match=r"^mode must be one of 'center', 'index', 'reference image', 'kept region'; "
+                                         r"got"):
         pack.sampler_nodes.AnchorSelector.execute(mode=value, index=0)
     job = pack.job
     with pytest.raises(ValueError, match="loss_decoder must be one of"):

@@ -1,13 +1,14 @@
 """Panorama From Photo in real ComfyUI graphs: photo -> canvas -> VAE Encode + Set Latent Noise Mask (or
 InpaintModelConditioning) -> SyncDiffusion Sampler, on the micro SD1.x UNet, a micro SD1.5 inpainting UNet (9 input
-channels) and the small KL VAE.
+channels), a tiny Flux.1 Fill and the small KL VAE.
 
 What is checked: the kept part of the final latent is the encoded photo wherever the noise mask is 0 (flat and
 across the 360° seam), within the float rounding of the model's latent scaling (``process_latent_in`` then
 ``process_latent_out``, which stock KSampler's result carries as well: bit-equality is out of reach for any
 sampler of ComfyUI), on a schedule that ends at sigma 0; with sync on and the photo as the Anchor Selector's reference image, the generated
-windows are closer to the photo by LPIPS than with sync off on the same seed; an inpainting model's concatenated
-mask and masked-image latent reach the UNet cropped to each window, with sync off and on.
+windows are closer to the photo by LPIPS than with sync off on the same seed; a 'kept region' anchor is the window
+the photo covers most; an inpainting model's concatenated mask and masked-image latent (SD 1.5 inpainting's 9
+channels, Flux.1 Fill's) reach the model cropped to each window, with sync off and on.
 """
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ def custom_sampler_nodes(comfy, latent, *, sync: float, anchor=None, wrap=False,
 
 
 def noise_mask_graph(object_node, model, vae, micro, photo, *, sync: float, reference: bool, canvas: dict | None = None,
-                     wrap: bool = False, steps: int = 3, comfy=None) -> dict:
+                     wrap: bool = False, steps: int = 3, comfy=None, anchor: dict | None = None) -> dict:
     """photo -> canvas -> VAE Encode + Set Latent Noise Mask -> the SyncDiffusion Sampler node (node "10"), or,
-    given ``comfy``, the SyncDiffusion SAMPLER in SamplerCustomAdvanced."""
+    given ``comfy``, the SyncDiffusion SAMPLER in SamplerCustomAdvanced. ``reference``: the photo as the Anchor
+    Selector's reference image; ``anchor``: the Anchor Selector's inputs instead."""
     prompt = {
         "1": object_node(model, "MODEL"), "2": object_node(micro.positive, "CONDITIONING"),
         "3": object_node(micro.negative, "CONDITIONING"), "4": object_node(vae, "VAE"),
@@ -86,14 +88,15 @@ def noise_mask_graph(object_node, model, vae, micro, photo, *, sync: float, refe
         "7": {"class_type": "VAEEncode", "inputs": {"pixels": ["6", 0], "vae": ["4", 0]}},
         "8": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["7", 0], "mask": ["6", 1]}},
     }
-    anchor = ["9", 0] if reference else None
-    if comfy is None:
-        prompt["10"] = sampler_node(["8", 0], sync=sync, anchor=anchor, wrap=wrap, steps=steps)
-    else:
-        prompt.update(custom_sampler_nodes(comfy, ["8", 0], sync=sync, anchor=anchor, wrap=wrap, steps=steps))
     if reference:
-        prompt["9"] = {"class_type": "AnchorSelector", "inputs": {"mode": "reference image", "index": 0,
-                                                                   "image": ["5", 0]}}
+        anchor = {"mode": "reference image", "index": 0, "image": ["5", 0]}
+    link = None if anchor is None else ["9", 0]
+    if comfy is None:
+        prompt["10"] = sampler_node(["8", 0], sync=sync, anchor=link, wrap=wrap, steps=steps)
+    else:
+        prompt.update(custom_sampler_nodes(comfy, ["8", 0], sync=sync, anchor=link, wrap=wrap, steps=steps))
+    if anchor is not None:
+        prompt["9"] = {"class_type": "AnchorSelector", "inputs": anchor}
     return prompt
 
 
@@ -158,6 +161,36 @@ def test_360_canvas_wraps_and_keeps_the_photo_across_the_seam(graphs, run_prompt
     keep = assert_kept_is_the_encoded_photo(encoded, out, mask)
     assert keep[..., 0].any() and keep[..., -1].any()  # the photo straddles the seam: kept on both sides
     assert not keep[..., keep.shape[-1] // 2].any()
+
+
+@pytest.mark.parametrize("case", ["flat_mask_input", "360_noise_mask"])
+def test_a_kept_region_anchor_is_the_window_the_photo_covers_most(graphs, pack, run_prompt, object_node, case):
+    """The Anchor Selector's 'kept region' mode samples exactly as the index anchor of the window the photo covers
+    most, found here from the geometry. A flat photo at the canvas' right edge: the last window (6 of 7; the
+    centre anchor, 3, gives another result), from the mask input, through the sampler node. A 360° photo looking
+    across the seam (yaw 180) on the wrapped 24-window canvas: the middle row's window centred on the seam (row 1,
+    column 7: index 15), from the latent's noise mask, through the SAMPLER and ComfyUI's denoise mask."""
+    comfy, micro, vae = graphs
+    kept = {"mode": "kept region", "index": 0}
+    if case == "flat_mask_input":
+        canvas, photo, wrap, custom, expected = canvas_node(["5", 0], placement="right"), make_photo(), False, None, 6
+        kept["mask"] = ["6", 1]
+    else:
+        canvas = canvas_node(["5", 0], width=256, height=128, projection="equirectangular", fov=80.0, yaw=180.0,
+                             pitch=0.0, feather=4)
+        photo, wrap, custom, expected = make_photo(48, 64), True, comfy, 15
+        window = pack.windows.plan_windows(16, 32, WIN_PX // 8, STRIDE_PX // 8, wrap=True)[expected]
+        assert (window.top, window.left, window.wraps) == (4, 28, True)  # rows 4..12, columns 28..36 (mod 32)
+
+    def sampled(anchor: dict) -> torch.Tensor:
+        result = run_prompt(noise_mask_graph(object_node, micro.model, vae, micro, photo, sync=20.0, reference=False,
+                                             canvas=canvas, wrap=wrap, steps=2, comfy=custom, anchor=anchor))
+        return result["10"][0]["samples"]
+
+    by_kept = sampled(kept)
+    assert torch.equal(by_kept, sampled({"mode": "index", "index": expected}))
+    if case == "flat_mask_input":
+        assert not torch.equal(by_kept, sampled({"mode": "center", "index": 0}))
 
 
 def decoded_windows(pack, vae, latent: torch.Tensor, windows) -> torch.Tensor:
@@ -236,26 +269,45 @@ def inpaint_graph(object_node, model, vae, micro, photo, sampler: dict) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def inpainting_models(graphs, inpaint_model):
+    """name -> (model, VAE, conditioning, channels of its concat conditioning): the micro SD1.5 inpainting UNet
+    (mask 1 + masked latent 4) and a tiny Flux.1 Fill (masked latent 16 + the mask's 8x8 pixels as 64 channels;
+    its first layer takes 4 x 96 = 384 features per 2x2 patch)."""
+    from devtools import families as fm
+    _, micro, vae = graphs
+    fill = fm.build("flux_fill")
+    assert fill.model.model.diffusion_model.img_in.in_features == 384
+    fill_vae = fm.build_vae("kl16", encoder=True)  # the photo's latent differs from the grey's
+    return {"sd15_inpaint": (inpaint_model, vae, micro, 5), "flux_fill": (fill.model, fill_vae, fill, 80)}
+
+
 @pytest.mark.parametrize("sync", [0.0, 20.0], ids=["sync_off", "sync_on"])
+@pytest.mark.parametrize("name", ["sd15_inpaint", "flux_fill"])
 def test_an_inpainting_model_sees_its_concat_conditioning_cropped_to_each_window(graphs, pack, run_prompt,
-                                                                                 object_node, inpaint_model, sync):
-    comfy, micro, vae = graphs
+                                                                                 object_node, inpainting_models,
+                                                                                 name, sync):
+    """InpaintModelConditioning's concat_latent_image and concat_mask reach the model as each window's own crop of
+    what stock KSampler gives it for the whole canvas (the crop equal to the canvas' slice), sync off and on."""
+    model, vae, conds, channels = inpainting_models[name]
     photo = make_photo()
-    # the whole canvas' concat conditioning, as stock KSampler gives it to the UNet (one step)
+    # the whole canvas' concat conditioning, as stock KSampler gives it to the model (one step)
     full_seen = []
     ks = {"class_type": "KSampler", "inputs": {
         "model": ["1", 0], "positive": ["7", 0], "negative": ["7", 1], "latent_image": ["7", 2], "seed": SEED,
         "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-    run_prompt(inpaint_graph(object_node, capturing(inpaint_model, full_seen), vae, micro, photo, ks))
+    run_prompt(inpaint_graph(object_node, capturing(model, full_seen), vae, conds, photo, ks))
     full = full_seen[0][1][:1]
-    assert full.shape == (1, 5, H_PX // 8, W_PX // 8)
-    assert full[:, 0].min() == 0 and full[:, 0].max() == 1  # the mask channel: the photo kept, the rest generated
+    assert full.shape == (1, channels, H_PX // 8, W_PX // 8)
+    mask = full[:, 0] if name == "sd15_inpaint" else full[:, 16:].mean(1)  # the mask channel(s)
+    assert mask.min() == 0 and mask.max() == 1  # the photo kept, the rest generated
 
     seen = []
     sampler = sampler_node(["7", 2], sync=sync, positive=("7", 0), negative=("7", 1), steps=2)
-    result = run_prompt(inpaint_graph(object_node, capturing(inpaint_model, seen), vae, micro, photo, sampler))
+    result = run_prompt(inpaint_graph(object_node, capturing(model, seen), vae, conds, photo, sampler))
     plan = pack.windows.plan_windows(H_PX // 8, W_PX // 8, WIN_PX // 8, STRIDE_PX // 8)
     crops = [pack.windows.crop(full, w) for w in plan]
+    assert len({tuple(c.flatten().tolist()) for c in crops}) == len(plan)  # the windows' crops all differ
     matched = set()
     for x, concat in seen:
         assert concat.shape[-2:] == (WIN_PX // 8, WIN_PX // 8) and concat.shape[0] == x.shape[0]

@@ -127,3 +127,19 @@ def test_sampler_inputs_added_later_are_optional(snapshot):
     for name in ("loss_decoder", "sync_batch", "compile", "memory_cap_gb"):
         assert name in sampler["input"]["optional"], name
     assert "memory_cap_gb" in snapshot["SyncDiffusionCustomSampler"]["input"]["optional"]
+
+
+def test_anchor_selector_modes_are_only_appended(comfy, snapshot):
+    """A saved Anchor Selector stores its widgets [mode, index] by position and its mode by name: the first modes
+    keep their names, order and meaning, later modes (kept region) come after them, and inputs added later (mask)
+    are optional sockets, not widgets, so old widget values keep their positions."""
+    import torch
+    spec = snapshot["AnchorSelector"]
+    assert spec["input_order"]["required"] == ["mode", "index"]
+    assert spec["input"]["required"]["mode"][1]["options"][:3] == ["center", "index", "reference image"]
+    assert set(spec["input"]["optional"]) >= {"image", "mask"}
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["AnchorSelector"]
+    got = {m: node.execute(mode=m, index=2, image=torch.rand(1, 8, 8, 3)).args[0]
+           for m in ("center", "index", "reference image")}
+    assert (got["center"].mode, got["index"].mode, got["index"].index, got["reference image"].mode) == \
+        ("center", "index", 2, "image")

@@ -329,6 +329,8 @@ def test_bad_input_is_rejected_before_sampling(comfy, pack, micro, tiny_kl_vae):
     loss = lambda a, b: calls.append(1)  # noqa: E731  (never reached)
     cases = [
         (job(pack, w=20.0, anchor=sync.Anchor(mode="index", index=5)), "anchor index 5 is outside the grid"),
+        (job(pack, w=20.0, anchor=sync.Anchor(mode="kept_region")), "'kept region' needs a mask"),  # no noise mask
+        (job(pack, w=20.0, anchor=sync.Anchor(mode="kept_region", mask=torch.ones(1, H * 8, W * 8))), "keeps nothing"),
         (job(pack, stride_px=36), "stride must be a positive multiple of 8"),
         (job(pack, stride_px=128), "must not exceed the window size"),
         (job(pack, window_px=256), "smaller than one window"),
@@ -348,6 +350,12 @@ def test_anchor_selector_rejects_wrong_channels(comfy, pack):
         node.execute(mode="reference image", index=0, image=None)
     out = node.execute(mode="reference image", index=0, image=torch.rand(1, 32, 32, 3)).args[0]
     assert out.mode == "image" and out.image.shape == (1, 3, 32, 32) and out.image.min() >= -1
+    with pytest.raises(ValueError, match="mask must be a MASK"):
+        node.execute(mode="kept region", index=0, mask="mask.png")
+    mask = torch.ones(1, 32, 64)
+    out = node.execute(mode="kept region", index=0, mask=mask).args[0]
+    assert out.mode == "kept_region" and out.mask is mask
+    assert node.execute(mode="kept region", index=0).args[0].mask is None  # the latent's noise mask, when sampled
 
 
 def test_cancel_stops_within_one_window_batch(comfy, pack, micro, tiny_kl_vae):

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from syncdiff_core import photo as P  # noqa: E402
+from syncdiff_core.sync import Anchor  # noqa: E402
 from syncdiff_core.windows import plan_windows  # noqa: E402
 
 
@@ -292,6 +293,36 @@ def test_keep_mask_for_latent_is_one_minus_the_resized_noise_mask():
     assert keep.shape == (1, 8, 32) and torch.all(keep[0, :, :8] == 1) and torch.all(keep[0, :, 8:] == 0)
     plan = plan_windows(8, 32, 8, 4)
     assert P.kept_window_index(plan, keep) == 0
+
+
+def test_a_kept_region_anchor_picks_its_window_from_a_pixel_mask_across_the_wrap_seam():
+    """The anchor mode: a noise mask at pixel size (1 = generate), 8 px per latent px, the photo straddling the
+    seam (pixel columns 480..512 and 0..48 = latent 60..64 and 0..6): the window at latent column 60, which crosses
+    the seam, holds 8 kept columns, window 0 only 6."""
+    mask = torch.ones(1, 64, 512)
+    mask[:, :, 480:] = 0
+    mask[:, :, :48] = 0
+    plan = plan_windows(8, 64, 8, 4, wrap=True)
+    anchor = Anchor(mode="kept_region", mask=mask)
+    i = anchor.window_index(plan)
+    assert plan[i].wraps and plan[i].left == 60
+    assert anchor.for_plan(plan) == Anchor(mode="index", index=i)
+    # its own mask wins over the run's noise mask; without one it follows the noise mask (latent columns 32..40)
+    noise_mask = torch.ones(1, 1, 64, 512)
+    noise_mask[..., 256:320] = 0
+    assert anchor.for_plan(plan, noise_mask).index == i
+    assert plan[Anchor(mode="kept_region").for_plan(plan, noise_mask).index].left == 32
+    assert Anchor(mode="center").for_plan(plan, noise_mask) == Anchor(mode="center")
+
+
+def test_a_kept_region_anchor_without_a_mask_or_a_photo_is_refused():
+    plan = plan_windows(8, 64, 8, 4, wrap=True)
+    with pytest.raises(ValueError, match="'kept region' needs a mask"):
+        Anchor(mode="kept_region").for_plan(plan)
+    with pytest.raises(ValueError, match="the mask keeps nothing"):
+        Anchor(mode="kept_region", mask=torch.ones(1, 64, 512)).for_plan(plan)
+    with pytest.raises(ValueError, match="anchor mask must be a mask"):
+        Anchor(mode="kept_region", mask=torch.ones(512))
 
 
 def test_projecting_in_row_chunks_changes_nothing(monkeypatch):
