@@ -132,6 +132,8 @@ def test_every_plan_gives_the_unconstrained_panorama(comfy, pack, micro, tiny_kl
         assert expect in line and "sync_batch 1" in line, line
         rel = float((got - want).norm() / want.norm())
         assert rel < 1e-5, (expect, rel)
+    dm = micro.model.model.diffusion_model  # counted once, by the first of these runs
+    assert pack.memory_plan._PARAMS[dm] == sum(p.numel() for p in dm.parameters())
 
 
 def test_no_exact_plan_is_refused_before_any_model_call(comfy, pack, micro, tiny_kl_vae, monkeypatch):
