@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Windows across several GPUs through ComfyUI's own MultiGPU (issue 17): one GPU against all of them, one process.
 
-A random-weight checkpoint of SD 2.0-base's size (``dynamic_vram.write_checkpoint``) is loaded by ComfyUI's
+A random-weight checkpoint of SD 2.0-base's size (``python -m devtools.models``) is loaded by ComfyUI's
 ``CheckpointLoaderSimple`` (whose reload factory MultiGPU clones from); the model is then prepared as ComfyUI's
 MultiGPU CFG Split node prepares it (``comfy.multigpu.create_multigpu_deepclones``). Both models sample the same
 panorama (512 x 3072 px, 21 windows, 50 steps; MultiDiffusion and 10 sync steps) through the pack's
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,11 +82,10 @@ def main(argv=None) -> int:
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["COMFYUI_PATH"] = opts.comfyui
-    from bench.dynamic_vram import write_checkpoint
-
     ckpt = out_dir / "sd2-size-random.safetensors"
-    if not ckpt.exists():
-        write_checkpoint(opts, opts.comfyui, ckpt)
+    if not ckpt.exists():  # written by a process of its own: ComfyUI's settings hold for a whole process
+        subprocess.run([sys.executable, "-m", "devtools.models", str(ckpt), "--size",
+                        "tiny-sd20" if opts.tiny else "sd2-base"], check=True, cwd=ROOT)
     from devtools import headless as ch
 
     rt = ch.start(out_dir / "base", cpu=opts.tiny)

@@ -4,8 +4,8 @@ ComfyUI's own classes (no downloads).
 * tiny SD1.x / SD2.x checkpoints (``write_checkpoint``), their parts (``build_model``, ``build_taesd_vae``,
   ``build_kl_vae``, ``build_clip``), conditioning (``make_conditioning``) and ControlNets (``write_controlnet``);
 * the micro UNet and ControlNet of the layout tests (``build_micro_model``, ``build_micro_controlnet``);
-* real-size models for the GPU benchmarks (``SD2_BASE_UNET``, ``SDXL_UNET``, ``FLUX_DEV``, ``SD_VAE``;
-  ``build_sd2_unet``, ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
+* real-size models for the GPU benchmarks (``build_real_size``: SD 2, SDXL, Flux; ``build_sd2_unet``,
+  ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
 * the random LPIPS trunk (``random_trunk_state_dict``, ``write_random_trunk``, ``install_random_trunk``).
 
 Tiny models of every other family are in ``devtools.families`` (they share ``init_weights_``). The functions
@@ -67,24 +67,28 @@ def model_config(family: str):
 
 
 @torch.no_grad()
-def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = ()) -> torch.nn.Module:
+def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = (),
+                  on_device: bool = False) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 so every dtype gets the same weights;
-    1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1) gammas): 1; other 1-D parameters
-    (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a meaning (TAESD's
-    ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are buffers (they hold
-    computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint weight created
-    empty. Parameters whose names start with one of ``skip`` are left alone.
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 on the CPU so every dtype gets the same
+    weights (``on_device``: drawn where the weights are, with that device's generator: seconds, not minutes, for a
+    model of billions of parameters on a GPU); 1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1)
+    gammas): 1; other 1-D parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))``
+    with a meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are
+    buffers (they hold computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint
+    weight created empty. Parameters whose names start with one of ``skip`` are left alone.
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device if on_device else torch.device("cpu")
+    g = torch.Generator(device).manual_seed(seed)
     for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if p.numel() == 0 or name.startswith(skip):
             continue
         if p.ndim >= 2 and p[0].numel() > 1:
-            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
-            p.copy_(t)
+            std = std_scale / math.sqrt(p[0].numel())
+            p.copy_(torch.empty(p.shape, dtype=p.dtype if on_device else torch.float32, device=device)
+                    .normal_(0.0, std, generator=g))
         elif p.ndim >= 1 and leaf.endswith(("weight", "scale", "gamma")):
             p.fill_(1.0)
         elif p.ndim >= 1:
@@ -93,7 +97,7 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
             raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     for name, b in module.named_buffers():
         if name.endswith("pos_embed"):
-            b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.5, generator=g))
+            b.copy_(torch.empty(b.shape, dtype=torch.float32, device=device).normal_(0.0, 0.5, generator=g))
         elif b.is_floating_point() and not torch.isfinite(b).all():
             raise ValueError(f"buffer {name} is not initialised")
     return module
@@ -319,21 +323,13 @@ FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_i
 #: SD's KL VAE (4 latent channels), the ``ddconfig`` of ``AutoencoderKL``.
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-#: The same classes, narrow, for a bench's ``--tiny`` check on the CPU.
-TINY_SD2_UNET = {**SD2_BASE_UNET, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-                 "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1}
-TINY_SD_VAE = {**SD_VAE, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}
-
-
-def build_sd2_unet(dtype=torch.float16, seed: int = 0, tiny: bool = False, load_device=None):
-    """SD 2.0-base's UNet (``tiny``: :data:`TINY_SD2_UNET`) with random weights as a ``ModelPatcher``."""
+def build_sd2_unet(dtype=torch.float16, seed: int = 0, load_device=None):
+    """SD 2.0-base's UNet with random weights as a ``ModelPatcher``."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    mc = comfy.supported_models.SD20(dict(TINY_SD2_UNET if tiny else SD2_BASE_UNET))
-    if tiny:  # after the class's own settings, which fix 64-channel heads
-        mc.unet_config["num_head_channels"] = 32
+    mc = comfy.supported_models.SD20(dict(SD2_BASE_UNET))
     mc.set_inference_dtype(dtype, None)
     base = mc.get_model({})
     init_weights_(base.diffusion_model, seed)
@@ -341,14 +337,58 @@ def build_sd2_unet(dtype=torch.float16, seed: int = 0, tiny: bool = False, load_
                                             offload_device=mm.unet_offload_device())
 
 
-def build_sd_vae(dtype=None, seed: int = 0, tiny: bool = False):
-    """SD's KL VAE (``tiny``: :data:`TINY_SD_VAE`) with random weights as a ComfyUI ``VAE``."""
+def build_sd_vae(dtype=None, seed: int = 0):
+    """SD's KL VAE with random weights as a ComfyUI ``VAE``."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    params = {"embed_dim": 4, "ddconfig": TINY_SD_VAE if tiny else SD_VAE}
+    params = {"embed_dim": 4, "ddconfig": SD_VAE}
     net = init_weights_(AutoencoderKL(**params), seed)
     return comfy.sd.VAE(sd=net.state_dict(), config={"params": params}, dtype=dtype)
+
+
+#: The diffusion transformers and UNets of ``build_real_size`` beyond SD 2: (class in ``comfy.supported_models``,
+#: config, dtype, prompt tokens, text embedding width, pooled width, guidance).
+REAL_SIZES = {"sdxl": ("SDXL", SDXL_UNET, torch.float16, 77, 2048, 1280, None),
+              "flux": ("Flux", FLUX_DEV, torch.bfloat16, 512, 4096, 768, 3.5)}
+
+
+def build_real_size(name: str, seed: int = 0, tiny: bool = False):
+    """(model patcher, VAE, positive, negative) of ``name`` (``sd2``, ``sdxl`` or ``flux``) at its real size, random
+    weights (speed and memory do not depend on their values), conditioning of its text encoders' shapes: SD 2.0-base's
+    UNet (865 M, fp16) or SDXL's (2.57 B, fp16) with SD's KL VAE, Flux.1 [dev]'s transformer (11.9 B, bf16, built on
+    ComfyUI's device) with its 16-channel VAE. ``tiny``: the test suite's tiny model of the family
+    (``devtools.families``)."""
+    from devtools import families
+
+    if tiny:
+        fam = families.build({"sd2": "sd20"}.get(name, name))
+        return fam.model, fam.vae, fam.positive, fam.negative
+    if name == "sd2":
+        model, vae = build_sd2_unet(torch.float16, seed), build_sd_vae(torch.float16, seed + 1)
+        tokens, ctx, pooled, guidance = 77, 1024, None, None
+    else:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.supported_models as sm
+
+        cls, config, dtype, tokens, ctx, pooled, guidance = REAL_SIZES[name]
+        mc = getattr(sm, cls)(families.unet_config_for(families.FamilySpec(name, cls, config, "")))
+        mc.set_inference_dtype(dtype, None)
+        device = mm.get_torch_device()
+        with torch.inference_mode():
+            base = mc.get_model({}, device=device)
+            init_weights_(base.diffusion_model, seed, on_device=True)
+        base.diffusion_model.requires_grad_(False)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=mm.unet_offload_device())
+        vae = build_sd_vae(dtype, seed + 1) if name == "sdxl" else families.build_vae("kl16", seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g)}
+        return [[torch.randn(1, tokens, ctx, generator=g), extra | ({} if guidance is None else {"guidance": guidance})]]
+
+    return model, vae, cond(), cond()
 
 
 def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
