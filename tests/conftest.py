@@ -69,6 +69,23 @@ def pytest_report_header(config):
         return f"ComfyUI: not available ({e})"
 
 
+@pytest.fixture(autouse=True)
+def default_dtype(request):
+    """torch's default dtype while a test runs: its module's ``DEFAULT_DTYPE`` when it sets one (the exact tests
+    compare in float64; others assume float32 whatever an earlier module left set), restored afterwards."""
+    dtype = getattr(request.module, "DEFAULT_DTYPE", None)
+    if dtype is None:
+        yield
+        return
+    import torch
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     if "error" in _BASE:

@@ -9,14 +9,10 @@ columns, and checks roll-equivariance and seam closure within tolerances justifi
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from syncdiff_core import gpano
 from syncdiff_core import panorama_decode as PD

@@ -11,13 +11,8 @@ model with the SyncDiffusionSampler node. Part 3: bad input.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from reference import F64, Toy
 from syncdiff_core import Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample

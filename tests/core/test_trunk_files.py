@@ -3,13 +3,10 @@ what was expected, and a file is only ever read through safetensors or ``torch.l
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from syncdiff_core import perceptual as P
 
