@@ -162,17 +162,6 @@ def _encode(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(tokens)
 
 
-def link_checkpoint(existing: Path, name: str) -> str:
-    """Make ``existing`` available under ``name`` in the checkpoints folder (for workflows that name a
-    checkpoint file: they get the tiny model under their own name). Returns ``name``."""
-    folder = runtime().model_folder("checkpoints")
-    target = folder / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(existing)
-    return name
-
-
 # ----------------------------------------------------------------------------- what example workflows name
 
 # The stock loaders' file inputs and the models folder each lists (what a workflow's ``models`` entries name).

@@ -27,10 +27,9 @@ import dataclasses
 import logging
 import os
 import sys
-import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNTIME: "ComfyRuntime | None" = None
@@ -481,11 +480,3 @@ def runtime() -> ComfyRuntime:
         raise RuntimeError("devtools.headless.start() has not been called")
     return _RUNTIME
 
-
-def format_exception() -> str:
-    return traceback.format_exc()
-
-
-def iter_pack_classes(rt: ComfyRuntime) -> Iterable[tuple[str, type]]:
-    for nid in rt.pack_node_ids:
-        yield nid, rt.nodes.NODE_CLASS_MAPPINGS[nid]

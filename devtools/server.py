@@ -181,13 +181,16 @@ class Server:
         return not q.get("queue_running") and not q.get("queue_pending")
 
 
-def running(base: Path, models_dir: Path, env: dict | None = None):
+def running(base: Path, models_dir: Path, env: dict | None = None, before_start=None):
     """A started :class:`Server` for a pytest fixture to yield (``yield from running(...)``): a start that fails
-    fails the test with the server's reason; the server stops afterwards in any case."""
+    fails the test with the server's reason; the server stops afterwards in any case. ``before_start(server)`` runs
+    before it starts (to add to its folders or settings)."""
     import pytest
 
-    srv = Server(base, models_dir, **({"env": env} if env is not None else {}))
+    srv = Server(base, models_dir, env=env)
     try:
+        if before_start is not None:
+            before_start(srv)
         try:
             srv.start()
         except ServerError as e:

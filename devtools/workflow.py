@@ -352,15 +352,3 @@ def _types_match(a, b) -> bool:
         return True
     return bool(set(t.strip() for t in a.split(",")) & set(t.strip() for t in b.split(",")))
 
-
-def widget_inputs_of_type(prompt: dict, node_classes: dict[str, type], type_name: str) -> list[tuple[str, str]]:
-    """(node id, input name) of every widget input of ``type_name`` (e.g. checkpoint combos) in ``prompt``."""
-    found = []
-    for nid, node in prompt.items():
-        cls = node_classes.get(node["class_type"])
-        if cls is None:
-            continue
-        for s in node_inputs(cls):
-            if s.is_widget and s.type == type_name and s.name in node["inputs"]:
-                found.append((nid, s.name))
-    return found

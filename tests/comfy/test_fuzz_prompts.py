@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from devtools import harness as h  # noqa: E402
-from devtools.server import ONE_THREAD, Server, ServerError, get  # noqa: E402
+from devtools.server import ONE_THREAD, Server, get, post, running  # noqa: E402
 
 EXAMPLES = int(os.environ.get("SYNCDIFF_FUZZ_EXAMPLES", "80"))
 CASE_TIMEOUT_S = 240  # a valid run takes 0.1-60 s on a loaded 2-core machine; this only guards against hangs
@@ -217,19 +217,16 @@ def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
     from devtools import models as tiny_models
 
     base = tmp_path_factory.mktemp("fuzz_server")
-    extra_lpips = base / "vgg19"  # a random VGG19 trunk too, so that PanoramaCoherence can finish
-    tiny_models.write_random_trunk(extra_lpips / "vgg19.safetensors", "vgg19", seed=3)
-    srv = Server(base / "srv", comfy.models_dir, env=ONE_THREAD)
-    with open(srv.base / "extra_model_paths.yaml", "a") as f:
-        f.write(f"fuzz_extra:\n    base_path: {base}\n    lpips: vgg19\n")
+    # a random VGG19 trunk too, so that PanoramaCoherence can finish
+    tiny_models.write_random_trunk(base / "vgg19" / "vgg19.safetensors", "vgg19", seed=3)
+
+    def list_vgg19(srv):
+        with open(srv.base / "extra_model_paths.yaml", "a") as f:
+            f.write(f"fuzz_extra:\n    base_path: {base}\n    lpips: vgg19\n")
+
     try:
-        try:
-            srv.start()
-        except ServerError as e:
-            pytest.fail(str(e))
-        yield srv
+        yield from running(base / "srv", comfy.models_dir, env=ONE_THREAD, before_start=list_vgg19)
     finally:
-        srv.stop()
         summary = {"cases": sum(OUTCOMES.values()), "outcomes": dict(OUTCOMES), "by_mode": MODES,
                    "errors": dict(ERROR_KINDS),
                    "per_node": PER_NODE, "slowest_case_s": round(SLOWEST[0], 2), "slowest_case": SLOWEST[1]}
@@ -271,8 +268,6 @@ def run_case(server: Server, prompt: dict) -> tuple[str, str]:
         body_text = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
     except (TypeError, ValueError) as e:  # pragma: no cover - the strategies only draw JSON values
         raise AssertionError(f"the fuzzer drew a value JSON cannot carry: {e}")
-    from devtools.server import post
-
     status, body = post(server.url + "/prompt", None, raw=body_text.encode())
     if status == 400:
         assert isinstance(body, dict) and (body.get("error") or body.get("node_errors")), body
