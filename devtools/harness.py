@@ -127,6 +127,45 @@ def sample(pack: Pack, model, positive, negative, latent_shape, job, *, vae=None
                                              vae=vae, loss=loss)["samples"]
 
 
+#: The SyncDiffusionSampler's widgets in :func:`panorama_prompt` unless given: 2 steps, the first synchronized,
+#: 64 px windows every 32 px.
+SAMPLER_WIDGETS = {"seed": 11, "steps": 2, "cfg": 5.0, "window_size": 64, "stride": 32, "sync_weight": 20.0,
+                   "sync_decay": 0.95, "sync_steps": 1, "sync_every": 1, "wrap": False, "window_batch": 4}
+
+
+def panorama_prompt(ckpt_name: str | None = None, *, objects: tuple | None = None, width: int = 128,
+                    height: int = 64, batch: int = 1, decode: tuple | None = None, save: tuple | None = None,
+                    **sampler) -> dict:
+    """An API prompt of a panorama: the model, prompts and VAE of the checkpoint ``ckpt_name`` (encoded prompts
+    DEFAULT_PROMPT and "") or ``objects`` = (model, positive, negative, vae) fed by object nodes; a PanoramaLatent
+    ("lat"); the SyncDiffusionSampler ("sampler": ``sampler`` over :data:`SAMPLER_WIDGETS`); then, when given, a
+    decode node "dec" (``decode`` = (class_type, inputs besides samples and vae)) and an output node "save"
+    (``save`` = (class_type, inputs besides images))."""
+    if objects is None:
+        prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+                  **{k: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": text}}
+                     for k, text in (("pos", DEFAULT_PROMPT), ("neg", ""))}}
+        model, vae = ["ckpt", 0], ["ckpt", 2]
+    else:
+        prompt = {k: object_node(v, t) for k, v, t in zip(("model", "pos", "neg", "vae"), objects,
+                                                          ("MODEL", "CONDITIONING", "CONDITIONING", "VAE"))}
+        model, vae = ["model", 0], ["vae", 0]
+    prompt["lat"] = {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": height, "batch_size": batch}}
+    prompt["sampler"] = {"class_type": "SyncDiffusionSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "vae": vae, "latent_image": ["lat", 0],
+        **SAMPLER_WIDGETS, **sampler}}
+    if decode is not None:
+        prompt["dec"] = {"class_type": decode[0], "inputs": {"samples": ["sampler", 0], "vae": vae, **decode[1]}}
+    if save is not None:
+        prompt["save"] = {"class_type": save[0], "inputs": {"images": ["dec", 0], **save[1]}}
+    return prompt
+
+
+#: The pack's circular decode and its 360° save, as :func:`panorama_prompt`'s ``decode`` and ``save``.
+DECODE_360 = ("PanoramaDecode", {"wrap": True, "padding": 4, "tile_width": 0, "tile_overlap": 64})
+SAVE_360 = ("SavePanorama360", {"filename_prefix": "pano", "format": "png", "jpeg_quality": 95})
+
+
 def run_prompt(prompt: dict, **kw) -> PromptResult:
     return runtime().run_prompt(prompt, **kw)
 

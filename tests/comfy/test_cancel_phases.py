@@ -16,8 +16,8 @@ SEED = 21
 
 
 @pytest.fixture(scope="module")
-def setup(comfy, pack, micro, tiny_kl_vae, lpips, object_node):
-    with one_thread(), armed(comfy, object_node, micro.model, tiny_kl_vae, lpips, micro.positive, micro.negative,
+def setup(comfy, pack, micro, tiny_kl_vae, lpips):
+    with one_thread(), armed(comfy, micro.model, tiny_kl_vae, lpips, micro.positive, micro.negative,
                              width=192, height=64, window=64, stride=32, steps=2, sync_steps=1, tile=64, overlap=16,
                              seed=SEED) as s:
         yield s

@@ -107,8 +107,8 @@ def test_repeated_runs_leave_memory_and_results_unchanged(pack, sd2):
 
 
 @pytest.fixture(scope="module")
-def gpu_cancel(comfy, sd2, object_node):
-    with armed(comfy, object_node, sd2.model, sd2.vae, sd2.lpips, sd2.positive, sd2.negative, width=WIDTH,
+def gpu_cancel(comfy, sd2):
+    with armed(comfy, sd2.model, sd2.vae, sd2.lpips, sd2.positive, sd2.negative, width=WIDTH,
                height=HEIGHT, window=WINDOW, stride=STRIDE, steps=STEPS, sync_steps=SYNC_STEPS,
                tile=2 * WINDOW, overlap=WINDOW // 8, seed=SEED) as s:
         yield s
