@@ -172,15 +172,9 @@ def _kl_detect_keys(z: int) -> dict:
 
 
 def _vae_kl4(seed):
-    import comfy.sd
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    with torch.inference_mode(False):
-        net = AutoencoderKL(**config["params"])
-    sd = init_weights_(net, seed).state_dict()
-    return comfy.sd.VAE(sd=sd, config=config)
+    """SD's 4-channel KL VAE, small (``devtools.models.build_kl_vae``)."""
+    from devtools.models import build_kl_vae
+    return build_kl_vae(seed)
 
 
 def _vae_kl16(seed):

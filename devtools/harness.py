@@ -1,24 +1,12 @@
-"""Test harness: this pack inside a real, headless ComfyUI, with tiny random-weight models.
+"""Test harness: this pack inside a real, headless ComfyUI with tiny random-weight models; ``tests/conftest.py``'s
+fixtures are thin wrappers around it, and tests and benches import it directly (``from devtools import harness as h``).
 
-The fixtures in ``tests/conftest.py`` are thin wrappers around what is here; tests and benches may also import
-this module directly (``from devtools import harness as h``).
-
-Graph tests
------------
-``run_prompt(prompt)`` (fixture, or ``runtime().run_prompt``) validates an API-format prompt with
-``execution.validate_prompt`` and executes it with ComfyUI's ``execution.PromptExecutor``; it returns a
-``devtools.headless.PromptResult`` (``result["3"]`` = that node's outputs as a tuple, ``result.ui``,
-``result.image_files()``, ``result.progress``, ``result.messages``, ``result.interrupted``). A failing node
-raises ``PromptExecutionError`` (``.exception_type == "ValueError"``, ``.exception_message``,
-``.node_id``); an invalid prompt raises ``PromptValidationError``. A prompt with no output node gets a
-test sink attached to its leaf nodes, so ``run_prompt({"1": {...PanoramaLatent...}})["1"][0]`` is the
-LATENT.
-
-Feeding in-memory objects into a graph: ``object_node(value, "VAE")`` returns a node dict
-(``{"class_type": "SyncDiffTest_VAE", "inputs": {"key": ...}}``) whose single output is ``value``. Types:
-any ComfyUI type name (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, CONTROL_NET, ...). The graph
-can equally load the tiny checkpoint by name: ``CheckpointLoaderSimple`` with ``ckpt_name =
-tiny.ckpt_name``; that is the path users take and the one that creates weights under inference mode.
+``run_prompt(prompt)`` validates an API-format prompt (``execution.validate_prompt``) and executes it with ComfyUI's
+``execution.PromptExecutor``, returning a ``devtools.headless.PromptResult`` (``result["3"]``: that node's outputs).
+A failing node raises ``PromptExecutionError`` (``.exception_type``, ``.exception_message``, ``.node_id``), an
+invalid prompt ``PromptValidationError``; a prompt without an output node gets a sink on its leaf nodes.
+``object_node(value, "VAE")`` is a node whose one output is ``value`` (any ComfyUI type name); a graph can equally
+load a tiny checkpoint by name (``CheckpointLoaderSimple``), the path users take, which makes inference-mode weights.
 """
 from __future__ import annotations
 

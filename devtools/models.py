@@ -12,21 +12,13 @@ Tiny models of every other family are in ``devtools.families`` (they share ``ini
 import ComfyUI when called: call them after ``devtools.headless.bootstrap()`` (or ``start()``).
 ``python -m devtools.models CHECKPOINT --size sd2-base|tiny-sd20`` writes a checkpoint in a fresh process.
 
-Why these shapes (ComfyUI 0.3.75):
-
-* ComfyUI's checkpoint detection only recognises real families, so the UNet keeps SD's width
-  (model_channels 320; context_dim 768 for SD1.x, 1024 with linear projections for SD2.x) but has a
-  single level with one res block and one transformer block: 25.8M parameters instead of 860M. It is
-  written as a normal single-file checkpoint and detected as ``SD15`` / ``SD20`` by
-  ``CheckpointLoaderSimple``.
-* The checkpoint's VAE is a TAESD (ComfyUI detects ``taesd_decoder.*`` keys under
-  ``first_stage_model.`` and builds ``comfy.taesd.taesd.TAESD``): 2.4M parameters, latent scale 8,
-  4 latent channels, fast on a CPU. ``vae.first_stage_model.decode`` works with gradients.
-* The text encoder, when included, is the real architecture at full size (CLIP-L for SD1.x: 123M
-  parameters, stored fp16; OpenCLIP-H for SD2.x is 354M, so SD2.x checkpoints leave it out by default
-  and tests use ``make_conditioning`` instead).
-* ComfyUI's layers are created empty (``comfy.ops.disable_weight_init``): every parameter is set here,
-  from a seeded generator, so the same seed gives bit-identical weights.
+Why these shapes: ComfyUI's checkpoint detection only recognises real families, so the tiny UNet keeps SD's width
+(model_channels 320; context 768 for SD1.x, 1024 with linear projections for SD2.x) on a single level with one res
+block and one transformer block (25.8M parameters), written as a normal single-file checkpoint that
+``CheckpointLoaderSimple`` detects as ``SD15`` / ``SD20``. Its VAE is a TAESD (2.4M parameters, scale 8, fast on a
+CPU, differentiable). The text encoder, when included, is the real one at full size (CLIP-L, 123M; SD2.x's OpenCLIP-H
+is 354M, so SD2.x checkpoints leave it out and tests use ``make_conditioning``). ComfyUI creates its layers empty:
+every parameter is set here from a seeded generator, so the same seed gives bit-identical weights.
 """
 from __future__ import annotations
 
@@ -153,12 +145,9 @@ def build_kl_vae(seed: int = 0, ch: int = 32):
     as a ComfyUI ``VAE``, through ``comfy.sd.VAE(sd=..., config=...)``."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                "ch": ch, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
-                "dropout": 0.0}
-    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
-    net = AutoencoderKL(**config["params"])
-    init_weights_(net, seed)
+    config = {"params": {"embed_dim": 4, "ddconfig": {**SD_VAE, "ch": ch, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}}}
+    with torch.inference_mode(False):  # a plain module whatever the caller's mode: only its state dict is kept
+        net = init_weights_(AutoencoderKL(**config["params"]), seed)
     return comfy.sd.VAE(sd=net.state_dict(), config=config)
 
 
@@ -181,6 +170,32 @@ def make_conditioning(family: str = "sd15", seed: int = 0, batch: int = 1, token
     return [[cond, {"pooled_output": pooled}]]
 
 
+def _save(sd: dict, path: Path | str) -> Path:
+    """``sd`` written to ``path`` atomically: safetensors for a ``.safetensors`` name, else ``torch.save``'s format
+    (what ``.pth`` files hold)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _controlnet(unet: dict, seed: int):
+    """A random ``comfy.cldm.cldm.ControlNet`` (3-channel hints) for a UNet of config ``unet``."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = {k: v for k, v in unet.items() if k != "out_channels"}
+    return init_weights_(comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
+                                                    operations=comfy.ops.disable_weight_init), seed)
+
+
 def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with_clip: bool | None = None) -> Path:
     """Write a single-file checkpoint (UNet + TAESD VAE [+ text encoder]) that ``CheckpointLoaderSimple``
     loads as ``family``. ``with_clip`` defaults to True for sd15 and False for sd20 (see module doc).
@@ -201,26 +216,9 @@ def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with
 
 
 def write_controlnet(path: Path | str, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a random ControlNet for the tiny UNet of ``family`` (``comfy.cldm.cldm.ControlNet``, 3-channel
-    hints) that ``ControlNetLoader`` / ``comfy.controlnet.load_controlnet`` detect and load. The format follows
-    the file name: ``.safetensors``, else a ``torch.save`` state dict (what ``.pth`` files hold)."""
-    import comfy.cldm.cldm
-    import comfy.ops
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in unet_config(family).items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
-                                     operations=comfy.ops.disable_weight_init)
-    init_weights_(net, seed)
-    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(tmp))
-    else:
-        torch.save(sd, str(tmp))
-    tmp.replace(path)
-    return path
+    """A random ControlNet for the tiny UNet of ``family`` that ``ControlNetLoader`` detects and loads, written to
+    ``path`` (:func:`_save`'s formats)."""
+    return _save(_controlnet(unet_config(family), seed).state_dict(), path)
 
 
 @dataclasses.dataclass
@@ -256,17 +254,9 @@ def random_trunk_state_dict(name: str = "vgg16", seed: int = 0) -> dict[str, tor
 
 
 def write_random_trunk(path: Path | str, name: str = "vgg16", seed: int = 0) -> Path:
-    """:func:`random_trunk_state_dict` written to ``path`` (safetensors, or torch's format for other suffixes), so
-    the pack's LPIPS / style networks load offline (tests, the demo, benchmarks)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = random_trunk_state_dict(name, seed)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, str(path))
-    return path
+    """:func:`random_trunk_state_dict` written to ``path`` (:func:`_save`'s formats), so the pack's LPIPS / style
+    networks load offline (tests, the demo, benchmarks)."""
+    return _save(random_trunk_state_dict(name, seed), path)
 
 
 # ----------------------------------------------------------------------------- the micro UNet (layout tests)
@@ -283,16 +273,10 @@ def build_micro_model(seed: int = 0):
 
 def build_micro_controlnet(seed: int = 1):
     """A random ControlNet for the micro UNet (its zero convs random too, so the hint changes the result)."""
-    import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management as mm
-    import comfy.ops
 
-    cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
-                                     operations=comfy.ops.disable_weight_init)
-    init_weights_(net, seed)
-    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
+    return comfy.controlnet.ControlNet(_controlnet(MICRO_UNET, seed), load_device=mm.get_torch_device())
 
 
 # ----------------------------------------------------------------------------- real sizes (GPU benchmarks)
@@ -407,13 +391,8 @@ def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
 def write_taesd_decoder(path: Path | str, seed: int) -> Path:
     """A random TAESD decoder (ComfyUI's class) as the ``taesd_decoder`` file of ``models/vae_approx``."""
     import comfy.taesd.taesd as taesd
-    from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dec = init_weights_(taesd.TAESD().taesd_decoder, seed)
-    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
-    return path
+    return _save(init_weights_(taesd.TAESD().taesd_decoder, seed).state_dict(), path)
 
 
 def install_random_trunk(models_dir: Path | str, name: str = "vgg16", seed: int = 0,

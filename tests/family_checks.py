@@ -12,17 +12,10 @@ import dataclasses
 
 import torch
 
-try:  # the lead's redesign moves trainable_weights / gradient_section out of comfy_bridge
-    from syncdiff_core.weights import trainable_weights  # type: ignore
-except ImportError:  # pragma: no cover - before the redesign
-    from syncdiff_core.comfy_bridge import trainable_weights
-try:
-    from syncdiff_core.comfy.model import gradient_section  # type: ignore
-except ImportError:  # pragma: no cover
-    from syncdiff_core.comfy_bridge import gradient_section
-
 from syncdiff_core import gradients
 from syncdiff_core.comfy import autograd_patches, families
+from syncdiff_core.comfy.model import gradient_section
+from syncdiff_core.weights import trainable_weights
 
 
 @dataclasses.dataclass
