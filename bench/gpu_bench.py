@@ -54,18 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--family", default="sd2", choices=list(FAMILIES))
     p.add_argument("--plan", default="final", choices=["final", "compile"],
                    help="final: eager runs and the baseline; compile: the same, then the runs with compile on")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each mode after the warm-up")
-    p.add_argument("--baseline-repeats", type=int, default=1)
-    p.add_argument("--steps", type=int, default=0, help="0: the family's")
-    p.add_argument("--sync-steps", type=int, default=10)
-    p.add_argument("--height", type=int, default=0, help="pixels; 0: the family's")
-    p.add_argument("--width", type=int, default=0, help="pixels; 0: the family's")
-    p.add_argument("--stride", type=int, default=0, help="pixels; 0: the model's default")
-    p.add_argument("--window-px", type=int, default=0, help="0: the model's native window")
-    p.add_argument("--window-batch", type=int, default=0, help="0: the memory plan's")
-    p.add_argument("--sync-batch", type=int, default=0, help="0: the memory plan's")
+    for name, default, what in (
+            ("repeats", 3, "timed runs of each mode after the warm-up"), ("baseline-repeats", 1, ""),
+            ("steps", 0, "0: the family's"), ("sync-steps", 10, ""), ("height", 0, "pixels; 0: the family's"),
+            ("width", 0, "pixels; 0: the family's"), ("stride", 0, "pixels; 0: the model's default"),
+            ("window-px", 0, "0: the model's native window"), ("window-batch", 0, "0: the memory plan's"),
+            ("sync-batch", 0, "0: the memory plan's"), ("seed", 0, "")):
+        p.add_argument(f"--{name}", type=int, default=default, help=what)
     p.add_argument("--loss-decoder", default="", help="empty: the pack's default")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=540.0, help="skip runs that would end after this")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for results.json")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models, small canvas: checks the script")
@@ -94,8 +90,7 @@ class Bench:
         self.results = {"runs": {}, "sections": {}, "errors": [], "skipped": []}
 
     def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
+        self.torch.cuda.synchronize() if self.cuda else None
 
     def save(self):
         out = Path(self.args.out) / "results.json"
@@ -303,7 +298,7 @@ def compile_phases() -> dict:
 
 def run(b: Bench, m) -> None:
     """Warm-up, the eager runs, the baseline, the floor, the compiled runs (``--plan compile``), the summary."""
-    a, R, torch = b.args, b.results, b.torch
+    a, R = b.args, b.results
     modes = (("md", 0.0), ("sync", W))
     est = {}
     with b.section("warmup"):
@@ -356,32 +351,27 @@ def run(b: Bench, m) -> None:
 
 def summarize(b: Bench) -> None:
     """The table (also ``results["table"]``): median seconds, peak memory and the multiple of the floor per mode."""
-    R, runs = b.results, b.results["runs"]
-    floor = R.get("floor_s", {})
-    rows = []
+    R, floor = b.results, b.results.get("floor_s", {})
+    R["table"] = rows = []
     for key in ("baseline_md", "baseline_sync", "md", "sync", "md_compiled", "sync_compiled"):
-        recs = runs.get(key) or []
-        if not recs:
-            continue
-        t = statistics.median(r["time_s"] for r in recs)
-        fs = floor.get(key.split("_")[-1] if key.startswith("baseline") else key.split("_")[0])
-        peak = lambda k: max(r.get(k) or 0 for r in recs)  # noqa: E731
-        rows.append([key, round(t, 3), len(recs), peak("peak_alloc_gib"), peak("peak_reserved_gib"),
-                     round(t / fs, 1) if fs else None])
-    R["table"] = rows
+        recs = R["runs"].get(key) or []
+        if recs:
+            t = statistics.median(r["time_s"] for r in recs)
+            fs = floor.get(key.split("_")[-1] if key.startswith("baseline") else key.split("_")[0])
+            rows.append([key, round(t, 3), len(recs), *(max(r.get(k) or 0 for r in recs) for k in
+                                                        ("peak_alloc_gib", "peak_reserved_gib")),
+                         round(t / fs, 1) if fs else None])
     R["elapsed_s"] = round(time.monotonic() - b.t0, 1)
     b.save()
     env = R["env"]
     print("\n" + "=" * 96 + f"\n{env['device']}, {env['date_utc']} UTC, commit {env['commit']}, torch {env['torch']}, "
-          f"{b.args.family}: {R.get('windows')} windows, {b.args.steps} steps")
-    print(f"matmul {R.get('matmul_tflops')} TFLOP/s; floor (s) {({k: round(v, 2) for k, v in floor.items()})}")
+          f"{b.args.family}: {R.get('windows')} windows, {b.args.steps} steps; matmul {R.get('matmul_tflops')} "
+          f"TFLOP/s; floor (s) {({k: round(v, 2) for k, v in floor.items()})}")
     print(f"{'mode':16s} {'median s':>9s} {'runs':>5s} {'alloc GiB':>10s} {'resv GiB':>9s} {'x floor':>8s}")
     for r in rows:
         print(f"{r[0]:16s} {r[1]:9.2f} {r[2]:5d} {r[3]:10.2f} {r[4]:9.2f} {str(r[5]):>8s}")
-    print("sections (s)", R["sections"], "total", R["elapsed_s"], "s")
-    for what in ("skipped", "errors"):
-        if R[what]:
-            print(what.upper(), R[what])
+    print("sections (s)", R["sections"], "total", R["elapsed_s"], "s", *(f"\n{k.upper()} {R[k]}" for k in
+                                                                       ("skipped", "errors") if R[k]))
 
 
 class Models:
