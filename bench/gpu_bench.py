@@ -1,29 +1,24 @@
 #!/usr/bin/env python3
 """GPU speed and memory of the pack against a one-window-at-a-time baseline, on random-weight models of the real
-sizes built through ComfyUI's own classes (``devtools.models.build_real_size``; timing does not depend on the
-weights' values).
+sizes built through ComfyUI's own classes (``devtools.models.build_real_size``; timing does not depend on weights).
 
-``--family`` (the canvas and schedule of each are in ``FAMILIES``):
-
-  sd2   SD 2.0-base's UNet (865 M, fp16), SD's KL VAE; 512 x 3072 px (stride 128 px: 21 windows), 50 steps, CFG 7.5
-  sdxl  SDXL's UNet (2.57 B, fp16), SD's KL VAE; 1024 x 4096 px (stride 256 px: 13 windows), 30 steps, CFG 7.5
-  flux  Flux.1 [dev]'s transformer (11.9 B, bf16), its 16-channel VAE; 1024 x 4096 px, 20 steps, guidance 3.5,
-        CFG 1; the synchronized runs recompute the transformer's blocks in the backward pass (``checkpoint_model``)
-
-Every timed run is a whole panorama through the pack's ``sample_panorama`` at its defaults: MultiDiffusion
-(``sync_weight`` 0) and SyncDiffusion (``--sync-steps`` synchronized steps, w = 20), ``--repeats`` times each,
-round-robin, after a short warm-up; per-step times come from ComfyUI's progress hook, peaks from torch's allocator.
+``--family`` (canvas and schedule in ``FAMILIES``): ``sd2``, SD 2.0-base's UNet (865 M, fp16) and SD's KL VAE,
+512 x 3072 px, 21 windows, 50 steps; ``sdxl``, SDXL's UNet (2.57 B, fp16), 1024 x 4096 px, 13 windows, 30 steps;
+``flux``, Flux.1 [dev] (11.9 B, bf16) and its VAE, 1024 x 4096 px, 20 steps, guidance 3.5, CFG 1, its synchronized
+runs with ``checkpoint_model``. Every timed run is a whole panorama through ``sample_panorama`` at the pack's
+defaults, MultiDiffusion (``sync_weight`` 0) and SyncDiffusion (``--sync-steps``, w = 20), ``--repeats`` times each
+after a warm-up; per-step times from ComfyUI's progress hook, peaks from torch's allocator.
 
 * The baseline: for sd2 the method read literally (:func:`baseline_run`), one window at a time in the style of the
-  public reference code, on the same ComfyUI UNet and VAE modules; for sdxl and flux the pack with one window per
-  model call (``window_batch`` 1, ``sync_batch`` 1) on a 4-step run (2 synchronized), extrapolated per step.
+  public reference code, on the same ComfyUI modules; for sdxl and flux the pack with one window per model call
+  (``window_batch`` and ``sync_batch`` 1) on a 4-step run (2 synchronized), extrapolated per step.
 * The floor: the FLOPs of one plain and one synchronized step of the pack's own run (``FlopCounterMode``,
   recomputation included) at the card's measured matmul rate.
-* ``--plan compile`` adds the same runs with ``compile`` on: the first run of each mode (what a user's first run at a
-  new size costs; torch's table of its compile phases) and ``--repeats`` timed runs.
+* ``--plan compile`` adds the runs with ``compile`` on: the first of each mode (a user's first run at a new size;
+  torch's table of its compile phases) and ``--repeats`` timed runs.
 
-``--tiny``: the CPU, the test suite's tiny models, a small canvas: a check of the script, not a measurement.
-Results: ``results.json`` in ``--out`` and a table at the end. On the GPU machine: ``bench/run_on_device.sh``.
+``--tiny``: the CPU, tiny models, a small canvas (a check of the script). Results: ``results.json`` in ``--out`` and a
+table at the end; on the GPU machine through ``bench/run_on_device.sh``.
 """
 from __future__ import annotations
 

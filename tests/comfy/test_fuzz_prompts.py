@@ -1,19 +1,14 @@
-"""Fuzzed prompts against the real server (issue 15): API prompts with random values for every input of every pack
-node -- any type, out-of-range and huge numbers, NaN/inf floats, odd strings, missing inputs, links to nodes of the
-wrong type, to missing nodes or slots, empty/odd masks, 1-pixel images -- POSTed to /prompt as the UI posts them.
+"""Fuzzed prompts against the real server: API prompts with random values for every input of every pack node (any
+type, out-of-range and huge numbers, NaN/inf, odd strings, missing inputs, links to wrong types, missing nodes or
+slots, odd masks, 1-pixel images) POSTed to /prompt as the UI posts them. Each case must end, within CASE_TIMEOUT_S,
+in a validation error, one of the pack's clear errors raised before heavy work (ValueError and its kin, never an
+IndexError or a torch RuntimeError from deep inside), or a finished run; the server must stay up with an empty queue
+and leave no temporary or unreadable file.
 
-Each case must end in a validation error (/prompt refuses it), in one of the pack's clear errors raised before heavy
-work (ValueError and its kin, never an IndexError or a torch RuntimeError from deep inside), or in a finished run,
-within CASE_TIMEOUT_S; the server must stay up with an empty queue and leave no temporary or unreadable file.
-
-The node under test is drawn from /object_info (so a new node or input is fuzzed without changing this file), its
-inputs from the schema's types and limits. Producers of linked inputs are fixed, small graphs (a tiny checkpoint, its
-prompts, small latents, 1-pixel and odd-sized images and masks). Valid values of inputs that only make a run longer
-(``steps`` and ``sync_steps`` above 2, ``compile`` on, decode ``padding`` above 64, ``seed``) are kept cheap: a long
-valid run is not bad input, and the test has a time budget.
-
-``SYNCDIFF_FUZZ_EXAMPLES`` (default 80) sets the number of cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the
-outcome counts (docs/dev/reliability-record.md quotes them). Cases are derandomized: CI runs the same ones every time.
+The node under test comes from /object_info (a new node or input is fuzzed unchanged), its values from the schema's
+types and limits; producers of linked inputs are small fixed graphs. Valid values that only make a run longer
+(``steps``/``sync_steps`` above 2, ``compile``, decode ``padding`` above 64) are kept cheap. ``SYNCDIFF_FUZZ_EXAMPLES``
+(80) sets the cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the outcome counts. Cases are derandomized.
 """
 from __future__ import annotations
 
