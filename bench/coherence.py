@@ -11,8 +11,6 @@ in pixel space (the "latent" is the RGB image in [-1, 1], decode is the identity
 random-weight VGG16 trunk, the metrics other random weights (a VGG16 of another seed, a VGG19), so the measure is not
 the loss optimised. Run: ``python -m bench.coherence`` (see ``--help``); docs/COHERENCE.md reports a run.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import math

@@ -20,8 +20,6 @@ after a warm-up; per-step times from ComfyUI's progress hook, peaks from torch's
 ``--tiny``: the CPU, tiny models, a small canvas (a check of the script). Results: ``results.json`` in ``--out`` and a
 table at the end; on the GPU machine through ``bench/run_on_device.sh``.
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json

@@ -9,8 +9,6 @@ time, peak memory, the plan the pack logged, and the relative difference to the 
 
     python -m bench.memory_bench --out OUT [--family sd2 --family sdxl] [--cards 8,12,16,24,32] [--tiny]
 """
-from __future__ import annotations
-
 import argparse
 import json
 import logging

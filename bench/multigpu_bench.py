@@ -11,8 +11,6 @@ relative difference next to the same run twice on one GPU. Headless ComfyUI, so 
     python -m bench.multigpu_bench --comfyui /path/to/ComfyUI-0.33.0 --out OUT   # 2+ GPUs
     python -m bench.multigpu_bench --comfyui ... --tiny --out /tmp/mg            # CPU, a stand-in device cpu:1
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os

@@ -16,8 +16,6 @@ process, dtype and inference flag) gives ``.model`` (ModelPatcher), ``.vae``, ``
   calibrated to mid-range images (no clamping, so gradients flow); ``inference=True`` (default) builds under
   ``torch.inference_mode()`` as ComfyUI's loaders do, so weights and constants are inference tensors.
 """
-from __future__ import annotations
-
 import dataclasses
 import functools
 

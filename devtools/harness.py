@@ -8,8 +8,6 @@ invalid prompt ``PromptValidationError``; a prompt without an output node gets a
 ``object_node(value, "VAE")`` is a node whose one output is ``value`` (any ComfyUI type name); a graph can equally
 load a tiny checkpoint by name (``CheckpointLoaderSimple``), the path users take, which makes inference-mode weights.
 """
-from __future__ import annotations
-
 import itertools
 from pathlib import Path
 
@@ -74,10 +72,6 @@ class Pack:
     ``pack.sampling`` is ``<pack>.syncdiff_core.comfy.sampling``, ``pack.job`` is ``<pack>.syncdiff_core.job``,
     ``pack.sampler_nodes`` is ``<pack>.nodes.sampler_nodes``; ``pack.module("a.b")`` takes any dotted path."""
 
-    BRIDGE = ("assets", "autograd_patches", "compile", "conds", "decode", "families", "layout", "loss_decoders",
-              "memory_plan", "model", "multigpu", "output", "run_plan", "sampling", "seam_repair", "window_denoiser")
-    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "photo_nodes", "sampler_nodes", "seam_nodes")
-
     def __init__(self, package: str):
         self.package = package
 
@@ -88,10 +82,9 @@ class Pack:
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        if name in self.BRIDGE:
-            return self.module(f"syncdiff_core.comfy.{name}")
-        if name in self.NODES:
-            return self.module(f"nodes.{name}")
+        for folder in ("syncdiff_core/comfy", "nodes"):  # the bridge's and the nodes' modules, else the core's
+            if (comfy_headless.REPO_ROOT / folder / f"{name}.py").is_file():
+                return self.module(f"{folder.replace('/', '.')}.{name}")
         return self.module(f"syncdiff_core.{name}")
 
 

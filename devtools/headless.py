@@ -10,8 +10,6 @@ never this repository's ``nodes/``); ``args.cpu`` and ``args.base_directory`` se
 root>)`` as ComfyUI loads each folder of ``custom_nodes/``, failing loudly where ComfyUI only logs; a progress hook
 like ``main.py``'s, which records progress and lets Cancel work.
 """
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import logging

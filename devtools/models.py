@@ -20,8 +20,6 @@ CPU, differentiable). The text encoder, when included, is the real one at full s
 is 354M, so SD2.x checkpoints leave it out and tests use ``make_conditioning``). ComfyUI creates its layers empty:
 every parameter is set here from a seeded generator, so the same seed gives bit-identical weights.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path

@@ -1,8 +1,6 @@
 """The real ComfyUI server (``main.py --cpu``) in a subprocess, with this pack in its custom_nodes folder as a user
 installs it, driven over HTTP as the browser drives it: the one server launcher of the server, fuzz, repeated-run
 and frontend tests."""
-from __future__ import annotations
-
 import json
 import os
 import socket

@@ -17,8 +17,6 @@ node, target slot, type], ...]}``. The frontend's rules, applied here:
 * ``Note``/``MarkdownNote`` are dropped, ``Reroute`` nodes followed to their source, ``PrimitiveNode`` links dropped
   (the target widget holds the value). Subgraphs and group nodes are refused with a clear error.
 """
-from __future__ import annotations
-
 import json
 import math
 from dataclasses import dataclass, field

@@ -11,8 +11,6 @@ frontend saves to an API prompt with the live node schemas, its checkpoint loade
 runs through ``execution.PromptExecutor`` exactly as the server would run it. The LPIPS VGG16 trunk comes from
 ComfyUI's ``models/lpips`` (the managed ComfyUI's, or ``--lpips-dir``).
 """
-from __future__ import annotations
-
 import argparse
 import os
 import sys

@@ -12,8 +12,6 @@ MaskComposite).
 Run after changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all, or the paths given);
 ``tests/comfy/test_example_workflows.py`` checks every thumbnail is what this draws.
 """
-from __future__ import annotations
-
 import json
 import re
 import sys

@@ -10,8 +10,6 @@ the wording and ``python_module``: they are neither recorded nor compared, so on
 ComfyUI; within the pinned fields any change counts. Regenerate it only for a deliberate change, and say in the
 commit what it breaks.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import sys

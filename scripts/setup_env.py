@@ -19,8 +19,6 @@ imports), all skipped while the stamp in the venv (a hash of these inputs) match
 ComfyUI as ``custom_nodes/comfyui-syncdiffusion`` (see ``link_pack``); (6) the ComfyUI used recorded in the venv
 (``syncdiffusion-comfyui.txt``), so the venv's python (tests, demo) runs against it. It never downloads weights.
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import hashlib

@@ -8,8 +8,6 @@ tensor's backward hook, a module's forward pre-hook, and the progress hook. Wher
 the hook also calls ComfyUI's ``throw_exception_if_processing_interrupted``, so the interrupt surfaces exactly there
 (the worst case: the gradient pass is left half-way, its stand-in weights in place).
 """
-from __future__ import annotations
-
 import contextlib
 
 import numpy as np

@@ -3,8 +3,6 @@ pack loaded through ``nodes.load_custom_node``, and tiny random-weight models (t
 ``devtools/harness.py`` and ``devtools/models.py``). Seeds are fixed (``devtools.harness.SEED``), so every run builds
 bit-identical weights.
 """
-from __future__ import annotations
-
 import os
 import shutil
 import tempfile

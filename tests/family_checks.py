@@ -5,8 +5,6 @@ synchronization loss of one window as a function of its latent (what the sync st
 -- where the pack's windowed sampler runs -- so conds are processed and models loaded exactly as in a real run,
 under ``torch.inference_mode()`` like a node. ``ctx`` is a :class:`SamplingContext`.
 """
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 

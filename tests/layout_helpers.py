@@ -5,8 +5,6 @@ the windowed sampler should compute, without the pack's cropping code (every win
 ``CFGGuider`` on its own crop, with conditioning built for that window by ComfyUI's own nodes from the window's part
 of the input, then the windows averaged, as docs/dev/method.md describes).
 """
-from __future__ import annotations
-
 import contextlib
 import math
 

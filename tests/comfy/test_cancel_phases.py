@@ -5,8 +5,6 @@ inference-ness; the patcher's patches and options; ComfyUI's switches), no tempo
 with the same seed is bit-identical to an uninterrupted one. How Cancel is pressed, and the checks: ``cancel_check.py``
 (the GPU test runs the same ones on real-size models).
 """
-from __future__ import annotations
-
 import pytest
 
 from cancel_check import PHASES, armed, assert_next_run_identical, cancel_in

@@ -6,8 +6,6 @@ ControlNet used in every UNet call (``model_function_wrapper``), with a hint tha
 every window gets the crop at its own position in every step, batched or not, across the seam, through a chain of
 two ControlNets, and the user's ControlNet gets its hint back.
 """
-from __future__ import annotations
-
 from types import SimpleNamespace
 
 import pytest

@@ -10,8 +10,6 @@ checks use the file as it is. Also checked: the ``models`` list offers every fil
 with the template's title and description and states GPU cost, and the thumbnail is what
 ``scripts/make_thumbnails.py`` draws (the frontend's view: ``tests/comfy/test_frontend.py``).
 """
-from __future__ import annotations
-
 import copy
 import io
 import json

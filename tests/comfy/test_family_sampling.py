@@ -6,8 +6,6 @@ against finite differences in ``test_families.py``.
 Canvas: 4 x 8 latent px of the family's own scale (so 32 x 64 px for SD, 64 x 128 for Flux.2, 128 x 256 for
 HunyuanImage 2.1), windows of 4 latent px every 2: three windows, 2 DDIM steps, 1 sync step.
 """
-from __future__ import annotations
-
 import math
 
 import pytest

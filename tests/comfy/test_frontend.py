@@ -18,8 +18,6 @@ stride does not divide) must end in an error that names the node and speaks pixe
 the reason). Screenshots and server logs of failing checks go to ``output/test-artifacts/frontend/``
 (``$SYNCDIFF_TEST_ARTIFACTS``); the failure message names them.
 """
-from __future__ import annotations
-
 import contextlib
 import json
 import shutil

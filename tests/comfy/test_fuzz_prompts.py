@@ -10,8 +10,6 @@ types and limits; producers of linked inputs are small fixed graphs. Valid value
 (``steps``/``sync_steps`` above 2, ``compile``, decode ``padding`` above 64) are kept cheap. ``SYNCDIFF_FUZZ_EXAMPLES``
 (80) sets the cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the outcome counts. Cases are derandomized.
 """
-from __future__ import annotations
-
 import json
 import os
 import time

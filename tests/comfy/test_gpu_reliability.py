@@ -8,8 +8,6 @@ Marked ``gpu``: they run with ``SYNCDIFF_GPU_TESTS=1`` on a CUDA machine (``benc
 ``SYNCDIFF_GPU_TESTS=tiny`` runs them on the CPU with the tiny SD2 checkpoint (a check of the tests; the
 out-of-memory ones need CUDA); ``SYNCDIFF_GPU_RUNS`` sets the repeated runs (20).
 """
-from __future__ import annotations
-
 import gc
 import logging
 import os

@@ -1,7 +1,5 @@
 """The harness itself, against real ComfyUI: the pack loads as a custom node, tiny checkpoints are detected
 as the right families, and prompts execute through ComfyUI's PromptExecutor (stock nodes + PanoramaLatent)."""
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 

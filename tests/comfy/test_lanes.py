@@ -5,8 +5,6 @@ Two lanes stand for two GPUs: each has its own toy (same weights, its own call l
 as with one lane, each lane gets its contiguous share of every pass, and an error in one lane reaches the caller
 only after every lane has finished.
 """
-from __future__ import annotations
-
 import threading
 from concurrent.futures import ThreadPoolExecutor
 

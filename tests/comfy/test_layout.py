@@ -9,8 +9,6 @@ result is, pixel for pixel, ``m * result(region prompt alone) + (1 - m) * result
 seam alike; after k steps a pixel can depend on the other prompt only through windows within (k - 1) strides of the
 mask's edge.
 """
-from __future__ import annotations
-
 import logging
 from types import SimpleNamespace
 

@@ -1,6 +1,4 @@
 """The memory plan (``syncdiff_core.memory``) and the exact gradient ways it chooses between (plain torch)."""
-from __future__ import annotations
-
 import types
 
 import pytest

@@ -6,8 +6,6 @@ width) to float precision. Part 2 decodes through ComfyUI's ``VAE.decode`` on a 
 global operations (GroupNorm statistics, mid-block attention) make the result depend slightly on the context
 columns, and checks roll-equivariance and seam closure within tolerances justified next to each test.
 """
-from __future__ import annotations
-
 import math
 
 import pytest

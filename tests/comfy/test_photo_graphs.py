@@ -9,8 +9,6 @@ sampler of ComfyUI), on a schedule that ends at sigma 0; with sync on and the ph
 windows are closer to the photo by LPIPS than with sync off on the same seed; an inpainting model's concatenated
 mask and masked-image latent reach the UNet cropped to each window, with sync off and on.
 """
-from __future__ import annotations
-
 import pytest
 import torch
 

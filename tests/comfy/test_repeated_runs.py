@@ -5,8 +5,6 @@ The issue asks for 100 runs; CI runs ``SYNCDIFF_REPEAT_RUNS`` (default 25) to st
 2-core machine. ``SYNCDIFF_REPEAT_RUNS=100`` runs the full count; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes
 the per-run figures (docs/dev/reliability-record.md quotes them).
 """
-from __future__ import annotations
-
 import json
 import os
 import time

@@ -1,8 +1,6 @@
 """The real ComfyUI server (``main.py --cpu``) with this pack in its custom_nodes folder, driven over HTTP:
 the pack loads exactly as users load it, shows up in /object_info, and a prompt POSTed to /prompt that
 runs the pack's sampler ends in an image file written by SaveImage."""
-from __future__ import annotations
-
 import json
 import urllib.request
 

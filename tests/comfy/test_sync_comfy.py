@@ -4,8 +4,6 @@ unaltered models, Cancel, and bad input.
 The expected values are computed here independently of the pack: the UNet and the VAE decoder are called
 with cloned weights through ``torch.func.functional_call``, the CFG and DDIM arithmetic is written out.
 """
-from __future__ import annotations
-
 import math
 from types import SimpleNamespace
 

@@ -9,8 +9,6 @@ symmetry. Without wrap the canvas has borders and the same test fails, which sho
 Part 1: the core loop with a toy denoiser (no ComfyUI). Part 2: through ComfyUI's executor on the tiny SD1.x
 model with the SyncDiffusionSampler node. Part 3: bad input.
 """
-from __future__ import annotations
-
 import pytest
 import torch
 

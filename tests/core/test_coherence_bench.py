@@ -1,6 +1,4 @@
 """The offline coherence benchmark: its closed-form ideal denoiser, its schedule, and a quick smoke run."""
-from __future__ import annotations
-
 import math
 
 import numpy as np

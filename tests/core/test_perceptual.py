@@ -1,7 +1,5 @@
 """LPIPS loading (offline search order, file formats, clear errors), LPIPS behaviour under ComfyUI's inference
 mode, and the paper's coherence metrics. Trunk files are written here with seeded random weights."""
-from __future__ import annotations
-
 import warnings
 from pathlib import Path
 

@@ -1,7 +1,5 @@
 """Damaged or wrong LPIPS trunk files in models/lpips (issue 15): each gives an error that names the file and says
 what was expected, and a file is only ever read through safetensors or ``torch.load(weights_only=True)``."""
-from __future__ import annotations
-
 import pickle
 from pathlib import Path
 
