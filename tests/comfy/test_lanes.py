@@ -121,7 +121,7 @@ class Boom(RuntimeError):
 def test_an_error_in_one_lane_is_raised_after_every_lane_finished():
     plan = plan_windows(8, 40, 8, 4)
     finished = []
-    good, bad = Toy(), Toy()
+    good = Toy()
 
     def slow(x, sigma, windows=None, step=None):
         out = good.denoise(x, sigma, windows, step)
