@@ -263,7 +263,7 @@ def matmul_tflops(b: Bench, dtype) -> float:
             x @ x
         b.sync()
         times.append((time.perf_counter() - t0) / reps)
-    return round(2 * n**3 / statistics.median(times) / 1e12, 1)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def step_flops(b: Bench, m) -> dict:
@@ -358,7 +358,7 @@ def summarize(b: Bench) -> None:
     b.save()
     env = R["env"]
     print("\n" + "=" * 96 + f"\n{env['device']}, {env['date_utc']} UTC, commit {env['commit']}, torch {env['torch']}, "
-          f"{b.args.family}: {R.get('windows')} windows, {b.args.steps} steps; matmul {R.get('matmul_tflops')} "
+          f"{b.args.family}: {R.get('windows')} windows, {b.args.steps} steps; matmul {R.get('matmul_tflops', 0):.3g} "
           f"TFLOP/s; floor (s) {({k: round(v, 2) for k, v in floor.items()})}")
     print(f"{'mode':16s} {'median s':>9s} {'runs':>5s} {'alloc GiB':>10s} {'resv GiB':>9s} {'x floor':>8s}")
     for r in rows:
