@@ -34,6 +34,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    h.OBJECTS.clear()  # the graphs' in-memory models go while ComfyUI's modules are intact, not at interpreter exit
     if _BASE.get("dir") is not None:
         shutil.rmtree(_BASE["dir"], ignore_errors=True)
 
