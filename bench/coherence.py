@@ -1,23 +1,16 @@
 """Offline benchmark of what synchronization buys: Intra-LPIPS and Intra-Style-L of panoramas made by the pack's
 core loop (``syncdiff_core.sample``) with w = 0 (MultiDiffusion) and w > 0 (SyncDiffusion), over many seeds.
 
-No trained model is needed: the ideal denoiser of a finite data set is known in closed form. For data
-{y_k} (equal weights) and k-diffusion's variance-exploding noise x = y + σ·ε, the posterior over k is a softmax
-of -||x - y_k||² / (2σ²), and the optimal x0 prediction is the posterior mean
+No trained model is needed: for data {y_k} (equal weights) under k-diffusion's variance-exploding noise
+x = y + σ·ε the optimal x0 prediction is the posterior mean, a softmax of -||x - y_k||² / (2σ²) over the data:
 
     D(x, σ) = Σ_k softmax_k(-||x - y_k||² / (2σ²)) · y_k.
 
-With real photo crops as the data this is a real (memorising) diffusion model. It runs in pixel space: the
-"latent" is the RGB image in [-1, 1], decode is the identity. Data: crops of the photographs and textures that
-scikit-image ships inside its wheel (no download).
-
-Synchronization uses LPIPS on one random-weight VGG16 trunk; the metrics use other random weights (a VGG16 of
-another seed for Intra-LPIPS, a random VGG19 for Intra-Style-L), so the measure is not the loss being optimised.
-
-Run: ``python bench/coherence.py`` (see ``--help``); docs/COHERENCE.md reports a run.
+On crops of the photographs and textures scikit-image ships in its wheel this is a real (memorising) diffusion model,
+in pixel space (the "latent" is the RGB image in [-1, 1], decode is the identity). Synchronization uses LPIPS on one
+random-weight VGG16 trunk, the metrics other random weights (a VGG16 of another seed, a VGG19), so the measure is not
+the loss optimised. Run: ``python -m bench.coherence`` (see ``--help``); docs/COHERENCE.md reports a run.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import math

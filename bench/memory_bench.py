@@ -23,8 +23,6 @@ same run (a card is not faster).
 ``--tiny``: the test suite's tiny models on the CPU (the fp8 families with fp8 weights), cards scaled to them
 (:data:`TINY_PER_GIB` bytes a card's GiB): checks the script, and that every plan gives the whole GPU's panorama.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import logging

@@ -1,26 +1,21 @@
 #!/usr/bin/env python3
-"""Windows across several GPUs through ComfyUI's own MultiGPU (issue 17): one GPU against all of them, one process.
+"""Windows across several GPUs through ComfyUI's own MultiGPU: one GPU against all of them, one process.
 
-A random-weight checkpoint of SD 2.0-base's size (``dynamic_vram.write_checkpoint``) is loaded by ComfyUI's
-``CheckpointLoaderSimple`` (whose reload factory MultiGPU clones from); the model is then prepared as ComfyUI's
-MultiGPU CFG Split node prepares it (``comfy.multigpu.create_multigpu_deepclones``). Both models sample the same
-panorama (512 x 3072 px, 21 windows, 50 steps; MultiDiffusion and 10 sync steps) through the pack's
-``sample_panorama``: a warm-up, then ``--repeats`` timed runs each. Reported: median seconds, the speed-up against one
-GPU (issue 17's targets: >= 1.8x MultiDiffusion, >= 1.7x sync), peak memory of every GPU, and the relative
-difference of the panoramas (next to the same prompt twice on one GPU: the run-to-run spread).
+A random-weight checkpoint of SD 2.0-base's size (``python -m devtools.models``) loaded by ``CheckpointLoaderSimple``
+(whose reload factory MultiGPU clones from), prepared as ComfyUI's MultiGPU CFG Split node prepares it
+(``comfy.multigpu.create_multigpu_deepclones``). Both sample the same panorama (512 x 3072 px, 21 windows, 50 steps;
+MultiDiffusion and 10 sync steps) through ``sample_panorama``: a warm-up, then ``--repeats`` timed runs. Reported:
+median seconds, the speed-up (targets: >= 1.8x MultiDiffusion, >= 1.7x sync), every GPU's peak memory, the panoramas'
+relative difference next to the same run twice on one GPU. Headless ComfyUI, so 0.33's dynamic VRAM stays off.
 
-    python bench/multigpu_bench.py --comfyui /path/to/ComfyUI-0.33.0 --out OUT   # a machine with 2+ GPUs
-    python bench/multigpu_bench.py --comfyui ... --tiny --out /tmp/mg            # CPU, tiny models, a stand-in
-                                                                                 # second device (cpu:1)
-ComfyUI is started headless (``devtools/headless.py``), so 0.33's dynamic VRAM stays off, as main.py with
-``--disable-dynamic-vram``. Results: ``multigpu.json`` in ``--out`` and a table at the end.
+    python -m bench.multigpu_bench --comfyui /path/to/ComfyUI-0.33.0 --out OUT   # 2+ GPUs
+    python -m bench.multigpu_bench --comfyui ... --tiny --out /tmp/mg            # CPU, a stand-in device cpu:1
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,11 +76,10 @@ def main(argv=None) -> int:
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["COMFYUI_PATH"] = opts.comfyui
-    from bench.dynamic_vram import write_checkpoint
-
     ckpt = out_dir / "sd2-size-random.safetensors"
-    if not ckpt.exists():
-        write_checkpoint(opts, opts.comfyui, ckpt)
+    if not ckpt.exists():  # written by a process of its own: ComfyUI's settings hold for a whole process
+        subprocess.run([sys.executable, "-m", "devtools.models", str(ckpt), "--size",
+                        "tiny-sd20" if opts.tiny else "sd2-base"], check=True, cwd=ROOT)
     from devtools import headless as ch
 
     rt = ch.start(out_dir / "base", cpu=opts.tiny)

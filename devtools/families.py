@@ -1,37 +1,21 @@
 """Tiny random-weight models of every still-image family in ``comfy.supported_models``, built through ComfyUI's
-own classes, with matching VAEs and conditioning (no downloads, no checkpoint files).
+own classes, with matching VAEs and conditioning (no downloads, no checkpoint files). Import after
+``devtools.headless.bootstrap()``. ``available()`` names the families this ComfyUI has; ``build(name)`` (cached per
+process, dtype and inference flag) gives ``.model`` (ModelPatcher), ``.vae``, ``.positive``, ``.negative`` and
+``.latent(height_px, width_px)``, an empty LATENT of the family's layout (4-D or 5-D).
 
-Import only after ``devtools.headless.bootstrap()`` (the test harness does that in ``pytest_configure``).
-
-Usage::
-
-    from devtools import families as fm
-    fm.available()                       # names of the families this ComfyUI has, in FAMILIES order
-    fam = fm.build("flux")               # cached per process (and dtype / inference flag)
-    fam.model, fam.vae                   # comfy.model_patcher.ModelPatcher, comfy.sd.VAE
-    fam.positive, fam.negative           # CONDITIONING lists (pooled output / guidance where the family uses them)
-    fam.latent(height_px, width_px)      # an empty LATENT tensor of the family's layout (4-D or 5-D)
-
-How each part is made, and why:
-
-* Diffusion model: ``comfy.supported_models.<Class>(unet_config)`` with a complete, tiny ``unet_config`` (what
-  ``model_detection`` would produce, at widths of 32-64), ``set_inference_dtype``, ``get_model(state_dict)``
-  (the state dict carries only the keys ``model_type`` reads: ``v_pred``, ``edm_mean`` ... so that v-prediction and
-  EDM are chosen by ComfyUI's own rules), wrapped in ``ModelPatcher``. Config keys a ComfyUI version requires and
-  another lacks (``txt_ids_dims`` of 0.33's ``FluxParams``) are added only where the parameter class has them.
-* VAE: ``comfy.sd.VAE(sd=...)``. SD's 4-channel KL VAE takes ``config`` (a small KL with 32 channels); every other
-  kind is made by ComfyUI's own detection from the few keys it reads (16-channel KL without ``post_quant_conv``,
-  Flux.2's KL with a batch-norm latent and 2x2 patches, the Wan 2.1 VAE whose width comes from the state dict, the
-  HunyuanImage 32x VAE), so ``spacial_compression_decode()``, ``latent_dim`` and the module types are ComfyUI's.
-  Where ComfyUI's detection fixes the widths (all but SD's KL and Wan), the decoder has its real width: use small
-  latents with those.
-* ComfyUI's layers are created empty: every parameter is set here from a seeded generator, and the decoder's last
-  convolution is calibrated so that decoded images sit mid-range (no clamping, so gradients flow).
-* ``inference=True`` (default) builds everything under ``torch.inference_mode()``, as ComfyUI's loaders do: weights,
-  buffers, latent-format constants and conditioning are inference tensors, which is what the gradient path meets.
+* The diffusion model: ``comfy.supported_models.<Class>(unet_config)`` with a complete tiny config (what
+  ``model_detection`` would produce, widths 32-64; keys one ComfyUI version has and another lacks added only where the
+  parameter class has them), ``get_model`` with the state-dict keys ``model_type`` reads (``v_pred``, ``edm_mean``
+  ...), so v-prediction and EDM are chosen by ComfyUI's own rules.
+* The VAE: ``comfy.sd.VAE(sd=...)``; SD's 4-channel KL small, every other kind made by ComfyUI's own detection from
+  the few keys it reads (16-channel KL, Flux.2's KL with a batch-norm latent over 2x2 patches, Wan 2.1, HunyuanImage's
+  32x), so its compression, latent dims and module types are ComfyUI's; where detection fixes the widths the decoder
+  is real-width (use small latents).
+* Every parameter is set from a seeded generator (ComfyUI creates them empty), the decoder's last convolution
+  calibrated to mid-range images (no clamping, so gradients flow); ``inference=True`` (default) builds under
+  ``torch.inference_mode()`` as ComfyUI's loaders do, so weights and constants are inference tensors.
 """
-from __future__ import annotations
-
 import dataclasses
 import functools
 
@@ -180,15 +164,9 @@ def _kl_detect_keys(z: int) -> dict:
 
 
 def _vae_kl4(seed):
-    import comfy.sd
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    with torch.inference_mode(False):
-        net = AutoencoderKL(**config["params"])
-    sd = init_weights_(net, seed).state_dict()
-    return comfy.sd.VAE(sd=sd, config=config)
+    """SD's 4-channel KL VAE, small (``devtools.models.build_kl_vae``)."""
+    from devtools.models import build_kl_vae
+    return build_kl_vae(seed)
 
 
 def _vae_kl16(seed):

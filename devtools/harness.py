@@ -1,27 +1,13 @@
-"""Test harness: this pack inside a real, headless ComfyUI, with tiny random-weight models.
+"""Test harness: this pack inside a real, headless ComfyUI with tiny random-weight models; ``tests/conftest.py``'s
+fixtures are thin wrappers around it, and tests and benches import it directly (``from devtools import harness as h``).
 
-The fixtures in ``tests/conftest.py`` are thin wrappers around what is here; tests and benches may also import
-this module directly (``from devtools import harness as h``).
-
-Graph tests
------------
-``run_prompt(prompt)`` (fixture, or ``runtime().run_prompt``) validates an API-format prompt with
-``execution.validate_prompt`` and executes it with ComfyUI's ``execution.PromptExecutor``; it returns a
-``devtools.headless.PromptResult`` (``result["3"]`` = that node's outputs as a tuple, ``result.ui``,
-``result.image_files()``, ``result.progress``, ``result.messages``, ``result.interrupted``). A failing node
-raises ``PromptExecutionError`` (``.exception_type == "ValueError"``, ``.exception_message``,
-``.node_id``); an invalid prompt raises ``PromptValidationError``. A prompt with no output node gets a
-test sink attached to its leaf nodes, so ``run_prompt({"1": {...PanoramaLatent...}})["1"][0]`` is the
-LATENT.
-
-Feeding in-memory objects into a graph: ``object_node(value, "VAE")`` returns a node dict
-(``{"class_type": "SyncDiffTest_VAE", "inputs": {"key": ...}}``) whose single output is ``value``. Types:
-any ComfyUI type name (MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, MASK, CONTROL_NET, ...). The graph
-can equally load the tiny checkpoint by name: ``CheckpointLoaderSimple`` with ``ckpt_name =
-tiny.ckpt_name``; that is the path users take and the one that creates weights under inference mode.
+``run_prompt(prompt)`` validates an API-format prompt (``execution.validate_prompt``) and executes it with ComfyUI's
+``execution.PromptExecutor``, returning a ``devtools.headless.PromptResult`` (``result["3"]``: that node's outputs).
+A failing node raises ``PromptExecutionError`` (``.exception_type``, ``.exception_message``, ``.node_id``), an
+invalid prompt ``PromptValidationError``; a prompt without an output node gets a sink on its leaf nodes.
+``object_node(value, "VAE")`` is a node whose one output is ``value`` (any ComfyUI type name); a graph can equally
+load a tiny checkpoint by name (``CheckpointLoaderSimple``), the path users take, which makes inference-mode weights.
 """
-from __future__ import annotations
-
 import itertools
 from pathlib import Path
 
@@ -86,10 +72,6 @@ class Pack:
     ``pack.sampling`` is ``<pack>.syncdiff_core.comfy.sampling``, ``pack.job`` is ``<pack>.syncdiff_core.job``,
     ``pack.sampler_nodes`` is ``<pack>.nodes.sampler_nodes``; ``pack.module("a.b")`` takes any dotted path."""
 
-    BRIDGE = ("assets", "autograd_patches", "compile", "conds", "decode", "families", "layout", "loss_decoders",
-              "memory_plan", "model", "multigpu", "output", "run_plan", "sampling", "seam_repair", "window_denoiser")
-    NODES = ("decode_nodes", "layout_nodes", "metric_nodes", "photo_nodes", "sampler_nodes", "seam_nodes")
-
     def __init__(self, package: str):
         self.package = package
 
@@ -100,10 +82,9 @@ class Pack:
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        if name in self.BRIDGE:
-            return self.module(f"syncdiff_core.comfy.{name}")
-        if name in self.NODES:
-            return self.module(f"nodes.{name}")
+        for folder in ("syncdiff_core/comfy", "nodes"):  # the bridge's and the nodes' modules, else the core's
+            if (comfy_headless.REPO_ROOT / folder / f"{name}.py").is_file():
+                return self.module(f"{folder.replace('/', '.')}.{name}")
         return self.module(f"syncdiff_core.{name}")
 
 
@@ -125,6 +106,45 @@ def sample(pack: Pack, model, positive, negative, latent_shape, job, *, vae=None
     with torch.inference_mode():
         return pack.sampling.sample_panorama(model, positive, negative, {"samples": torch.zeros(latent_shape)}, job,
                                              vae=vae, loss=loss)["samples"]
+
+
+#: The SyncDiffusionSampler's widgets in :func:`panorama_prompt` unless given: 2 steps, the first synchronized,
+#: 64 px windows every 32 px.
+SAMPLER_WIDGETS = {"seed": 11, "steps": 2, "cfg": 5.0, "window_size": 64, "stride": 32, "sync_weight": 20.0,
+                   "sync_decay": 0.95, "sync_steps": 1, "sync_every": 1, "wrap": False, "window_batch": 4}
+
+
+def panorama_prompt(ckpt_name: str | None = None, *, objects: tuple | None = None, width: int = 128,
+                    height: int = 64, batch: int = 1, decode: tuple | None = None, save: tuple | None = None,
+                    **sampler) -> dict:
+    """An API prompt of a panorama: the model, prompts and VAE of the checkpoint ``ckpt_name`` (encoded prompts
+    DEFAULT_PROMPT and "") or ``objects`` = (model, positive, negative, vae) fed by object nodes; a PanoramaLatent
+    ("lat"); the SyncDiffusionSampler ("sampler": ``sampler`` over :data:`SAMPLER_WIDGETS`); then, when given, a
+    decode node "dec" (``decode`` = (class_type, inputs besides samples and vae)) and an output node "save"
+    (``save`` = (class_type, inputs besides images))."""
+    if objects is None:
+        prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+                  **{k: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": text}}
+                     for k, text in (("pos", DEFAULT_PROMPT), ("neg", ""))}}
+        model, vae = ["ckpt", 0], ["ckpt", 2]
+    else:
+        prompt = {k: object_node(v, t) for k, v, t in zip(("model", "pos", "neg", "vae"), objects,
+                                                          ("MODEL", "CONDITIONING", "CONDITIONING", "VAE"))}
+        model, vae = ["model", 0], ["vae", 0]
+    prompt["lat"] = {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": height, "batch_size": batch}}
+    prompt["sampler"] = {"class_type": "SyncDiffusionSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "vae": vae, "latent_image": ["lat", 0],
+        **SAMPLER_WIDGETS, **sampler}}
+    if decode is not None:
+        prompt["dec"] = {"class_type": decode[0], "inputs": {"samples": ["sampler", 0], "vae": vae, **decode[1]}}
+    if save is not None:
+        prompt["save"] = {"class_type": save[0], "inputs": {"images": ["dec", 0], **save[1]}}
+    return prompt
+
+
+#: The pack's circular decode and its 360° save, as :func:`panorama_prompt`'s ``decode`` and ``save``.
+DECODE_360 = ("PanoramaDecode", {"wrap": True, "padding": 4, "tile_width": 0, "tile_overlap": 64})
+SAVE_360 = ("SavePanorama360", {"filename_prefix": "pano", "format": "png", "jpeg_quality": 95})
 
 
 def run_prompt(prompt: dict, **kw) -> PromptResult:
@@ -160,17 +180,6 @@ def tiny_models(family: str, seed: int = SEED, with_clip: bool | None = None, ck
 def _encode(clip, text: str) -> list:
     tokens = clip.tokenize(text)
     return clip.encode_from_tokens_scheduled(tokens)
-
-
-def link_checkpoint(existing: Path, name: str) -> str:
-    """Make ``existing`` available under ``name`` in the checkpoints folder (for workflows that name a
-    checkpoint file: they get the tiny model under their own name). Returns ``name``."""
-    folder = runtime().model_folder("checkpoints")
-    target = folder / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(existing)
-    return name
 
 
 # ----------------------------------------------------------------------------- what example workflows name

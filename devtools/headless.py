@@ -1,36 +1,23 @@
-"""Run this node pack inside a real ComfyUI, in-process and headless.
+"""This node pack inside a real ComfyUI, in-process and headless: the one ComfyUI start of the tests
+(``devtools.harness``), the benches and the demos. ``rt = start(base_dir)`` (once per process), then
+``rt.run_prompt(prompt)`` runs an API-format prompt through ``execution.PromptExecutor``.
 
-The one ComfyUI start of the tests (``devtools.harness``), the benches and the demo (``scripts/demo.py``).
-
-Usage::
-
-    from devtools import headless as ch
-    rt = ch.start(base_dir)            # once per process: ComfyUI on sys.path, --cpu, nodes, the pack
-    result = rt.run_prompt(prompt)     # API-format prompt through execution.PromptExecutor
-
-``start`` does what ComfyUI's ``main.py`` does for a headless run and nothing more:
-
-* puts the ComfyUI tree first on ``sys.path`` (``$COMFYUI_PATH`` or ``.comfyui/ComfyUI``), so that the
-  top-level module ``nodes`` is ComfyUI's ``nodes.py`` and never this repository's ``nodes/`` folder;
-* sets ``args.cpu`` (unless told otherwise) and ``args.base_directory`` before ``folder_paths`` or
-  ``comfy.model_management`` are imported, so models/, input/, output/, temp/, user/ all live under
-  ``base_dir`` exactly like ``main.py --base-directory``;
-* initialises the built-in extra nodes (no custom nodes from folders, no API nodes), then loads this
-  pack with ``nodes.load_custom_node(<repo root>)`` -- the same call ComfyUI makes for each folder in
-  ``custom_nodes/`` -- and fails loudly if that import fails (ComfyUI itself only logs it);
-* installs a progress hook like ``main.py``'s, which records progress and lets Cancel work.
+``start`` does what ComfyUI's ``main.py`` does for a headless run and nothing more: the ComfyUI tree first on
+``sys.path`` (``$COMFYUI_PATH`` or ``.comfyui/ComfyUI``, so the top-level module ``nodes`` is ComfyUI's ``nodes.py``,
+never this repository's ``nodes/``); ``args.cpu`` and ``args.base_directory`` set before ``folder_paths`` or
+``comfy.model_management`` are imported (models/, input/, output/, temp/, user/ under ``base_dir``, as
+``main.py --base-directory``); the built-in extra nodes, then this pack through ``nodes.load_custom_node(<repo
+root>)`` as ComfyUI loads each folder of ``custom_nodes/``, failing loudly where ComfyUI only logs; a progress hook
+like ``main.py``'s, which records progress and lets Cancel work.
 """
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import logging
 import os
 import sys
-import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNTIME: "ComfyRuntime | None" = None
@@ -101,14 +88,10 @@ class PromptExecutionError(RuntimeError):
 
 @dataclasses.dataclass
 class PromptResult:
-    """What a prompt produced.
-
-    ``outputs[node_id]`` is a tuple with one entry per output slot of that node (for nodes whose output
-    is a list, the entry is the list); ``ui[node_id]`` is what the node returned for the UI (e.g.
-    SaveImage's ``{"images": [{"filename", "subfolder", "type"}]}``); ``messages`` are the
-    ``(event, data)`` pairs the executor sent; ``progress`` the ``(node_id, value, total)`` updates
-    from ``comfy.utils.ProgressBar``; ``interrupted`` is True when the run was cancelled.
-    """
+    """What a prompt produced: ``outputs[node_id]``, a tuple of the node's output slots (a list output as the list);
+    ``ui[node_id]``, what the node returned for the UI (SaveImage's ``{"images": [...]}``); ``messages``, the
+    executor's ``(event, data)`` pairs; ``progress``, the ``(node_id, value, total)`` updates of
+    ``comfy.utils.ProgressBar``; ``interrupted``, whether the run was cancelled."""
     prompt_id: str
     prompt: dict
     outputs: dict[str, tuple]
@@ -132,9 +115,6 @@ class PromptResult:
                 if img.get("type", "output") == "output":
                     files.append(self.output_dir / img.get("subfolder", "") / img["filename"])
         return files
-
-    def events(self, name: str) -> list[Any]:
-        return [d for e, d in self.messages if e == name]
 
 
 class ServerStub:
@@ -307,22 +287,15 @@ class ComfyRuntime:
         self.server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id})
 
 
-# Every key that some ComfyUI's PromptExecutor reads from cache_args ("lru" and "ram" since cache_args exists,
-# "ram_inactive" added later; the executor indexes the dict directly, so a missing key is a KeyError). Zeros: no
-# caching across prompts (each run_prompt has its own executor anyway), no RAM-pressure release.
+# Every key that some ComfyUI's PromptExecutor reads from cache_args ("lru" and "ram" in 0.3.75, "ram_inactive"
+# added later; the executor indexes the dict directly, so a missing key is a KeyError). Zeros: no caching across
+# prompts (each run_prompt has its own executor anyway), no RAM-pressure release.
 CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
 
 
 def new_executor(execution, server):
-    """``execution.PromptExecutor`` built for whatever constructor this ComfyUI has, found by looking at its
-    signature: ``cache_args`` (a dict of cache settings) or, in older versions, ``cache_size``."""
-    import inspect
-    params = inspect.signature(execution.PromptExecutor.__init__).parameters
-    if "cache_args" in params:
-        return execution.PromptExecutor(server, cache_type=False, cache_args=dict(CACHE_ARGS))
-    if "cache_size" in params:
-        return execution.PromptExecutor(server, cache_type=False, cache_size=0)
-    return execution.PromptExecutor(server, cache_type=False)
+    """A fresh ``execution.PromptExecutor`` that caches nothing across prompts."""
+    return execution.PromptExecutor(server, cache_type=False, cache_args=dict(CACHE_ARGS))
 
 
 def cache_get_all(cache, node_ids: list[str]) -> list:
@@ -449,7 +422,6 @@ def load_this_pack(rt: ComfyRuntime) -> list[str]:
 
     Returns the node ids the pack's ``comfy_entrypoint`` declares (kept in ``rt.pack_node_ids``)."""
     nodes = rt.nodes
-    before = dict(nodes.NODE_CLASS_MAPPINGS)
     ok = asyncio.run(nodes.load_custom_node(str(REPO_ROOT), ignore=set(), module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError(f"ComfyUI failed to load the pack from {REPO_ROOT} (see the log above: "
@@ -457,18 +429,13 @@ def load_this_pack(rt: ComfyRuntime) -> list[str]:
     module_name = str(REPO_ROOT).replace(".", "_x_")
     module = sys.modules.get(module_name)
     rt.pack_module = module
-    ids: list[str] = []
-    if module is not None and hasattr(module, "comfy_entrypoint"):
-        async def node_ids():
-            ext = module.comfy_entrypoint()
-            if asyncio.iscoroutine(ext):
-                ext = await ext
-            return [cls.GET_SCHEMA().node_id for cls in await ext.get_node_list()]
-        ids = asyncio.run(node_ids())
-    elif module is not None and getattr(module, "NODE_CLASS_MAPPINGS", None):
-        ids = list(module.NODE_CLASS_MAPPINGS)
-    else:  # fall back on what appeared in the registry
-        ids = [k for k in nodes.NODE_CLASS_MAPPINGS if k not in before]
+
+    async def node_ids():
+        ext = module.comfy_entrypoint()
+        if asyncio.iscoroutine(ext):
+            ext = await ext
+        return [cls.GET_SCHEMA().node_id for cls in await ext.get_node_list()]
+    ids = asyncio.run(node_ids())
     missing = [i for i in ids if i not in nodes.NODE_CLASS_MAPPINGS]
     if missing:
         raise RuntimeError(f"pack declared nodes that ComfyUI did not register: {missing}")
@@ -476,16 +443,3 @@ def load_this_pack(rt: ComfyRuntime) -> list[str]:
     return ids
 
 
-def runtime() -> ComfyRuntime:
-    if _RUNTIME is None:
-        raise RuntimeError("devtools.headless.start() has not been called")
-    return _RUNTIME
-
-
-def format_exception() -> str:
-    return traceback.format_exc()
-
-
-def iter_pack_classes(rt: ComfyRuntime) -> Iterable[tuple[str, type]]:
-    for nid in rt.pack_node_ids:
-        yield nid, rt.nodes.NODE_CLASS_MAPPINGS[nid]

@@ -4,8 +4,9 @@ ComfyUI's own classes (no downloads).
 * tiny SD1.x / SD2.x checkpoints (``write_checkpoint``), their parts (``build_model``, ``build_taesd_vae``,
   ``build_kl_vae``, ``build_clip``), conditioning (``make_conditioning``) and ControlNets (``write_controlnet``);
 * the micro UNet and ControlNet of the layout tests (``build_micro_model``, ``build_micro_controlnet``);
-* real-size models for the GPU benchmarks (``SD15_UNET``, ``SD2_BASE_UNET``, ``SDXL_UNET``, ``FLUX_DEV``,
-  ``QWEN_IMAGE``, ``SD_VAE``; ``build_sized_model`` in any weight dtype on the device, ``build_sd2_unet``,
+* real-size models for the GPU benchmarks (``build_real_size``: SD 2, SDXL, Flux; ``SD15_UNET``, ``SD2_BASE_UNET``,
+  ``SDXL_UNET``, ``FLUX_DEV``, ``QWEN_IMAGE``, ``SD_VAE``; ``build_sized_model`` in any weight dtype on the device,
+  ``build_sd2_unet``,
   ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
 * the random LPIPS trunk (``random_trunk_state_dict``, ``write_random_trunk``, ``install_random_trunk``).
 
@@ -13,24 +14,14 @@ Tiny models of every other family are in ``devtools.families`` (they share ``ini
 import ComfyUI when called: call them after ``devtools.headless.bootstrap()`` (or ``start()``).
 ``python -m devtools.models CHECKPOINT --size sd2-base|tiny-sd20`` writes a checkpoint in a fresh process.
 
-Why these shapes (ComfyUI 0.3.75):
-
-* ComfyUI's checkpoint detection only recognises real families, so the UNet keeps SD's width
-  (model_channels 320; context_dim 768 for SD1.x, 1024 with linear projections for SD2.x) but has a
-  single level with one res block and one transformer block: 25.8M parameters instead of 860M. It is
-  written as a normal single-file checkpoint and detected as ``SD15`` / ``SD20`` by
-  ``CheckpointLoaderSimple``.
-* The checkpoint's VAE is a TAESD (ComfyUI detects ``taesd_decoder.*`` keys under
-  ``first_stage_model.`` and builds ``comfy.taesd.taesd.TAESD``): 2.4M parameters, latent scale 8,
-  4 latent channels, fast on a CPU. ``vae.first_stage_model.decode`` works with gradients.
-* The text encoder, when included, is the real architecture at full size (CLIP-L for SD1.x: 123M
-  parameters, stored fp16; OpenCLIP-H for SD2.x is 354M, so SD2.x checkpoints leave it out by default
-  and tests use ``make_conditioning`` instead).
-* ComfyUI's layers are created empty (``comfy.ops.disable_weight_init``): every parameter is set here,
-  from a seeded generator, so the same seed gives bit-identical weights.
+Why these shapes: ComfyUI's checkpoint detection only recognises real families, so the tiny UNet keeps SD's width
+(model_channels 320; context 768 for SD1.x, 1024 with linear projections for SD2.x) on a single level with one res
+block and one transformer block (25.8M parameters), written as a normal single-file checkpoint that
+``CheckpointLoaderSimple`` detects as ``SD15`` / ``SD20``. Its VAE is a TAESD (2.4M parameters, scale 8, fast on a
+CPU, differentiable). The text encoder, when included, is the real one at full size (CLIP-L, 123M; SD2.x's OpenCLIP-H
+is 354M, so SD2.x checkpoints leave it out and tests use ``make_conditioning``). ComfyUI creates its layers empty:
+every parameter is set here from a seeded generator, so the same seed gives bit-identical weights.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
 from pathlib import Path
@@ -68,24 +59,28 @@ def model_config(family: str):
 
 
 @torch.no_grad()
-def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = ()) -> torch.nn.Module:
+def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, skip: tuple = (),
+                  on_device: bool = False) -> torch.nn.Module:
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
-    Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 so every dtype gets the same weights;
-    1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1) gammas): 1; other 1-D parameters
-    (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))`` with a meaning (TAESD's
-    ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are buffers (they hold
-    computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint weight created
-    empty. Parameters whose names start with one of ``skip`` are left alone.
+    Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 on the CPU so every dtype gets the same
+    weights (``on_device``: drawn where the weights are, with that device's generator: seconds, not minutes, for a
+    model of billions of parameters on a GPU); 1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1)
+    gammas): 1; other 1-D parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))``
+    with a meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are
+    buffers (they hold computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint
+    weight created empty. Parameters whose names start with one of ``skip`` are left alone.
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device if on_device else torch.device("cpu")
+    g = torch.Generator(device).manual_seed(seed)
     for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if p.numel() == 0 or name.startswith(skip):
             continue
         if p.ndim >= 2 and p[0].numel() > 1:
-            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std_scale / math.sqrt(p[0].numel()), generator=g)
-            p.copy_(t)
+            std = std_scale / math.sqrt(p[0].numel())
+            p.copy_(torch.empty(p.shape, dtype=p.dtype if on_device else torch.float32, device=device)
+                    .normal_(0.0, std, generator=g))
         elif p.ndim >= 1 and leaf.endswith(("weight", "scale", "gamma")):
             p.fill_(1.0)
         elif p.ndim >= 1:
@@ -94,7 +89,7 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
             raise ValueError(f"scalar parameter {name} is not initialised ({p.item()})")
     for name, b in module.named_buffers():
         if name.endswith("pos_embed"):
-            b.copy_(torch.empty(b.shape, dtype=torch.float32).normal_(0.0, 0.5, generator=g))
+            b.copy_(torch.empty(b.shape, dtype=torch.float32, device=device).normal_(0.0, 0.5, generator=g))
         elif b.is_floating_point() and not torch.isfinite(b).all():
             raise ValueError(f"buffer {name} is not initialised")
     return module
@@ -150,12 +145,9 @@ def build_kl_vae(seed: int = 0, ch: int = 32):
     as a ComfyUI ``VAE``, through ``comfy.sd.VAE(sd=..., config=...)``."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                "ch": ch, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
-                "dropout": 0.0}
-    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
-    net = AutoencoderKL(**config["params"])
-    init_weights_(net, seed)
+    config = {"params": {"embed_dim": 4, "ddconfig": {**SD_VAE, "ch": ch, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}}}
+    with torch.inference_mode(False):  # a plain module whatever the caller's mode: only its state dict is kept
+        net = init_weights_(AutoencoderKL(**config["params"]), seed)
     return comfy.sd.VAE(sd=net.state_dict(), config=config)
 
 
@@ -178,6 +170,32 @@ def make_conditioning(family: str = "sd15", seed: int = 0, batch: int = 1, token
     return [[cond, {"pooled_output": pooled}]]
 
 
+def _save(sd: dict, path: Path | str) -> Path:
+    """``sd`` written to ``path`` atomically: safetensors for a ``.safetensors`` name, else ``torch.save``'s format
+    (what ``.pth`` files hold)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _controlnet(unet: dict, seed: int):
+    """A random ``comfy.cldm.cldm.ControlNet`` (3-channel hints) for a UNet of config ``unet``."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = {k: v for k, v in unet.items() if k != "out_channels"}
+    return init_weights_(comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
+                                                    operations=comfy.ops.disable_weight_init), seed)
+
+
 def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with_clip: bool | None = None) -> Path:
     """Write a single-file checkpoint (UNet + TAESD VAE [+ text encoder]) that ``CheckpointLoaderSimple``
     loads as ``family``. ``with_clip`` defaults to True for sd15 and False for sd20 (see module doc).
@@ -198,26 +216,9 @@ def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with
 
 
 def write_controlnet(path: Path | str, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a random ControlNet for the tiny UNet of ``family`` (``comfy.cldm.cldm.ControlNet``, 3-channel
-    hints) that ``ControlNetLoader`` / ``comfy.controlnet.load_controlnet`` detect and load. The format follows
-    the file name: ``.safetensors``, else a ``torch.save`` state dict (what ``.pth`` files hold)."""
-    import comfy.cldm.cldm
-    import comfy.ops
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in unet_config(family).items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
-                                     operations=comfy.ops.disable_weight_init)
-    init_weights_(net, seed)
-    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(tmp))
-    else:
-        torch.save(sd, str(tmp))
-    tmp.replace(path)
-    return path
+    """A random ControlNet for the tiny UNet of ``family`` that ``ControlNetLoader`` detects and loads, written to
+    ``path`` (:func:`_save`'s formats)."""
+    return _save(_controlnet(unet_config(family), seed).state_dict(), path)
 
 
 @dataclasses.dataclass
@@ -253,17 +254,9 @@ def random_trunk_state_dict(name: str = "vgg16", seed: int = 0) -> dict[str, tor
 
 
 def write_random_trunk(path: Path | str, name: str = "vgg16", seed: int = 0) -> Path:
-    """:func:`random_trunk_state_dict` written to ``path`` (safetensors, or torch's format for other suffixes), so
-    the pack's LPIPS / style networks load offline (tests, the demo, benchmarks)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = random_trunk_state_dict(name, seed)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(path))
-    else:
-        torch.save(sd, str(path))
-    return path
+    """:func:`random_trunk_state_dict` written to ``path`` (:func:`_save`'s formats), so the pack's LPIPS / style
+    networks load offline (tests, the demo, benchmarks)."""
+    return _save(random_trunk_state_dict(name, seed), path)
 
 
 # ----------------------------------------------------------------------------- the micro UNet (layout tests)
@@ -280,16 +273,10 @@ def build_micro_model(seed: int = 0):
 
 def build_micro_controlnet(seed: int = 1):
     """A random ControlNet for the micro UNet (its zero convs random too, so the hint changes the result)."""
-    import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management as mm
-    import comfy.ops
 
-    cfg = {k: v for k, v in MICRO_UNET.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(**cfg, hint_channels=3, dtype=torch.float32,
-                                     operations=comfy.ops.disable_weight_init)
-    init_weights_(net, seed)
-    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
+    return comfy.controlnet.ControlNet(_controlnet(MICRO_UNET, seed), load_device=mm.get_torch_device())
 
 
 # ----------------------------------------------------------------------------- real sizes (GPU benchmarks)
@@ -326,21 +313,17 @@ QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}
 #: SD's KL VAE (4 latent channels), the ``ddconfig`` of ``AutoencoderKL``.
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-#: The same classes, narrow, for a bench's ``--tiny`` check on the CPU.
-TINY_SD2_UNET = {**SD2_BASE_UNET, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-                 "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1}
+#: A narrow SD KL VAE for the benchmarks' CPU checks (``--tiny``).
 TINY_SD_VAE = {**SD_VAE, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}
 
 
-def build_sd2_unet(dtype=torch.float16, seed: int = 0, tiny: bool = False, load_device=None):
-    """SD 2.0-base's UNet (``tiny``: :data:`TINY_SD2_UNET`) with random weights as a ``ModelPatcher``."""
+def build_sd2_unet(dtype=torch.float16, seed: int = 0, load_device=None):
+    """SD 2.0-base's UNet with random weights as a ``ModelPatcher``."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    mc = comfy.supported_models.SD20(dict(TINY_SD2_UNET if tiny else SD2_BASE_UNET))
-    if tiny:  # after the class's own settings, which fix 64-channel heads
-        mc.unet_config["num_head_channels"] = 32
+    mc = comfy.supported_models.SD20(dict(SD2_BASE_UNET))
     mc.set_inference_dtype(dtype, None)
     base = mc.get_model({})
     init_weights_(base.diffusion_model, seed)
@@ -392,6 +375,50 @@ def build_sd_vae(dtype=None, seed: int = 0, tiny: bool = False):
     return comfy.sd.VAE(sd=net.state_dict(), config={"params": params}, dtype=dtype)
 
 
+#: The diffusion transformers and UNets of ``build_real_size`` beyond SD 2: (class in ``comfy.supported_models``,
+#: config, dtype, prompt tokens, text embedding width, pooled width, guidance).
+REAL_SIZES = {"sdxl": ("SDXL", SDXL_UNET, torch.float16, 77, 2048, 1280, None),
+              "flux": ("Flux", FLUX_DEV, torch.bfloat16, 512, 4096, 768, 3.5)}
+
+
+def build_real_size(name: str, seed: int = 0, tiny: bool = False):
+    """(model patcher, VAE, positive, negative) of ``name`` (``sd2``, ``sdxl`` or ``flux``) at its real size, random
+    weights (speed and memory do not depend on their values), conditioning of its text encoders' shapes: SD 2.0-base's
+    UNet (865 M, fp16) or SDXL's (2.57 B, fp16) with SD's KL VAE, Flux.1 [dev]'s transformer (11.9 B, bf16, built on
+    ComfyUI's device) with its 16-channel VAE. ``tiny``: the test suite's tiny model of the family
+    (``devtools.families``)."""
+    from devtools import families
+
+    if tiny:
+        fam = families.build({"sd2": "sd20"}.get(name, name))
+        return fam.model, fam.vae, fam.positive, fam.negative
+    if name == "sd2":
+        model, vae = build_sd2_unet(torch.float16, seed), build_sd_vae(torch.float16, seed + 1)
+        tokens, ctx, pooled, guidance = 77, 1024, None, None
+    else:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.supported_models as sm
+
+        cls, config, dtype, tokens, ctx, pooled, guidance = REAL_SIZES[name]
+        mc = getattr(sm, cls)(families.unet_config_for(families.FamilySpec(name, cls, config, "")))
+        mc.set_inference_dtype(dtype, None)
+        device = mm.get_torch_device()
+        with torch.inference_mode():
+            base = mc.get_model({}, device=device)
+            init_weights_(base.diffusion_model, seed, on_device=True)
+        base.diffusion_model.requires_grad_(False)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=mm.unet_offload_device())
+        vae = build_sd_vae(dtype, seed + 1) if name == "sdxl" else families.build_vae("kl16", seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g)}
+        return [[torch.randn(1, tokens, ctx, generator=g), extra | ({} if guidance is None else {"guidance": guidance})]]
+
+    return model, vae, cond(), cond()
+
+
 def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
     """A random-weight checkpoint of SD 2.0-base's size (the UNet in fp16, the KL VAE) written with ComfyUI's own
     ``save_checkpoint``, for graphs that load it with ``CheckpointLoaderSimple`` as a user's would be loaded."""
@@ -408,13 +435,8 @@ def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
 def write_taesd_decoder(path: Path | str, seed: int) -> Path:
     """A random TAESD decoder (ComfyUI's class) as the ``taesd_decoder`` file of ``models/vae_approx``."""
     import comfy.taesd.taesd as taesd
-    from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dec = init_weights_(taesd.TAESD().taesd_decoder, seed)
-    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
-    return path
+    return _save(init_weights_(taesd.TAESD().taesd_decoder, seed).state_dict(), path)
 
 
 def install_random_trunk(models_dir: Path | str, name: str = "vgg16", seed: int = 0,

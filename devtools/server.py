@@ -1,8 +1,6 @@
 """The real ComfyUI server (``main.py --cpu``) in a subprocess, with this pack in its custom_nodes folder as a user
 installs it, driven over HTTP as the browser drives it: the one server launcher of the server, fuzz, repeated-run
 and frontend tests."""
-from __future__ import annotations
-
 import json
 import os
 import socket
@@ -181,13 +179,16 @@ class Server:
         return not q.get("queue_running") and not q.get("queue_pending")
 
 
-def running(base: Path, models_dir: Path, env: dict | None = None):
+def running(base: Path, models_dir: Path, env: dict | None = None, before_start=None):
     """A started :class:`Server` for a pytest fixture to yield (``yield from running(...)``): a start that fails
-    fails the test with the server's reason; the server stops afterwards in any case."""
+    fails the test with the server's reason; the server stops afterwards in any case. ``before_start(server)`` runs
+    before it starts (to add to its folders or settings)."""
     import pytest
 
-    srv = Server(base, models_dir, **({"env": env} if env is not None else {}))
+    srv = Server(base, models_dir, env=env)
     try:
+        if before_start is not None:
+            before_start(srv)
         try:
             srv.start()
         except ServerError as e:

@@ -1,36 +1,22 @@
-"""UI-format ComfyUI workflows (what the frontend saves and ``example_workflows/`` holds) -> API-format
-prompts (what ``/prompt`` and ``execution.PromptExecutor`` take), using each node type's live schema.
+"""UI-format ComfyUI workflows (what the frontend saves and ``example_workflows/`` holds) -> API-format prompts
+(what ``/prompt`` and ``execution.PromptExecutor`` take), with each node type's live schema: the conversion the
+frontend does in the browser (``graphToPrompt``), for the tests and the demos. Needs a started ComfyUI.
 
-ComfyUI's frontend does this conversion in the browser (``graphToPrompt``); nothing in the Python side does,
-so tests and the demo use this module. Needs a started ComfyUI (``devtools.headless.start()``) for the schemas.
+A UI workflow: ``{"nodes": [{"id", "type", "mode", "title", "inputs": [{"name", "type", "link", "widget"?}],
+"outputs": [{"name", "type", "links"}], "widgets_values": [...]}], "links": [[id, origin node, origin slot, target
+node, target slot, type], ...]}``. The frontend's rules, applied here:
 
-What a UI workflow looks like (the parts used here)::
-
-    {"nodes": [{"id": 3, "type": "KSampler", "mode": 0, "title": "...",
-                "inputs": [{"name": "model", "type": "MODEL", "link": 1},
-                           {"name": "seed", "type": "INT", "link": null, "widget": {"name": "seed"}}],
-                "outputs": [{"name": "LATENT", "type": "LATENT", "links": [7]}],
-                "widgets_values": [156680208700286, "randomize", 20, 8, "euler", "normal", 1]}],
-     "links": [[1, 4, 0, 3, 0, "MODEL"], ...]}          # id, origin node, origin slot, target node, target slot, type
-
-Rules (as the frontend applies them):
-
-* ``widgets_values`` holds one value per widget input, in schema order (required, then optional); a
-  widget converted to an input socket keeps its value there, and a link into it wins.
-* Inputs with ``control_after_generate`` (and INTs named ``seed``/``noise_seed``) are followed by the
-  control widget's value (``fixed``/``increment``/``decrement``/``randomize``); combos with that control
-  also get a filter value. Upload inputs (``image_upload``...) are followed by the upload button's value.
-* ``widgets_values`` may also be a dict ``{input name: value}``.
-* A list shorter than the widgets (a workflow saved before widgets were appended to the node) leaves the
-  missing trailing widgets at their schema defaults, as the frontend does; one without a default is a problem.
-* mode 2 (muted) nodes are left out, with the inputs they fed; mode 4 (bypassed) nodes pass an input of
-  the same type through to each output (same slot index first, then the first input of that type).
-* Frontend-only nodes: ``Note``/``MarkdownNote`` are dropped, legacy ``Reroute`` nodes are followed to
-  their source, ``PrimitiveNode`` links are dropped (the target widget already holds the value).
-* Subgraphs / group nodes are not supported (a clear error says so).
+* ``widgets_values`` holds one value per widget input in schema order (required, then optional), also for a widget
+  converted to a socket (a link into it wins); it may also be a dict ``{input name: value}``. Inputs with
+  ``control_after_generate`` (and INTs named ``seed``/``noise_seed``) are followed by the control widget's value, a
+  combo's control also by a filter value; upload inputs by the upload button's value. A list shorter than the
+  widgets (saved before widgets were appended) leaves the trailing ones at their defaults; one without a default is
+  a problem.
+* mode 2 (muted) nodes are left out with the inputs they fed; mode 4 (bypassed) nodes pass an input of the same type
+  through to each output (same slot first, then the first input of that type).
+* ``Note``/``MarkdownNote`` are dropped, ``Reroute`` nodes followed to their source, ``PrimitiveNode`` links dropped
+  (the target widget holds the value). Subgraphs and group nodes are refused with a clear error.
 """
-from __future__ import annotations
-
 import json
 import math
 from dataclasses import dataclass, field
@@ -352,15 +338,3 @@ def _types_match(a, b) -> bool:
         return True
     return bool(set(t.strip() for t in a.split(",")) & set(t.strip() for t in b.split(",")))
 
-
-def widget_inputs_of_type(prompt: dict, node_classes: dict[str, type], type_name: str) -> list[tuple[str, str]]:
-    """(node id, input name) of every widget input of ``type_name`` (e.g. checkpoint combos) in ``prompt``."""
-    found = []
-    for nid, node in prompt.items():
-        cls = node_classes.get(node["class_type"])
-        if cls is None:
-            continue
-        for s in node_inputs(cls):
-            if s.is_widget and s.type == type_name and s.name in node["inputs"]:
-                found.append((nid, s.name))
-    return found

@@ -1,21 +1,17 @@
 """Draw the template browser's thumbnail for each example workflow (``example_workflows/NAME.jpg``).
 
-ComfyUI's template browser shows a custom node pack's templates with the file name as title and as description
-(ComfyUI 0.3.75 / frontend 1.32 read nothing else for them), so the thumbnail carries the real title and the
-one-line description: both come from the workflow's note, whose first line is ``## Title`` and whose next paragraph
-is the description in italics (``*...*``).
+ComfyUI's template browser shows a custom node pack's templates with the file name as title and description, so the
+thumbnail carries the real title and one-line description, from the workflow's note (first line ``## Title``, next
+paragraph ``*description*``). Below them, a diagram per windowed node (SyncDiffusion Sampler, SyncDiffusion Custom
+Sampler's SAMPLER, Panorama Seam Repair): the canvas (from its Panorama Latent or Panorama From Photo through Image
+Scale By; a loaded image drawn as 2:1 equirectangular), a repair's seam band, the windows (size and stride from the
+widgets; under wrap they straddle the border), and what conditions them, evaluated from the stock nodes that build it:
+the ControlNet hint (EmptyImage, ImageCompositeMasked, ImageFlip) and the layout regions' masks (SolidMask,
+MaskComposite).
 
-Below them, a diagram of what the workflow samples, for each windowed node (SyncDiffusion Sampler, the SAMPLER of
-SyncDiffusion Custom Sampler, Panorama Seam Repair): the canvas (its Panorama Latent or Panorama From Photo, scaled by an
-Image Scale By on the way; a loaded image is drawn as a 2:1 equirectangular one), the seam band of a repair, the windows (window size and stride from the sampler's widgets; under wrap, windows straddle the border),
-and what conditions them, evaluated from the stock nodes that build it: the ControlNet hint image (EmptyImage,
-ImageCompositeMasked, ImageFlip) as the canvas, and the layout regions' masks (SolidMask, MaskComposite).
-
-Run after adding or changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all) or with paths.
-``tests/comfy/test_example_workflows.py`` checks that every thumbnail is what this script draws from its workflow.
+Run after changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all, or the paths given);
+``tests/comfy/test_example_workflows.py`` checks every thumbnail is what this draws.
 """
-from __future__ import annotations
-
 import json
 import re
 import sys

@@ -1,22 +1,15 @@
 #!/usr/bin/env python3
 """The pack's node schemas as a contract: what saved workflows depend on.
 
-``python -m scripts.schema_snapshot --write`` (or ``make snapshot``) regenerates tests/schema_snapshot.json
-``python -m scripts.schema_snapshot --check`` prints the differences with the snapshot (exit 1 if any)
-
-The contract of a node is what ComfyUI serves in ``/object_info`` for it (``GET_NODE_INFO_V1`` for V3 nodes),
-restricted to the fields that saved workflows depend on (``PINNED_NODE_KEYS``): id, display name, category,
-output-node and status flags, every input (section required / optional / hidden, order, type, default, min,
-max, step, options, control_after_generate...; everything but the tooltip) and the outputs (types, names, list
-flags). Fields outside that list are ComfyUI's own and vary with its version (0.33 adds ``is_input_list``,
-``output_matchtypes``, ``dev_only``, ``price_badge``, ``has_intermediate_output`` to every node; older versions
-lack them), as do the wording (descriptions, tooltips) and the install location (``python_module``); they are
-neither recorded nor compared, so the same snapshot holds on every supported ComfyUI. Within the pinned fields
-the comparison is strict: an input added, removed, reordered, retyped or with another option is a change.
-Regenerate it only for a deliberate change, and say in the commit what it breaks.
+``python -m scripts.schema_snapshot --write`` (or ``make snapshot``) regenerates tests/schema_snapshot.json;
+``--check`` prints the differences with it (exit 1 if any). A node's contract is what ComfyUI serves in
+``/object_info`` for it (``GET_NODE_INFO_V1`` for V3 nodes), restricted to ``PINNED_NODE_KEYS``: id, display name,
+category, output-node and status flags, every input (section, order, type, default, min, max, step, options,
+control_after_generate...; all but the tooltip) and the outputs. ComfyUI's other fields vary with its version, as do
+the wording and ``python_module``: they are neither recorded nor compared, so one snapshot holds on every supported
+ComfyUI; within the pinned fields any change counts. Regenerate it only for a deliberate change, and say in the
+commit what it breaks.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import sys

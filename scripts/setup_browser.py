@@ -11,8 +11,6 @@ fresh Debian machine. ``$SYNCDIFF_CHROMIUM`` points at another Chromium/Chrome e
 Used as a module, ``ensure()`` returns the executable's path or raises ``BrowserSetupError`` whose message says
 what failed and what to do; the test turns that into a failure (never a skip).
 """
-from __future__ import annotations
-
 import fcntl
 import importlib.util
 import os

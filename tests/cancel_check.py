@@ -8,13 +8,13 @@ tensor's backward hook, a module's forward pre-hook, and the progress hook. Wher
 the hook also calls ComfyUI's ``throw_exception_if_processing_interrupted``, so the interrupt surfaces exactly there
 (the worst case: the gradient pass is left half-way, its stand-in weights in place).
 """
-from __future__ import annotations
-
 import contextlib
 
 import numpy as np
 import torch
 from PIL import Image
+
+from devtools import harness as h
 
 PHASES = ("plain step", "anchor decode", "gradient forward", "gradient backward", "decode node", "save node")
 
@@ -102,27 +102,18 @@ def assert_same(before: dict, after: dict, phase: str):
             assert a == b, f"after Cancel in {phase}: {key} changed"
 
 
-def cancel_prompt(object_node, model, vae, positive, negative, *, width: int, height: int, window: int, stride: int,
+def cancel_prompt(model, vae, positive, negative, *, width: int, height: int, window: int, stride: int,
                   steps: int, sync_steps: int, tile: int, overlap: int, seed: int, batch: int = 2) -> dict:
     """The graph Cancel is pressed in: the sampler (sync on, checkpointed VAE loss), the decode node, the save node."""
-    return {
-        "model": object_node(model, "MODEL"), "pos": object_node(positive, "CONDITIONING"),
-        "neg": object_node(negative, "CONDITIONING"), "vae": object_node(vae, "VAE"),
-        "lat": {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": height, "batch_size": batch}},
-        "sampler": {"class_type": "SyncDiffusionSampler", "inputs": {
-            "model": ["model", 0], "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["vae", 0],
-            "latent_image": ["lat", 0], "seed": seed, "steps": steps, "cfg": 5.0, "window_size": window,
-            "stride": stride, "sync_weight": 20.0, "sync_decay": 0.95, "sync_steps": sync_steps, "sync_every": 1,
-            "wrap": False, "window_batch": 2, "loss_decoder": "vae_checkpointed", "sync_batch": 2}},
-        "dec": {"class_type": "PanoramaDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0], "wrap": True,
-                                                           "padding": 4, "tile_width": tile, "tile_overlap": overlap}},
-        "save": {"class_type": "SavePanorama360", "inputs": {"images": ["dec", 0], "filename_prefix": "cancel/pano",
-                                                             "format": "png", "jpeg_quality": 95}},
-    }
+    return h.panorama_prompt(objects=(model, positive, negative, vae), width=width, height=height, batch=batch,
+                             seed=seed, steps=steps, window_size=window, stride=stride, sync_steps=sync_steps,
+                             window_batch=2, loss_decoder="vae_checkpointed", sync_batch=2,
+                             decode=("PanoramaDecode", {**h.DECODE_360[1], "tile_width": tile, "tile_overlap": overlap}),
+                             save=(h.SAVE_360[0], {**h.SAVE_360[1], "filename_prefix": "cancel/pano"}))
 
 
 @contextlib.contextmanager
-def armed(comfy, object_node, model, vae, lpips, positive, negative, **graph):
+def armed(comfy, model, vae, lpips, positive, negative, **graph):
     """A ``Cancel`` wired into a clone of ``model`` (its function wrapper) and ``vae``'s decoder (a pre-hook), the
     graph, an uninterrupted reference run and the snapshot of everything Cancel must leave as it was."""
     cancel = Cancel()
@@ -131,7 +122,7 @@ def armed(comfy, object_node, model, vae, lpips, positive, negative, **graph):
     first_stage = vae.first_stage_model  # a KL VAE (.decoder), or a tiny checkpoint's TAESD (.taesd_decoder)
     decoder = getattr(first_stage, "decoder", None) or first_stage.taesd_decoder
     hook = decoder.register_forward_pre_hook(cancel.decoder)
-    prompt = cancel_prompt(object_node, model, vae, positive, negative, **graph)
+    prompt = cancel_prompt(model, vae, positive, negative, **graph)
     try:
         cancel.arm(None)
         reference = comfy.run_prompt(prompt)

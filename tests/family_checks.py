@@ -5,24 +5,15 @@ synchronization loss of one window as a function of its latent (what the sync st
 -- where the pack's windowed sampler runs -- so conds are processed and models loaded exactly as in a real run,
 under ``torch.inference_mode()`` like a node. ``ctx`` is a :class:`SamplingContext`.
 """
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 
 import torch
 
-try:  # the lead's redesign moves trainable_weights / gradient_section out of comfy_bridge
-    from syncdiff_core.weights import trainable_weights  # type: ignore
-except ImportError:  # pragma: no cover - before the redesign
-    from syncdiff_core.comfy_bridge import trainable_weights
-try:
-    from syncdiff_core.comfy.model import gradient_section  # type: ignore
-except ImportError:  # pragma: no cover
-    from syncdiff_core.comfy_bridge import gradient_section
-
 from syncdiff_core import gradients
 from syncdiff_core.comfy import autograd_patches, families
+from syncdiff_core.comfy.model import gradient_section
+from syncdiff_core.weights import trainable_weights
 
 
 @dataclasses.dataclass

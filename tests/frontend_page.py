@@ -4,8 +4,6 @@ page is asked (JavaScript run in it), and the checks of what it answers.
 The JavaScript reads ComfyUI frontend 1.32's globals (``app``, ``LiteGraph``) and its DOM (PrimeVue dialogs,
 ``data-testid`` template cards, litegraph's ``.graphdialog`` value prompt).
 """
-from __future__ import annotations
-
 import contextlib
 import json
 import math

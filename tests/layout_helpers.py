@@ -1,21 +1,10 @@
-"""Shared by test_layout.py and test_controlnet_windows.py: a micro SD1.x-style UNet (and ControlNet) built
-through ComfyUI's own classes (``devtools.models``), prompts as conditioning tensors, and an independent per-window reference sampler made of stock ComfyUI parts.
-
-Why a micro model and not the harness's ``tiny_sd15``/``tiny_sd20``: those keep SD's width (model_channels
-320) so that checkpoint detection recognises them; one 3-step 64x256 px panorama costs ~15 s of a shared
-2-core CPU with them. The layout and ControlNet tests need a dozen panoramas, so they build the same
-architecture (``comfy.supported_models.SD15`` -> ``BaseModel`` -> ``ModelPatcher``, ``comfy.cldm.cldm.
-ControlNet`` -> ``comfy.controlnet.ControlNet``) at model_channels 32, about 100x cheaper. Nothing here
-depends on the weights' values except that different prompts give different predictions.
-
-The reference (``reference_panorama``) is what the windowed sampler should compute, written without the
-pack's cropping code: every window is denoised by a stock ``CFGGuider`` on its own crop of the canvas, with
-conditioning built for that window by ComfyUI's own nodes (``ConditioningSetArea``, ``ConditioningSetMask``,
-``ControlNetApplyAdvanced``) from the window's part of the user's input, then the windows are averaged
-(MultiDiffusion) as docs/dev/method.md (§5) describes.
+"""Shared by test_layout.py and test_controlnet_windows.py: the micro SD1.x UNet and ControlNet
+(``devtools.models``: SD's architecture at model_channels 32, about 100x cheaper than the checkpoint-sized tiny
+models, for the dozen panoramas these tests make), prompts as conditioning tensors, and ``reference_panorama``: what
+the windowed sampler should compute, without the pack's cropping code (every window denoised by a stock
+``CFGGuider`` on its own crop, with conditioning built for that window by ComfyUI's own nodes from the window's part
+of the input, then the windows averaged, as docs/dev/method.md describes).
 """
-from __future__ import annotations
-
 import contextlib
 import math
 

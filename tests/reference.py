@@ -5,8 +5,6 @@
 - ``input_scale``: SD's variance-preserving input scale 1 / sqrt(1 + sigma^2), where the paper's sync step is taken;
 - ``reference_loop``: the method (docs/dev/method.md) read literally, one window at a time, value / count fusion.
 """
-from __future__ import annotations
-
 import math
 
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 
@@ -35,6 +36,8 @@ DECODE_WORKING = 700.0
 FIXED = 384 * 2 ** 20
 #: Headroom on every per-window figure.
 MARGIN = 1.15
+#: Parameter counts by diffusion model (counted once per model, not at every run).
+_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def free_memory(device) -> float:
@@ -52,7 +55,7 @@ def window_costs(run, inner, rows: int) -> WindowCosts:
     scale = run.facts.pixel_scale
     latent = run.plan.window_height * run.plan.window_width
     pixels = latent * scale * scale
-    params = sum(p.numel() for p in dm.parameters())
+    params = _PARAMS.get(dm) or _PARAMS.setdefault(dm, sum(p.numel() for p in dm.parameters()))
     blocks = len(block_keys(dm))
     if blocks:
         tokens = latent / run.facts.patch ** 2

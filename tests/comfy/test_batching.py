@@ -2,8 +2,6 @@
 
 Core tests use small float64 toy callables (no ComfyUI); the ComfyUI tests run the micro SD1.x UNet on the CPU.
 """
-from __future__ import annotations
-
 import logging
 import math
 

@@ -5,8 +5,6 @@ inference-ness; the patcher's patches and options; ComfyUI's switches), no tempo
 with the same seed is bit-identical to an uninterrupted one. How Cancel is pressed, and the checks: ``cancel_check.py``
 (the GPU test runs the same ones on real-size models).
 """
-from __future__ import annotations
-
 import pytest
 
 from cancel_check import PHASES, armed, assert_next_run_identical, cancel_in
@@ -16,8 +14,8 @@ SEED = 21
 
 
 @pytest.fixture(scope="module")
-def setup(comfy, pack, micro, tiny_kl_vae, lpips, object_node):
-    with one_thread(), armed(comfy, object_node, micro.model, tiny_kl_vae, lpips, micro.positive, micro.negative,
+def setup(comfy, pack, micro, tiny_kl_vae, lpips):
+    with one_thread(), armed(comfy, micro.model, tiny_kl_vae, lpips, micro.positive, micro.negative,
                              width=192, height=64, window=64, stride=32, steps=2, sync_steps=1, tile=64, overlap=16,
                              seed=SEED) as s:
         yield s

@@ -1,19 +1,11 @@
-"""ComfyUI's own spatial conditioning inside the windows: ``ConditioningSetArea`` / ``ConditioningSetMask``
-conditioning and ControlNet hints (``ControlNetApplyAdvanced``) are cropped to each window, wrap-aware.
-
-Two kinds of checks, on the micro UNet and a micro ControlNet built through ComfyUI's classes
-(``layout_helpers``):
-
-* The result equals an independent per-window reference: each window denoised by a stock ``CFGGuider`` on
-  its crop, with conditioning that ComfyUI's own nodes built for that window from the window's part of the
-  input (the area intersected with the window, the mask's crop, the hint's crop).
-* A spy on what the ControlNet actually used in every UNet call (its ``cond_hint``, read in a
-  ``model_function_wrapper``, ComfyUI's sanctioned hook): a hint whose value encodes its own pixel column
-  shows that every window gets the crop at its own position, in every step, batched or not, across the
-  seam, through a chain of two ControlNets; and the user's ControlNet object gets its hint back afterwards.
+"""ComfyUI's own spatial conditioning inside the windows: ``ConditioningSetArea`` / ``ConditioningSetMask`` and
+ControlNet hints (``ControlNetApplyAdvanced``) are cropped to each window, wrap-aware, on the micro UNet and
+ControlNet (``layout_helpers``). The result equals an independent per-window reference (stock ``CFGGuider`` per
+window, with the conditioning ComfyUI's nodes build from the window's part of the input); and a spy on the hint each
+ControlNet used in every UNet call (``model_function_wrapper``), with a hint that encodes its own pixel column, shows
+every window gets the crop at its own position in every step, batched or not, across the seam, through a chain of
+two ControlNets, and the user's ControlNet gets its hint back.
 """
-from __future__ import annotations
-
 from types import SimpleNamespace
 
 import pytest

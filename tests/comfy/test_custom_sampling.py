@@ -5,8 +5,6 @@ Every graph runs through ComfyUI's executor on the micro SD1.x UNet (conftest ``
 from stock ComfyUI: the sampler node's own result on the same schedule, and stock Euler (KSAMPLER) on a canvas of
 one window, where windowing must change nothing.
 """
-from __future__ import annotations
-
 import math
 
 import pytest

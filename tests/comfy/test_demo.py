@@ -3,8 +3,6 @@ repository does (.comfyui/ComfyUI/custom_nodes/comfyui-syncdiffusion -> ../../..
 lane's ComfyUI). The demo used to register the file's folder with ComfyUI, whose listing follows links: with two
 links back to the folder, os.walk visits 2^40 paths before the kernel's link limit stops it, i.e. never comes
 back. Now the demo shows ComfyUI that one file."""
-from __future__ import annotations
-
 import os
 import shutil
 import subprocess

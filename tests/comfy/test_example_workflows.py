@@ -1,24 +1,15 @@
 """Every UI-format workflow in example_workflows/ (what ComfyUI's template browser shows) is checked against the
 live node schemas and executed, converted to API format, through ComfyUI's PromptExecutor with the tiny model.
 
-How the tiny models stand in: every file a workflow's loaders name is provided under that name
-(``devtools.harness.provide_workflow_files``): checkpoints as links to the tiny SD1.x checkpoint, so the workflow's own
-``CheckpointLoaderSimple`` and ``CLIPTextEncode`` nodes run unchanged; ControlNets as tiny random ControlNets for
-that UNet; images a LoadImage reads as a small 2:1 test picture; other model files as empty placeholders. Workflows
-of families whose text encoders ComfyUI builds only at full size (SDXL, Flux, Qwen-Image; ``FAMILY_STAND_INS``) run
-with that family's tiny random model, VAE and conditioning in place of their loaders and text encoders
-(``stand_in_family``). A random VGG16 trunk is put in ``models/lpips`` for the synchronization. For CPU speed only,
-the executed copy is shrunk (``shrink_for_cpu``): pixel sizes (width, height, window_size, stride, a seam band and
-its feather) divided by 8 (window 0 = native becomes 512/8), steps 2, sync_steps at most 1, batch 1. The schema
-checks use the file as it is.
-
-What a user sees of each workflow is checked too: its ``models`` list offers every model file its loaders
-select for download (what the frontend needs to offer it), its note starts with the template's title and one-line
-description and says what it costs on a GPU and that a CPU is too slow, and its thumbnail is what
-``scripts/make_thumbnails.py`` draws from it. (How the frontend draws it: ``tests/comfy/test_frontend.py``.)
+Every file a workflow's loaders name is provided under that name (``devtools.harness.provide_workflow_files``:
+checkpoints link to the tiny SD1.x one, so its loader and text encoders run unchanged; tiny random ControlNets; a 2:1
+test picture; empty placeholders for other models). Workflows of families whose text encoders exist only at full size
+(``FAMILY_STAND_INS``) run with that family's tiny model, VAE and conditioning in place (``stand_in_family``). For CPU
+speed the executed copy is shrunk (``shrink_for_cpu``: pixel sizes / 8, steps 2, sync_steps <= 1, batch 1); the schema
+checks use the file as it is. Also checked: the ``models`` list offers every file its loaders select, the note starts
+with the template's title and description and states GPU cost, and the thumbnail is what
+``scripts/make_thumbnails.py`` draws (the frontend's view: ``tests/comfy/test_frontend.py``).
 """
-from __future__ import annotations
-
 import copy
 import io
 import json

@@ -1,8 +1,6 @@
 """Every still-image family ComfyUI supports, through tiny random-weight models built with ComfyUI's own classes
 (``devtools/families.py``): model facts, forward passes, schedules, positions, and the sync gradient checked
 against finite differences (``tests/family_checks.py``). Families this ComfyUI lacks are skipped."""
-from __future__ import annotations
-
 import math
 
 import pytest

@@ -6,8 +6,6 @@ against finite differences in ``test_families.py``.
 Canvas: 4 x 8 latent px of the family's own scale (so 32 x 64 px for SD, 64 x 128 for Flux.2, 128 x 256 for
 HunyuanImage 2.1), windows of 4 latent px every 2: three windows, 2 DDIM steps, 1 sync step.
 """
-from __future__ import annotations
-
 import math
 
 import pytest
@@ -61,25 +59,17 @@ def test_sync_off_and_on_end_to_end(pack, fm, lpips, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["flux2", "hunyuan_image"])
-def test_a_panorama_latent_in_pixels_keeps_its_pixel_size(pack, run_prompt, object_node, fm, name):
+def test_a_panorama_latent_in_pixels_keeps_its_pixel_size(pack, run_prompt, fm, name):
     """Panorama Latent makes an 8 px grid; for a 16 px (Flux.2) or 32 px (HunyuanImage 2.1) model the sampler
     resizes the empty canvas, so a 256 px wide canvas decodes to 256 px."""
     fam = family(fm, name)
     scale = int(fam.vae.spacial_compression_decode())
-    prompt = {
-        "1": object_node(fam.model, "MODEL"), "2": object_node(fam.positive, "CONDITIONING"),
-        "3": object_node(fam.negative, "CONDITIONING"), "4": object_node(fam.vae, "VAE"),
-        "5": {"class_type": "PanoramaLatent", "inputs": {"width": 8 * scale, "height": 4 * scale, "batch_size": 1}},
-        "6": {"class_type": "SyncDiffusionSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["4", 0], "latent_image": ["5", 0],
-            "seed": 1, "steps": 1, "cfg": 2.0, "window_size": 4 * scale, "stride": 2 * scale, "sync_weight": 0.0,
-            "sync_decay": 0.95, "sync_steps": 0, "sync_every": 1, "wrap": False, "window_batch": 4}},
-        "7": {"class_type": "PanoramaDecode", "inputs": {"samples": ["6", 0], "vae": ["4", 0], "wrap": False,
-                                                         "padding": 0, "tile_width": 0, "tile_overlap": 0}},
-    }
-    result = run_prompt(prompt)
-    assert "downscale_ratio_spacial" not in result["6"][0]
-    assert tuple(result["7"][0].shape[1:3]) == (4 * scale, 8 * scale)
+    result = run_prompt(h.panorama_prompt(
+        objects=(fam.model, fam.positive, fam.negative, fam.vae), width=8 * scale, height=4 * scale, seed=1, steps=1,
+        cfg=2.0, window_size=4 * scale, stride=2 * scale, sync_weight=0.0, sync_steps=0,
+        decode=("PanoramaDecode", {"wrap": False, "padding": 0, "tile_width": 0, "tile_overlap": 0})))
+    assert "downscale_ratio_spacial" not in result["sampler"][0]
+    assert tuple(result["dec"][0].shape[1:3]) == (4 * scale, 8 * scale)
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl_edm", "flux", "qwen_image"])

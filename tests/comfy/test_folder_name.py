@@ -7,8 +7,6 @@ relative import in ``__init__.py`` failed and every test errored. pyproject's ``
 pytest's collection at ``tests/``, so pytest never imports the root; ComfyUI still loads it (by path) as a
 custom node. These tests run part of the suite from copies of the checkout under such names.
 """
-from __future__ import annotations
-
 import os
 import shutil
 import subprocess

@@ -1,39 +1,23 @@
-"""The real frontend: ComfyUI's server (``main.py --cpu``) with this pack, driven in headless Chromium.
+"""The real frontend: ComfyUI's server (``main.py --cpu``) with this pack, driven in headless Chromium (one server
+and one browser for the module; the page helpers and checks are in ``frontend_page.py``).
 
-One server and one browser for the whole module. The server gets a file under every name the example workflows'
-loaders and LoadImage nodes select (``devtools.harness.provide_workflow_files``: the tiny SD1.x checkpoint linked as
-``v1-5-pruned-emaonly.safetensors``, a tiny ControlNet for each ControlNet name, a test picture, placeholders for
-the diffusion models, text encoders and VAEs of the workflows that are only opened), a random LPIPS trunk in
-``models/lpips``. For every example workflow, opened as a user
-opens it (sidebar Templates -> the pack's category -> the card), the test checks:
+The server gets a file under every name the example workflows' loaders and LoadImage nodes select
+(``devtools.harness.provide_workflow_files``) and a random LPIPS trunk. Every example workflow, opened as a user opens
+it (Templates -> the pack's category -> the card), must show no dialog, error toast or page error; no node overlapping
+another as drawn (title bar, body, source badge) or straddling a group; every widget of every pack node in schema
+order with its saved value, inside its node; its note on screen and not cut off; and ``app.graphToPrompt()`` must
+equal ``devtools/workflow.py``'s conversion. With its models renamed away, every workflow must offer their download.
+Frontend 1.32 (ComfyUI 0.3.75) reports problems in dialogs, 1.49 (ComfyUI 0.33) in an error overlay and an Errors
+panel, and fits templates to the screen; the test detects which it meets (``frontend_page.wait_for_error_report``).
 
-* no dialog (missing nodes, missing models, load errors), no error toast, no uncaught page error after loading;
-* no node overlapping another as the frontend draws it: title bar, body (the frontend grows a node to fit its
-  widgets) and the source badge drawn above a custom node's title; no node straddling a group's border or
-  covering a group's title;
-* every widget of every pack node present, in the schema's order, with the value saved in the file, drawn inside
-  its node; the workflow's note on screen with none of its text cut off;
-* the prompt the frontend builds (``app.graphToPrompt()``) equals ``devtools/workflow.py``'s conversion.
+Then one workflow, shrunk through the page to a CPU-sized canvas, is queued with the Run button and its image must
+load in the page; and two bad inputs typed into the widgets (a stride larger than the window; under wrap, a width the
+stride does not divide) must end in an error that names the node and speaks pixels.
 
-With its models renamed to files the server lacks, every workflow must make the frontend offer their download.
-
-Both frontends the two CI lanes ship are driven: 1.32 (ComfyUI 0.3.75) reports problems in dialogs; 1.49 (ComfyUI
-0.33) in an error overlay whose details open an Errors panel (missing models are rows with a Download button there;
-it opens templates fitted to the screen, so a note counts as shown when its node is on screen). The test
-detects which one it meets from what the page shows (``frontend_page.wait_for_error_report``, ``run_button``).
-
-Then one workflow, shrunk through the page (widget values set by the page's JS) to a CPU-sized canvas, is queued
-with the Run button and its image must load in the page; and two bad inputs typed into the widgets (a stride larger
-than the window; under wrap, a width the stride does not divide) must end in an error dialog that names the node
-and speaks pixels.
-
-Setup: ``scripts/setup_browser.py`` installs Debian's chromium (apt) and the playwright package when missing; a
-failure there fails the test with the reason. Screenshots and the server log of failing checks are written to
-``output/test-artifacts/frontend/`` (``$SYNCDIFF_TEST_ARTIFACTS`` overrides it); the failure message names the files.
-The page helpers and the checks are in ``frontend_page.py``.
+``scripts/setup_browser.py`` installs Debian's chromium and playwright when missing (a failure fails the test with
+the reason). Screenshots and server logs of failing checks go to ``output/test-artifacts/frontend/``
+(``$SYNCDIFF_TEST_ARTIFACTS``); the failure message names them.
 """
-from __future__ import annotations
-
 import contextlib
 import json
 import shutil

@@ -1,22 +1,15 @@
-"""Fuzzed prompts against the real server (issue 15): API prompts with random values for every input of every pack
-node -- any type, out-of-range and huge numbers, NaN/inf floats, odd strings, missing inputs, links to nodes of the
-wrong type, to missing nodes or slots, empty/odd masks, 1-pixel images -- POSTed to /prompt as the UI posts them.
+"""Fuzzed prompts against the real server: API prompts with random values for every input of every pack node (any
+type, out-of-range and huge numbers, NaN/inf, odd strings, missing inputs, links to wrong types, missing nodes or
+slots, odd masks, 1-pixel images) POSTed to /prompt as the UI posts them. Each case must end, within CASE_TIMEOUT_S,
+in a validation error, one of the pack's clear errors raised before heavy work (ValueError and its kin, never an
+IndexError or a torch RuntimeError from deep inside), or a finished run; the server must stay up with an empty queue
+and leave no temporary or unreadable file.
 
-Each case must end in a validation error (/prompt refuses it), in one of the pack's clear errors raised before heavy
-work (ValueError and its kin, never an IndexError or a torch RuntimeError from deep inside), or in a finished run,
-within CASE_TIMEOUT_S; the server must stay up with an empty queue and leave no temporary or unreadable file.
-
-The node under test is drawn from /object_info (so a new node or input is fuzzed without changing this file), its
-inputs from the schema's types and limits. Producers of linked inputs are fixed, small graphs (a tiny checkpoint, its
-prompts, small latents, 1-pixel and odd-sized images and masks). Valid values of inputs that only make a run longer
-(``steps`` and ``sync_steps`` above 2, ``compile`` on, decode ``padding`` above 64, ``seed``) are kept cheap: a long
-valid run is not bad input, and the test has a time budget.
-
-``SYNCDIFF_FUZZ_EXAMPLES`` (default 80) sets the number of cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the
-outcome counts (docs/dev/reliability-record.md quotes them). Cases are derandomized: CI runs the same ones every time.
+The node under test comes from /object_info (a new node or input is fuzzed unchanged), its values from the schema's
+types and limits; producers of linked inputs are small fixed graphs. Valid values that only make a run longer
+(``steps``/``sync_steps`` above 2, ``compile``, decode ``padding`` above 64) are kept cheap. ``SYNCDIFF_FUZZ_EXAMPLES``
+(80) sets the cases; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes the outcome counts. Cases are derandomized.
 """
-from __future__ import annotations
-
 import json
 import os
 import time
@@ -29,7 +22,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from devtools import harness as h  # noqa: E402
-from devtools.server import ONE_THREAD, Server, ServerError, get  # noqa: E402
+from devtools.server import ONE_THREAD, Server, get, post, running  # noqa: E402
 
 EXAMPLES = int(os.environ.get("SYNCDIFF_FUZZ_EXAMPLES", "80"))
 CASE_TIMEOUT_S = 240  # a valid run takes 0.1-60 s on a loaded 2-core machine; this only guards against hangs
@@ -217,19 +210,16 @@ def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
     from devtools import models as tiny_models
 
     base = tmp_path_factory.mktemp("fuzz_server")
-    extra_lpips = base / "vgg19"  # a random VGG19 trunk too, so that PanoramaCoherence can finish
-    tiny_models.write_random_trunk(extra_lpips / "vgg19.safetensors", "vgg19", seed=3)
-    srv = Server(base / "srv", comfy.models_dir, env=ONE_THREAD)
-    with open(srv.base / "extra_model_paths.yaml", "a") as f:
-        f.write(f"fuzz_extra:\n    base_path: {base}\n    lpips: vgg19\n")
+    # a random VGG19 trunk too, so that PanoramaCoherence can finish
+    tiny_models.write_random_trunk(base / "vgg19" / "vgg19.safetensors", "vgg19", seed=3)
+
+    def list_vgg19(srv):
+        with open(srv.base / "extra_model_paths.yaml", "a") as f:
+            f.write(f"fuzz_extra:\n    base_path: {base}\n    lpips: vgg19\n")
+
     try:
-        try:
-            srv.start()
-        except ServerError as e:
-            pytest.fail(str(e))
-        yield srv
+        yield from running(base / "srv", comfy.models_dir, env=ONE_THREAD, before_start=list_vgg19)
     finally:
-        srv.stop()
         summary = {"cases": sum(OUTCOMES.values()), "outcomes": dict(OUTCOMES), "by_mode": MODES,
                    "errors": dict(ERROR_KINDS),
                    "per_node": PER_NODE, "slowest_case_s": round(SLOWEST[0], 2), "slowest_case": SLOWEST[1]}
@@ -271,8 +261,6 @@ def run_case(server: Server, prompt: dict) -> tuple[str, str]:
         body_text = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
     except (TypeError, ValueError) as e:  # pragma: no cover - the strategies only draw JSON values
         raise AssertionError(f"the fuzzer drew a value JSON cannot carry: {e}")
-    from devtools.server import post
-
     status, body = post(server.url + "/prompt", None, raw=body_text.encode())
     if status == 400:
         assert isinstance(body, dict) and (body.get("error") or body.get("node_errors")), body

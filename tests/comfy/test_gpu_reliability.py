@@ -1,21 +1,13 @@
-"""Reliability on a real GPU, with random weights of SD 2.0-base's size loaded the way users load them (a checkpoint
-file through ``CheckpointLoaderSimple``, so ComfyUI 0.33's dynamic VRAM applies where it is on):
+"""Reliability on a real GPU, with random weights of SD 2.0-base's size loaded as users load them (a checkpoint
+through ``CheckpointLoaderSimple``, so ComfyUI 0.33's dynamic VRAM applies): repeated runs leave the allocated memory
+where run 1 left it and give run 1's result; Cancel in every phase passes the CPU test's checks (``cancel_check.py``)
+and frees what the run allocated; out of memory between the peaks of two batch sizes halves once (logged) to the
+smaller one's result, below both it stops naming the setting, for the gradient pass and the plain pass.
 
-- repeated runs: consecutive SyncDiffusion panoramas + the pack's decode; allocated memory after each run equals its
-  value after run 1 (nothing accumulates) and every run gives run 1's result;
-- Cancel in every phase: the CPU test's checks (``cancel_check.py``) on the real-size models, plus allocated memory
-  back to its value before the cancelled run;
-- out of memory: with a memory cap between the peaks of two batch sizes, the larger halves once (a logged warning)
-  and gives the smaller one's result; a cap below the smaller one's peak stops with an error naming the setting;
-  nothing is left allocated. For the gradient pass (``sync_batch`` 4 vs 2) and the plain pass (``window_batch``).
-
-Marked ``gpu``: they run when ``SYNCDIFF_GPU_TESTS=1`` on a machine with CUDA (ComfyUI then starts on the GPU;
-``bench/run_on_device.sh gpu-tests`` does that) and are skipped otherwise. ``SYNCDIFF_GPU_TESTS=tiny`` runs them on
-the CPU with the tiny SD2 checkpoint, a check of the tests themselves (the out-of-memory ones need CUDA).
-``SYNCDIFF_GPU_RUNS`` sets the number of repeated runs (20).
+Marked ``gpu``: they run with ``SYNCDIFF_GPU_TESTS=1`` on a CUDA machine (``bench/run_on_device.sh gpu-tests``),
+``SYNCDIFF_GPU_TESTS=tiny`` runs them on the CPU with the tiny SD2 checkpoint (a check of the tests; the
+out-of-memory ones need CUDA); ``SYNCDIFF_GPU_RUNS`` sets the repeated runs (20).
 """
-from __future__ import annotations
-
 import gc
 import logging
 import os
@@ -107,8 +99,8 @@ def test_repeated_runs_leave_memory_and_results_unchanged(pack, sd2):
 
 
 @pytest.fixture(scope="module")
-def gpu_cancel(comfy, sd2, object_node):
-    with armed(comfy, object_node, sd2.model, sd2.vae, sd2.lpips, sd2.positive, sd2.negative, width=WIDTH,
+def gpu_cancel(comfy, sd2):
+    with armed(comfy, sd2.model, sd2.vae, sd2.lpips, sd2.positive, sd2.negative, width=WIDTH,
                height=HEIGHT, window=WINDOW, stride=STRIDE, steps=STEPS, sync_steps=SYNC_STEPS,
                tile=2 * WINDOW, overlap=WINDOW // 8, seed=SEED) as s:
         yield s

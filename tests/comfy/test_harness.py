@@ -1,7 +1,5 @@
 """The harness itself, against real ComfyUI: the pack loads as a custom node, tiny checkpoints are detected
 as the right families, and prompts execute through ComfyUI's PromptExecutor (stock nodes + PanoramaLatent)."""
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
@@ -104,16 +102,14 @@ def test_invalid_prompt_fails_validation(run_prompt):
 
 
 def test_executor_is_built_for_this_comfyui(comfy):
-    """The harness's PromptExecutor gets the cache settings this ComfyUI's constructor names: ``cache_args`` with
-    every key an executor reads (0.33 reads ``ram_inactive``), or ``cache_size`` (0.3.64 and older)."""
+    """The harness's PromptExecutor gets ``cache_args`` with every key an executor reads (0.33 reads
+    ``ram_inactive``), which every supported ComfyUI's constructor takes."""
     import inspect
 
     params = inspect.signature(comfy.execution.PromptExecutor.__init__).parameters
     executor = h.comfy_headless.new_executor(comfy.execution, h.comfy_headless.ServerStub())
-    if "cache_args" in params:
-        assert executor.cache_args == {"lru": 0, "ram": 0, "ram_inactive": 0}
-    else:
-        assert "cache_size" in params and executor.cache_size == 0
+    assert "cache_args" in params
+    assert executor.cache_args == {"lru": 0, "ram": 0, "ram_inactive": 0}
 
 
 def test_cache_reader_awaits_async_caches():

@@ -1,8 +1,6 @@
 """Huge or non-finite inputs are refused before any work (issue 15): the canvas pixel limit on every node that makes,
 samples, decodes or encodes a canvas, a finite cfg, and the coherence metric's crop limit. The oversized tensors here
 are expanded views of one element: nothing of their size is ever allocated, so a refusal is the only way to pass."""
-from __future__ import annotations
-
 import pytest
 import torch
 

@@ -5,8 +5,6 @@ Two lanes stand for two GPUs: each has its own toy (same weights, its own call l
 as with one lane, each lane gets its contiguous share of every pass, and an error in one lane reaches the caller
 only after every lane has finished.
 """
-from __future__ import annotations
-
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,7 +121,7 @@ class Boom(RuntimeError):
 def test_an_error_in_one_lane_is_raised_after_every_lane_finished():
     plan = plan_windows(8, 40, 8, 4)
     finished = []
-    good, bad = Toy(), Toy()
+    good = Toy()
 
     def slow(x, sigma, windows=None, step=None):
         out = good.denoise(x, sigma, windows, step)

@@ -1,21 +1,14 @@
 """Layout-guided panoramas (MultiDiffusion's region-based mode) through the real ComfyUI sampling path:
-LayoutMaskRegion's masks as fusion weights, the background, bootstrapping only in its steps, regions that
-cross window borders and the wrap seam, stretched masks, and bad input caught before any model call.
+LayoutMaskRegion's masks as fusion weights, the background, bootstrapping only in its steps, regions across window
+borders and the wrap seam, stretched masks, and bad input caught before any model call. Canvas 64x256 px, 64 px
+windows every 32 px (7 windows, 8 under wrap), the micro UNet of ``layout_helpers``.
 
-Canvas 64x256 px (8x32 latent px), windows of 64 px every 32 px: 7 windows (8 under wrap). The model is
-the micro UNet of ``layout_helpers`` (see its docstring for why not the harness's 320-channel one).
-
-Two exact facts make the fusion checks precise rather than "looks different":
-
-* After ONE step every window starts from the same noise whatever the prompts, so the region-based result
-  is, pixel for pixel, ``m * result(region prompt alone) + (1 - m) * result(background alone)`` for any mask
-  m (binary or soft; the DDIM step is linear in x0 and every window covering a pixel gives it the same
-  weights). That holds for masks crossing window borders and the seam alike.
-* After k steps, a pixel's value can only depend on the other prompt through windows within (k - 1)
-  strides of the mask's edge; further away the result equals the single-prompt result exactly.
+Two exact facts make the fusion checks precise: after ONE step every window starts from the same noise, so the
+result is, pixel for pixel, ``m * result(region prompt alone) + (1 - m) * result(background alone)`` for any mask m
+(the DDIM step is linear in x0 and every window covering a pixel weighs it alike), across window borders and the
+seam alike; after k steps a pixel can depend on the other prompt only through windows within (k - 1) strides of the
+mask's edge.
 """
-from __future__ import annotations
-
 import logging
 from types import SimpleNamespace
 

@@ -1,6 +1,4 @@
 """The memory plan (``syncdiff_core.memory``) and the exact gradient ways it chooses between (plain torch)."""
-from __future__ import annotations
-
 import re
 import types
 
@@ -168,6 +166,8 @@ def test_every_plan_gives_the_unconstrained_panorama(comfy, pack, micro, tiny_kl
         assert line.endswith("(memory_cap_gb)" if cap else "GiB free"), line
         rel = float((got - want).norm() / want.norm())
         assert rel < 1e-5, (expect, rel)
+    dm = micro.model.model.diffusion_model  # counted once, by the first of these runs
+    assert pack.memory_plan._PARAMS[dm] == sum(p.numel() for p in dm.parameters())
 
 
 @pytest.mark.parametrize("node", ["SyncDiffusionSampler", "SyncDiffusionCustomSampler"])

@@ -1,7 +1,5 @@
 """PanoramaCoherence inside the headless ComfyUI of the harness (conftest.py): schema, results through a real
 graph, bad input, and trunk loading through the registered ``models/lpips`` folder."""
-from __future__ import annotations
-
 import sys
 
 import pytest

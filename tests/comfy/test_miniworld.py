@@ -1,19 +1,12 @@
 """The miniature trained world: its generator, its committed weights, and synchronization measured on them."""
-from __future__ import annotations
-
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from miniworld import world  # noqa: E402
+from miniworld import world
 
 
 # ------------------------------------------------------------------------------------------------ generator

@@ -5,8 +5,6 @@ thread for it) whose tensors are CPU tensors. ComfyUI's MultiGPU CFG Split makes
 ``model_management.get_all_torch_devices`` lists; the test replaces that list (only the test patches ComfyUI) and
 then prepares the model with ComfyUI's own ``create_multigpu_deepclones``, as the node does.
 """
-from __future__ import annotations
-
 import pytest
 import torch
 

@@ -1,7 +1,5 @@
 """SavePanorama360's files (issue 15): never an overwrite, never a half-written file, the workflow kept, and a clear
 error for a folder that cannot be written."""
-from __future__ import annotations
-
 import contextlib
 import errno
 import os

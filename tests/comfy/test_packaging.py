@@ -1,7 +1,5 @@
 """Packaging metadata: what ComfyUI Manager / the Comfy Registry read. pyproject.toml is parsed with ComfyUI's
 own config parser (the one load_custom_node uses), requirements.txt never pulls torch."""
-from __future__ import annotations
-
 import re
 import tomllib
 from pathlib import Path

@@ -6,17 +6,11 @@ width) to float precision. Part 2 decodes through ComfyUI's ``VAE.decode`` on a 
 global operations (GroupNorm statistics, mid-block attention) make the result depend slightly on the context
 columns, and checks roll-equivariance and seam closure within tolerances justified next to each test.
 """
-from __future__ import annotations
-
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from syncdiff_core import gpano
 from syncdiff_core import panorama_decode as PD

@@ -10,8 +10,6 @@ windows are closer to the photo by LPIPS than with sync off on the same seed; a 
 the photo covers most; an inpainting model's concatenated mask and masked-image latent (SD 1.5 inpainting's 9
 channels, Flux.1 Fill's) reach the model cropped to each window, with sync off and on.
 """
-from __future__ import annotations
-
 import pytest
 import torch
 

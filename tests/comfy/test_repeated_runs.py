@@ -5,8 +5,6 @@ The issue asks for 100 runs; CI runs ``SYNCDIFF_REPEAT_RUNS`` (default 25) to st
 2-core machine. ``SYNCDIFF_REPEAT_RUNS=100`` runs the full count; ``SYNCDIFF_RELIABILITY_OUT=file.json`` writes
 the per-run figures (docs/dev/reliability-record.md quotes them).
 """
-from __future__ import annotations
-
 import json
 import os
 import time
@@ -31,21 +29,8 @@ def panorama_prompt(ckpt_name: str, seed: int) -> dict:
     """Checkpoint -> prompts -> 128x64 px canvas -> SyncDiffusion (2 steps, the first synchronized; 360°: 2 windows,
     the seam one included) -> the pack's circular decode -> SavePanorama360. Only the seed changes between runs, so
     everything after the prompts runs again each time."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": h.DEFAULT_PROMPT}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
-        "lat": {"class_type": "PanoramaLatent", "inputs": {"width": 128, "height": 64, "batch_size": 1}},
-        "sampler": {"class_type": "SyncDiffusionSampler", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["ckpt", 2],
-            "latent_image": ["lat", 0], "seed": seed, "steps": 2, "cfg": 5.0, "window_size": 64, "stride": 64,
-            "sync_weight": 20.0, "sync_decay": 0.95, "sync_steps": 1, "sync_every": 1, "wrap": True,
-            "window_batch": 4}},
-        "dec": {"class_type": "PanoramaDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2], "wrap": True,
-                                                           "padding": 4, "tile_width": 0, "tile_overlap": 64}},
-        "save": {"class_type": "SavePanorama360", "inputs": {"images": ["dec", 0], "filename_prefix": "repeat/pano",
-                                                             "format": "png", "jpeg_quality": 95}},
-    }
+    return h.panorama_prompt(ckpt_name, seed=seed, stride=64, wrap=True, decode=h.DECODE_360,
+                             save=(h.SAVE_360[0], {**h.SAVE_360[1], "filename_prefix": "repeat/pano"}))
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 category, inputs with types/defaults/ranges/options and required vs optional, outputs). A change that would
 break saved workflows fails here with a readable diff. For a deliberate change: ``make snapshot`` (runs
 ``python -m scripts.schema_snapshot --write``), review ``git diff tests/schema_snapshot.json``, commit it."""
-from __future__ import annotations
-
 import pytest
 
 from scripts import schema_snapshot as ss

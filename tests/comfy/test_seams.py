@@ -1,7 +1,5 @@
 """Seams of 360° images (issue 13, part 3): the seam score, the band a repair redoes, the circular encode, and the
 seam repair node through ComfyUI's executor on the micro UNet and the tiny KL VAE."""
-from __future__ import annotations
-
 import pytest
 import torch
 import torch.nn.functional as F

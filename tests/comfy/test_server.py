@@ -1,19 +1,14 @@
 """The real ComfyUI server (``main.py --cpu``) with this pack in its custom_nodes folder, driven over HTTP:
 the pack loads exactly as users load it, shows up in /object_info, and a prompt POSTed to /prompt that
 runs the pack's sampler ends in an image file written by SaveImage."""
-from __future__ import annotations
-
 import json
-import time
 import urllib.request
-import uuid
 
 import pytest
 
 from devtools import harness as h
 from devtools.server import LINK_NAME, running
 from devtools.server import get as _get
-from devtools.server import post as _post
 
 pytestmark = pytest.mark.slow  # starts the real server in a subprocess
 
@@ -23,24 +18,6 @@ RUN_TIMEOUT_S = 480
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfy, tiny_sd15, lpips_trunk):
     yield from running(tmp_path_factory.mktemp("server"), comfy.models_dir)
-
-
-def _panorama_prompt(ckpt_name: str) -> dict:
-    sampler_inputs = {
-        "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["ckpt", 2],
-        "latent_image": ["lat", 0], "seed": 11, "steps": 2, "cfg": 5.0,
-        "window_size": 64, "stride": 32, "sync_weight": 20.0, "sync_decay": 0.95, "sync_steps": 1,
-        "sync_every": 1, "wrap": False, "window_batch": 4,
-    }
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": h.DEFAULT_PROMPT}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
-        "lat": {"class_type": "PanoramaLatent", "inputs": {"width": 128, "height": 64, "batch_size": 1}},
-        "sampler": {"class_type": "SyncDiffusionSampler", "inputs": sampler_inputs},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "server_pano"}},
-    }
 
 
 def _known_inputs(info: dict) -> set[str]:
@@ -61,27 +38,16 @@ def test_pack_nodes_in_object_info(server, comfy):
 
 
 def test_prompt_over_http_writes_the_panorama(server, comfy, tiny_sd15):
-    prompt = _panorama_prompt(tiny_sd15.ckpt_name)
+    prompt = h.panorama_prompt(tiny_sd15.ckpt_name, decode=("VAEDecode", {}),
+                               save=("SaveImage", {"filename_prefix": "server_pano"}))
     info = _get(server.url + "/object_info/SyncDiffusionSampler")["SyncDiffusionSampler"]
     # send only inputs the running schema knows, so a renamed input fails here with a clear message
     unknown = set(prompt["sampler"]["inputs"]) - _known_inputs(info)
     assert not unknown, f"the server's SyncDiffusionSampler has no inputs {unknown}"
-    status, body = _post(server.url + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    status, body = server.submit(prompt)
     assert status == 200, f"/prompt refused the prompt: {json.dumps(body, indent=1)}"
     assert not body.get("node_errors"), body
-    prompt_id = body["prompt_id"]
-
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    entry = None
-    while time.monotonic() < deadline:
-        hist = _get(f"{server.url}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            entry = hist[prompt_id]
-            if entry["status"].get("status_str") in ("success", "error"):
-                break
-        if server.proc.poll() is not None:
-            pytest.fail(f"server died while running the prompt:\n{server.tail()}")
-        time.sleep(0.5)
+    entry = server.wait(body["prompt_id"], RUN_TIMEOUT_S)  # raises when the server dies meanwhile
     assert entry is not None, f"prompt did not finish in {RUN_TIMEOUT_S} s:\n{server.tail()}"
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-4000:]
 

@@ -4,8 +4,6 @@ unaltered models, Cancel, and bad input.
 The expected values are computed here independently of the pack: the UNet and the VAE decoder are called
 with cloned weights through ``torch.func.functional_call``, the CFG and DDIM arithmetic is written out.
 """
-from __future__ import annotations
-
 import math
 from types import SimpleNamespace
 
@@ -382,27 +380,17 @@ def test_cancel_stops_within_one_window_batch(comfy, pack, micro, tiny_kl_vae):
 
 
 def sampler_graph(ckpt_name: str, steps: int = 3, sync_weight: float = 20.0) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a wide mountain panorama"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-        "4": {"class_type": "PanoramaLatent", "inputs": {"width": W * 8, "height": H * 8, "batch_size": 1}},
-        "5": {"class_type": "SyncDiffusionSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "latent_image": ["4", 0],
-            "seed": 11, "steps": steps, "cfg": CFG, "window_size": WIN * 8, "stride": STRIDE * 8,
-            "sync_weight": sync_weight, "sync_decay": 0.95, "sync_steps": 1, "sync_every": 1, "wrap": False,
-            "window_batch": 4}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "sync_graph"}},
-    }
+    return h.panorama_prompt(ckpt_name, width=W * 8, height=H * 8, steps=steps, sync_weight=sync_weight,
+                             window_size=WIN * 8, stride=STRIDE * 8, cfg=CFG, decode=("VAEDecode", {}),
+                             save=("SaveImage", {"filename_prefix": "sync_graph"}))
 
 
 @pytest.mark.slow
 def test_graph_reports_progress_per_step_and_saves(run_prompt, tiny_sd15, lpips_trunk):
     result = run_prompt(sampler_graph(tiny_sd15.ckpt_name, steps=3))
-    steps = [(v, t) for node, v, t in result.progress if node == "5"]
+    steps = [(v, t) for node, v, t in result.progress if node == "sampler"]
     assert [v for v, _ in steps] == [1, 2, 3] and {t for _, t in steps} == {3}
-    files = result.image_files("7")
+    files = result.image_files("save")
     assert len(files) == 1 and files[0].stat().st_size > 0
 
 
@@ -410,4 +398,4 @@ def test_graph_reports_progress_per_step_and_saves(run_prompt, tiny_sd15, lpips_
 def test_graph_cancel_interrupts_the_sampler(run_prompt, tiny_sd15):
     result = run_prompt(sampler_graph(tiny_sd15.ckpt_name, steps=6, sync_weight=0.0), interrupt_after_progress=2)
     assert result.interrupted
-    assert max(v for node, v, _ in result.progress if node == "5") < 6
+    assert max(v for node, v, _ in result.progress if node == "sampler") < 6

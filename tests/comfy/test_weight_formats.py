@@ -2,8 +2,6 @@
 (what UNETLoader's ``weight_dtype`` fp8 and fp8 checkpoints give), and ComfyUI's own quantized tensors where the
 running ComfyUI has them. The loaded weights must come back bit for bit, and no quantized weight is copied whole.
 """
-from __future__ import annotations
-
 import types
 
 import pytest

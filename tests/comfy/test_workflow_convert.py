@@ -1,8 +1,6 @@
 """The UI -> API workflow converter against ComfyUI's real schemas (stock nodes + the pack): widget order,
 control_after_generate values, converted widgets, optional inputs, muted/bypassed nodes, frontend-only
 nodes, and the schema problems it must report."""
-from __future__ import annotations
-
 import copy
 
 import pytest

@@ -9,16 +9,10 @@ symmetry. Without wrap the canvas has borders and the same test fails, which sho
 Part 1: the core loop with a toy denoiser (no ComfyUI). Part 2: through ComfyUI's executor on the tiny SD1.x
 model with the SyncDiffusionSampler node. Part 3: bad input.
 """
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from devtools import harness as h
 from reference import F64, Toy
 from syncdiff_core import Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample
 
@@ -133,21 +127,10 @@ def test_wrap_needs_two_windows_and_a_stride_that_divides_the_width():
 CANVAS_W, CANVAS_H, WIN_PX, STRIDE_PX = 256, 128, 128, 64  # 32 x 16 latent px, windows of 16, stride 8
 
 
-def _sampler_prompt(object_node, tiny, *, wrap, width=CANVAS_W, stride=STRIDE_PX, **overrides):
-    inputs = dict(
-        model=["m", 0], positive=["p", 0], negative=["n", 0], vae=["v", 0], latent_image=["l", 0],
-        seed=7, steps=2, cfg=1.0, window_size=WIN_PX, stride=stride, sync_weight=0.0, sync_decay=0.95,
-        sync_steps=0, sync_every=1, wrap=wrap, window_batch=4,
-    )
-    inputs.update(overrides)
-    return {
-        "m": object_node(tiny.model, "MODEL"),
-        "p": object_node(tiny.positive, "CONDITIONING"),
-        "n": object_node(tiny.negative, "CONDITIONING"),
-        "v": object_node(tiny.vae, "VAE"),
-        "l": {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": CANVAS_H, "batch_size": 1}},
-        "s": {"class_type": "SyncDiffusionSampler", "inputs": inputs},
-    }
+def _sampler_prompt(tiny, *, wrap, width=CANVAS_W, stride=STRIDE_PX):
+    return h.panorama_prompt(objects=(tiny.model, tiny.positive, tiny.negative, tiny.vae), width=width,
+                             height=CANVAS_H, seed=7, cfg=1.0, window_size=WIN_PX, stride=stride, sync_weight=0.0,
+                             sync_steps=0, wrap=wrap)
 
 
 def _sampler_has_wrap(comfy):
@@ -172,16 +155,16 @@ def rolled_noise(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wrap", [True, False])
-def test_comfy_wrap_sampler_rolls_with_the_noise(comfy, run_prompt, object_node, tiny_sd15, rolled_noise, wrap):
+def test_comfy_wrap_sampler_rolls_with_the_noise(comfy, run_prompt, tiny_sd15, rolled_noise, wrap):
     """Rolling the seeded noise by two strides rolls the sampled latent by the same amount under wrap (to float
     tolerance: the windows meet the UNet in other batches, which may round differently); without wrap it does
     not."""
     if not _sampler_has_wrap(comfy):
         pytest.skip("SyncDiffusionSampler has no 'wrap' input yet")
     k = 2 * STRIDE_PX // 8
-    base = run_prompt(_sampler_prompt(object_node, tiny_sd15, wrap=wrap))["s"][0]["samples"]
+    base = run_prompt(_sampler_prompt(tiny_sd15, wrap=wrap))["sampler"][0]["samples"]
     rolled_noise[0] = k
-    moved = run_prompt(_sampler_prompt(object_node, tiny_sd15, wrap=wrap))["s"][0]["samples"]
+    moved = run_prompt(_sampler_prompt(tiny_sd15, wrap=wrap))["sampler"][0]["samples"]
     assert base.shape == (1, 4, CANVAS_H // 8, CANVAS_W // 8) and base.abs().max() > 0.1
     err = rel_error(moved, torch.roll(base, k, -1))
     if wrap:
@@ -194,11 +177,11 @@ def test_comfy_wrap_sampler_rolls_with_the_noise(comfy, run_prompt, object_node,
     (192, STRIDE_PX, "at least two windows wide"),  # 24 latent px < 2 windows of 16
     (CANVAS_W, 80, "stride must divide the canvas width"),  # 32 latent px, stride 10
 ])
-def test_comfy_wrap_bad_canvas_is_refused(comfy, run_prompt, object_node, tiny_sd15, width, stride, match):
+def test_comfy_wrap_bad_canvas_is_refused(comfy, run_prompt, tiny_sd15, width, stride, match):
     from devtools import harness as comfy_harness
 
     if not _sampler_has_wrap(comfy):
         pytest.skip("SyncDiffusionSampler has no 'wrap' input yet")
     with pytest.raises(comfy_harness.PromptExecutionError) as info:
-        run_prompt(_sampler_prompt(object_node, tiny_sd15, wrap=True, width=width, stride=stride))
+        run_prompt(_sampler_prompt(tiny_sd15, wrap=True, width=width, stride=stride))
     assert info.value.exception_type.endswith("ValueError") and match in info.value.exception_message

@@ -1,26 +1,13 @@
 """The offline coherence benchmark: its closed-form ideal denoiser, its schedule, and a quick smoke run."""
-from __future__ import annotations
-
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from bench import coherence as C
 
-
-@pytest.fixture(autouse=True)
-def float32_default():
-    """These tests assume torch's default dtype, whatever another test module left set."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+DEFAULT_DTYPE = torch.float32  # whatever another test module left set (tests/conftest.py)
 
 
 def _brute_force_posterior_mean(x: np.ndarray, sigma: float, data: np.ndarray) -> np.ndarray:

@@ -11,14 +11,7 @@ from syncdiff_core.batching import BatchSize
 from syncdiff_core.sync import synchronize
 from syncdiff_core.windows import crop
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These tests compare in float64; the default dtype is restored for the rest of the session."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+DEFAULT_DTYPE = torch.float64  # these tests compare in float64 (tests/conftest.py sets it per test)
 
 
 GRIDS = {

@@ -1,7 +1,5 @@
 """``syncdiff_core.gradients`` and ``syncdiff_core.comfy.autograd_patches.frozen_closure`` on plain-torch toys
 (no ComfyUI models): the in-place pattern of ComfyUI's Flux blocks, checked against a functional twin."""
-from __future__ import annotations
-
 import pytest
 import torch
 

@@ -1,7 +1,5 @@
 """decoders.GroupNormStats: F.group_norm with its statistics from torch's general reduction and the native
 backward; wide_group_norm routes only wide groups, only while gradients are on, and nothing else."""
-from __future__ import annotations
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,8 +5,6 @@ imports neither ComfyUI nor the bridge; only the bridge (``syncdiff_core/comfy/`
 nodes import nothing of ComfyUI but its public node API (``comfy_api``); and no module imports itself back through
 a cycle of module-level imports.
 """
-from __future__ import annotations
-
 import ast
 from pathlib import Path
 

@@ -1,17 +1,14 @@
 """LPIPS loading (offline search order, file formats, clear errors), LPIPS behaviour under ComfyUI's inference
 mode, and the paper's coherence metrics. Trunk files are written here with seeded random weights."""
-from __future__ import annotations
-
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from syncdiff_core import perceptual as P
+
+DEFAULT_DTYPE = torch.float32  # whatever another test module left set (tests/conftest.py)
 
 V16 = P.TRUNKS["vgg16"].file_name
 V19 = P.TRUNKS["vgg19"].file_name
@@ -60,15 +57,12 @@ def isolated(tmp_path, monkeypatch):
         raise OSError("network is unreachable (simulated)")
 
     monkeypatch.setattr(P.trunks, "_download", offline)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     P.clear_cache()
     yield tried
     P.clear_cache()
     torch.hub.set_dir(old)
-    torch.set_default_dtype(default_dtype)
 
 
 def _trunk_weight(loss: P.LPIPSLoss) -> torch.Tensor:

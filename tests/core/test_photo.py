@@ -1,22 +1,14 @@
 """The photo canvas: flat placement, the equirectangular (gnomonic) projection and its inverse, the mask and its
 feather, every bad input, and the window a photo-following anchor picks. Plain torch: no ComfyUI."""
-from __future__ import annotations
-
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from syncdiff_core import photo as P  # noqa: E402
-from syncdiff_core.sync import Anchor  # noqa: E402
-from syncdiff_core.windows import plan_windows  # noqa: E402
+from syncdiff_core import photo as P
+from syncdiff_core.sync import Anchor
+from syncdiff_core.windows import plan_windows
 
 
 def coordinate_photo(h: int, w: int) -> torch.Tensor:

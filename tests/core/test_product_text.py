@@ -7,8 +7,6 @@ The user documentation (README.md and ``docs/``) links only to files that exist.
 
 Pure Python: no ComfyUI and no torch needed.
 """
-from __future__ import annotations
-
 import io
 import re
 import tokenize

@@ -1,8 +1,6 @@
 """scripts/setup_env.py's checks of what it is given, run as a user runs it (a subprocess), with bad input:
 a COMFYUI_PATH that is not ComfyUI, or a ComfyUI older than requires-comfyui, stops setup before anything is
 created or installed, with a message that names the folder and the version found."""
-from __future__ import annotations
-
 import os
 import re
 import subprocess

@@ -1,15 +1,10 @@
 """Damaged or wrong LPIPS trunk files in models/lpips (issue 15): each gives an error that names the file and says
 what was expected, and a file is only ever read through safetensors or ``torch.load(weights_only=True)``."""
-from __future__ import annotations
-
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 from syncdiff_core import perceptual as P
 
