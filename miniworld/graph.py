@@ -1,6 +1,7 @@
 """Run the world's models in a real headless ComfyUI graph with this pack's nodes (demo, evaluation, tests).
 
-The trained models reach the graph through one loader node, ``MiniWorldLoader`` (MODEL, CLIP, VAE), registered
+The trained models reach the graph through one loader node, ``MiniWorldLoader`` (MODEL, CLIP, VAE; its ``model``
+choice picks the SD1.x UNet or the flow MMDiT, which share the text encoder and the VAE), registered
 into ComfyUI's node registry at run time: ComfyUI's checkpoint detection only knows real families' widths
 (see ``miniworld.models``), so a file loader cannot build these narrow models. Everything after the loader --
 CLIPTextEncode, PanoramaLatent, SyncDiffusionSampler, VAEDecode, SaveImage -- is the normal graph.
@@ -24,21 +25,22 @@ def headless_module():
     return headless
 
 
-def start(cpu: bool = True, base: Path | None = None):
-    """ComfyUI headless with the pack loaded, the world's loader registered and an LPIPS trunk available."""
+def start(cpu: bool = True, base: Path | None = None, assets: Path | None = None):
+    """ComfyUI headless with the pack loaded, the world's loader registered (weights from ``assets``, default
+    the committed ones) and an LPIPS trunk available."""
     ch = headless_module()
     rt = ch.start(base or Path(tempfile.mkdtemp(prefix="miniworld-")), cpu=cpu)
-    register_loader(rt)
+    register_loader(rt, assets)
     ensure_trunk(rt)
     return rt
 
 
-def loaded(folder: Path | None = None):
-    """The world's (model, clip, vae), built once per process and folder."""
+def loaded(folder: Path | None = None, model: str = "sd1"):
+    """The world's (model, clip, vae) of denoiser ``model``, built once per process, folder and model."""
     from miniworld import models
-    key = str(folder or models.ASSETS)
+    key = (str(folder or models.ASSETS), model)
     if key not in _CACHE:
-        _CACHE[key] = models.load(folder or models.ASSETS)
+        _CACHE[key] = models.load(folder or models.ASSETS, model=model)
     return _CACHE[key]
 
 
@@ -47,16 +49,20 @@ def register_loader(rt, folder: Path | None = None) -> None:
         CATEGORY = "_for_testing/syncdiffusion"
         RETURN_TYPES = ("MODEL", "CLIP", "VAE")
         FUNCTION = "load"
-        DESCRIPTION = "The miniature trained world's SD1.x-architecture model, text encoder and KL VAE."
+        DESCRIPTION = ("The miniature trained world's denoiser (an SD1.x-architecture UNet or an AuraFlow-"
+                       "architecture flow model), its text encoder and KL VAE.")
 
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {}}
+            from miniworld import models
+            return {"required": {}, "optional": {"model": (list(models.MODEL_FILES), {
+                "default": "sd1", "tooltip": "sd1: eps-prediction UNet on SD's schedule; flow: MMDiT with "
+                                             "velocity prediction on a shifted flow schedule"})}}
 
-        def load(self):
-            return loaded(folder)
+        def load(self, model="sd1"):
+            return loaded(folder, model)
 
-    rt.register_nodes({LOADER: MiniWorldLoader}, {LOADER: "Mini world model (SD1.x architecture)"})
+    rt.register_nodes({LOADER: MiniWorldLoader}, {LOADER: "Mini world model"})
 
 
 def has_trunk(rt, name: str = "vgg16") -> bool:
@@ -91,10 +97,10 @@ def ensure_trunk(rt) -> None:
 
 def panorama_prompt(positive: str, negative: str, width: int, height: int, seed: int, steps: int, cfg: float,
                     window: int, stride: int, sync_weight: float, sync_steps: int, prefix: str,
-                    sync_decay: float = 0.95) -> dict:
+                    sync_decay: float = 0.95, model: str = "sd1") -> dict:
     """An API prompt: loader -> two CLIPTextEncode -> PanoramaLatent -> SyncDiffusionSampler -> VAEDecode -> SaveImage."""
     return {
-        "1": {"class_type": LOADER, "inputs": {}},
+        "1": {"class_type": LOADER, "inputs": {"model": model}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
         "4": {"class_type": "PanoramaLatent", "inputs": {"width": width, "height": height, "batch_size": 1}},

@@ -48,9 +48,9 @@ def test_prompts_name_the_attributes():
 
 def test_committed_assets_match_their_checksums(comfy):
     from miniworld import models
-    files = models.check_assets(models.ASSETS)
     sums = json.loads(models.CHECKSUMS.read_text())
-    assert set(sums) == set(models.ASSET_FILES) == set(files)
+    assert set(models.CORE_FILES) <= set(sums) <= set(models.ASSET_FILES)
+    files = models.check_assets(models.ASSETS, tuple(sums))  # every file listed (the flow model's once made)
     assert sum(p.stat().st_size for p in files.values()) < 25 * 2 ** 20
     for name, path in files.items():
         assert models.sha256(path) == sums[name]
@@ -86,6 +86,32 @@ def test_corrupted_asset_names_the_file_and_the_rebuild_command(comfy, tmp_path)
     assert "python -m miniworld.train" in str(e.value)
 
 
+def test_missing_flow_weights_name_the_stage_that_makes_them(comfy, tmp_path):
+    from miniworld import models
+    folder = _copy_assets(tmp_path)
+    (folder / "flow.safetensors").unlink(missing_ok=True)
+    with pytest.raises(models.AssetError) as e:
+        models.load(folder, with_clip=False, model="flow")
+    assert "flow.safetensors" in str(e.value) and "--stages flow" in str(e.value)
+    with pytest.raises(ValueError, match="model must be one of"):
+        models.load(folder, with_clip=False, model="sd3")
+
+
+def test_flow_vae_is_the_world_vae_with_its_latents_rescaled_exactly(comfy):
+    """The flow model's latent format (SDXL's scale) and SD1.x's must put the same image at the same model
+    input: the flow model's VAE encodes to latents x gain and decodes them to the same image."""
+    from miniworld import models
+    sd = models._load_sd(models.check_assets(models.ASSETS, ("vae.safetensors",))["vae.safetensors"])
+    gain = models.SD_SCALE / 0.13025  # SDXL's latent scale, the flow model's format
+    plain, scaled = models.comfy_vae(sd), models.comfy_vae(sd, gain)
+    img = world.render(3, width=128, height=128).image.permute(1, 2, 0)[None]
+    z, zs = plain.encode(img), scaled.encode(img)
+    assert torch.allclose(zs, z * gain, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(scaled.decode(zs), plain.decode(z), atol=2e-3)
+    fmt_sd1, fmt_flow = models.model_config().latent_format, models.flow_model_config().latent_format
+    assert torch.allclose(fmt_flow.process_in(zs), fmt_sd1.process_in(z), rtol=1e-3, atol=1e-3)
+
+
 def test_text_encoder_is_rebuilt_bit_identically(comfy):
     """The CLIP is not stored: the UNet's meaning of the words relies on the seeded rebuild being exact."""
     from miniworld import models
@@ -104,6 +130,73 @@ def world_rt(comfy, lpips_trunk):
     from miniworld import graph
     graph.register_loader(comfy)
     return comfy
+
+
+def _assets_with_flow(tmp_path: Path) -> Path:
+    """The committed assets plus flow weights: the committed ones, else a fresh (untrained) flow model's,
+    written and checksummed as the training writes them."""
+    from miniworld import models, train
+    folder = _copy_assets(tmp_path)
+    if not (folder / "flow.safetensors").is_file():
+        train.save(models.flow_model(seed=3).diffusion_model, folder / "flow.safetensors")
+        models.write_checksums(folder)
+    return folder
+
+
+def test_flow_model_loads_through_the_loader_node_and_samples_with_sync(world_rt, tmp_path):
+    """MiniWorldLoader's model choice: the flow model is ComfyUI's AuraFlow (CONST prediction, the family's
+    shifted flow schedule) and runs through the pack's sampler with synchronization, decoded by the world's VAE."""
+    import comfy.model_sampling as cms
+    from miniworld import graph
+    folder = _assets_with_flow(tmp_path)
+    graph.register_loader(world_rt, folder)
+    try:
+        model, clip, vae = graph.loaded(folder, "flow")
+        assert type(model.model.model_config).__name__ == "AuraFlow"
+        assert isinstance(model.model.model_sampling, cms.CONST)
+        assert model.model.model_sampling.shift == pytest.approx(1.73)
+        assert vae.latent_channels == model.model.latent_format.latent_channels == 4
+        img = graph.run_panorama(world_rt, positive=world.prompt("dusk", "winter", "lake", 0), negative="",
+                                 width=192, height=128, seed=1, steps=3, cfg=2.0, window=128, stride=64,
+                                 sync_weight=20.0, sync_steps=1, prefix="mw_flow", model="flow")
+    finally:
+        graph.register_loader(world_rt)
+    assert img.shape == (3, 128, 192)
+    assert torch.isfinite(img).all() and img.std() > 0
+
+
+def test_evaluation_summary_finds_the_flow_weight_matching_sd1():
+    """The matching weight: where the flow model's paired agreement gain over MultiDiffusion reaches sd1's gain
+    at the match weight, linear between swept weights; None (with a note) when the sweep never reaches it."""
+    from miniworld.evaluate import summarize
+    rows = []
+    agree = {("sd1", 0.0): 0.2, ("sd1", 20.0): 0.5, ("flow", 0.0): 0.3, ("flow", 20.0): 0.4, ("flow", 100.0): 0.8}
+    for (m, w), a in agree.items():
+        for seed in range(3):
+            rows.append({"model": m, "seed": seed, "sync_weight": w, "agree": a, "agree_time": a, "agree_season": a,
+                         "intra_lpips": 0.2 - a / 10, "intra_style_l": 0.0})
+    out = summarize(rows, 20.0)
+    assert out["sd1"]["20"]["agree_gain_vs_md"] == pytest.approx(0.3)
+    assert out["flow"]["100"]["seeds_better_same_worse"] == [3, 0, 0]
+    match = out["matching_weight"]["flow"]["agree_gain_vs_md"]
+    assert match["flow_weight"] == pytest.approx(20 + 80 * (0.3 - 0.1) / (0.5 - 0.1))
+    short = summarize([r for r in rows if not (r["model"] == "flow" and r["sync_weight"] == 100.0)], 20.0)
+    assert short["matching_weight"]["flow"]["agree_gain_vs_md"]["flow_weight"] is None
+    assert "not reached" in short["matching_weight"]["flow"]["agree_gain_vs_md"]["note"]
+
+
+def test_train_and_evaluate_reject_unknown_stages_and_models(capsys):
+    from miniworld import evaluate, train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "/tmp/x", "--stages", "unet,sd3"])
+    assert "sd3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "flux"])
+    assert "flux" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--weights", "20"])
+    assert "must include 0" in capsys.readouterr().err
+    assert train.parse_args(["--out", "/tmp/x", "--stages", "flow,classifier"]).stages == ["classifier", "flow"]
 
 
 def _classifier():
