@@ -7,7 +7,7 @@
 # may not travel. Arguments go to gpu_bench.py; results land in $OUT (results.json, log.txt, nvidia-smi.txt).
 #
 #   here:   git rev-parse HEAD > bench/.commit   (add "+dirty" if bench/ or syncdiff_core/ has changes)
-#   device: bash bench/run_on_device.sh --plan explore                        (bench.gpu_bench)
+#   device: bash bench/run_on_device.sh --plan compile                        (bench.gpu_bench)
 #           BENCH=bench.memory_bench bash bench/run_on_device.sh              (the memory plan on emulated cards)
 #           bash bench/run_on_device.sh gpu-tests                              (tests marked gpu; pytest in .whl/)
 set -uo pipefail
