@@ -151,17 +151,32 @@ SET_WIDGETS_JS = """([values]) => {
 }"""
 
 
-def open_template(ui: UI, name: str) -> dict:
-    """Open example workflow ``name`` from the template browser, as a user does; returns the file's JSON."""
+def open_template(ui: UI, name: str, tries: int = 3) -> dict:
+    """Open example workflow ``name`` from the template browser, as a user does; returns the file's JSON.
+
+    A dialog a failed test left open is closed first, so one failure does not fail every test after it. The card is
+    clicked again when the dialog stays open: on a loaded machine the category's card list can re-render between
+    the lookup and the click, and a click on the replaced card does nothing."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     wf = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     page = ui.page
+    if ui.js(OPEN_DIALOGS_JS):
+        close_dialogs(ui)
     page.get_by_role("button", name="Templates", exact=True).click()
     dialog = page.locator(DIALOG_SELECTOR).filter(has=page.locator('[data-testid^="template-workflow-"]')).last
     dialog.wait_for()
     dialog.get_by_text(LINK_NAME, exact=True).first.click()
     card = dialog.locator(f'[data-testid="template-workflow-{name}"]')
-    card.click()
-    dialog.wait_for(state="hidden")
+    for attempt in range(tries):
+        if not dialog.is_visible():
+            break
+        card.click()
+        try:
+            dialog.wait_for(state="hidden", timeout=20_000)
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
     ids = sorted(str(n["id"]) for n in wf["nodes"])
     page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => String(n.id)).sort()) === "
                            "JSON.stringify(ids)", arg=ids)
