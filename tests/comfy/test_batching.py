@@ -145,8 +145,7 @@ def test_lpips_target_features_once_equal_repeated_targets():
                           atol=1e-7)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Through ComfyUI, the micro SD1.x UNet (conftest ``micro``) on the CPU
+# --------------------------------------------- Through ComfyUI, the micro SD1.x UNet (conftest ``micro``) on the CPU
 
 H, W, WIN, STRIDE = 8, 32, 8, 4  # latent px: 7 windows
 
