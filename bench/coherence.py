@@ -44,9 +44,7 @@ DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
 SYNC_TRUNK_SEED, METRIC_VGG16_SEED, METRIC_VGG19_SEED = 0, 1, 2
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data and the ideal denoiser
-
+# --------------------------------------------------------------------------------------- Data and the ideal denoiser
 
 def load_crops(window: int = 32, short_side: int = 64, crop_stride: int = 4,
                names: tuple[str, ...] = DEFAULT_IMAGES) -> torch.Tensor:
@@ -115,9 +113,7 @@ def initial_noise(seeds, shape) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The benchmark
-
+# ----------------------------------------------------------------------------------------------------- The benchmark
 
 @dataclass
 class Setup:

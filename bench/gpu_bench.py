@@ -2,23 +2,19 @@
 """GPU speed and memory of the pack against a one-window-at-a-time baseline, on random-weight models of the real
 sizes built through ComfyUI's own classes (``devtools.models.build_real_size``; timing does not depend on weights).
 
-``--family`` (canvas and schedule in ``FAMILIES``): ``sd2``, SD 2.0-base's UNet (865 M, fp16) and SD's KL VAE,
-512 x 3072 px, 21 windows, 50 steps; ``sdxl``, SDXL's UNet (2.57 B, fp16), 1024 x 4096 px, 13 windows, 30 steps;
-``flux``, Flux.1 [dev] (11.9 B, bf16) and its VAE, 1024 x 4096 px, 20 steps, guidance 3.5, CFG 1, its synchronized
-runs with ``checkpoint_model``. Every timed run is a whole panorama through ``sample_panorama`` at the pack's
-defaults, MultiDiffusion (``sync_weight`` 0) and SyncDiffusion (``--sync-steps``, w = 20), ``--repeats`` times each
-after a warm-up; per-step times from ComfyUI's progress hook, peaks from torch's allocator.
+``--family`` (canvas and schedule in ``FAMILIES``): ``sd2`` (865 M, fp16; 512 x 3072 px, 50 steps), ``sdxl`` (2.57 B,
+fp16; 1024 x 4096 px, 30 steps), ``flux`` (Flux.1 [dev], 11.9 B, bf16; 1024 x 4096 px, 20 steps, synchronized runs
+with ``checkpoint_model``). Every timed run is a whole panorama through ``sample_panorama`` at the pack's defaults,
+MultiDiffusion and SyncDiffusion (``--sync-steps``, w = 20), ``--repeats`` times after a warm-up; per-step times from
+ComfyUI's progress hook, peaks from torch's allocator.
 
-* The baseline: for sd2 the method read literally (:func:`baseline_run`), one window at a time in the style of the
-  public reference code, on the same ComfyUI modules; for sdxl and flux the pack with one window per model call
-  (``window_batch`` and ``sync_batch`` 1) on a 4-step run (2 synchronized), extrapolated per step.
-* The floor: the FLOPs of one plain and one synchronized step of the pack's own run (``FlopCounterMode``,
-  recomputation included) at the card's measured matmul rate.
-* ``--plan compile`` adds the runs with ``compile`` on: the first of each mode (a user's first run at a new size;
-  torch's table of its compile phases) and ``--repeats`` timed runs.
+* The baseline: for sd2 the method read literally (:func:`baseline_run`), one window at a time like the public
+  reference code; for sdxl and flux the pack with one window per model call on a 4-step run, extrapolated per step.
+* The floor: the FLOPs of one plain and one synchronized step (``FlopCounterMode``) at the card's matmul rate.
+* ``--plan compile`` adds the runs with ``compile`` on: the first of each mode (with torch's compile phases) and
+  ``--repeats`` timed runs.
 
-``--tiny``: the CPU, tiny models, a small canvas (a check of the script). Results: ``results.json`` in ``--out`` and a
-table at the end; on the GPU machine through ``bench/run_on_device.sh``.
+``--tiny``: the CPU, tiny models, a small canvas. Results: ``results.json`` in ``--out`` and a table at the end.
 """
 import argparse
 import contextlib

@@ -1,27 +1,20 @@
 """Sync on the card you have: the memory plan on emulated cards of 8 to 32 GB and on the whole GPU.
 
-Random weights of real sizes, built on the GPU through ComfyUI's own classes (timing and memory do not depend on
-weight values): SD 1.5 and SD 2.0-base (fp16, 512 px windows), SDXL (fp16, 1024 px), Flux.1-dev and Qwen-Image
-with their weights stored in float8_e4m3fn and computed in bf16 (what UNETLoader's ``weight_dtype`` fp8_e4m3fn
-gives), each with its VAE at real width and conditioning tensors of its encoders' shapes; the pack's defaults
-(``window_batch`` and ``sync_batch`` automatic). A card is emulated by a hard cap on this process's allocations
-(``torch.cuda.set_per_process_memory_fraction``) together with ComfyUI's reserve (``EXTRA_RESERVED_VRAM``, what
-``--reserve-vram`` sets), and every model is unloaded before each card, so ComfyUI's loader (fully, or partially
-where the weights do not fit) and the pack's plan see the card's budget.
+Random weights of real sizes built on the GPU through ComfyUI's classes: SD 1.5 and SD 2.0-base (fp16, 512 px
+windows), SDXL (fp16, 1024 px), Flux.1-dev and Qwen-Image (weights in float8_e4m3fn computed in bf16, as UNETLoader's
+``weight_dtype`` fp8_e4m3fn), each with its real-width VAE, at the pack's defaults. A card is emulated by a hard cap on
+this process's allocations (``torch.cuda.set_per_process_memory_fraction``) plus ComfyUI's reserve
+(``EXTRA_RESERVED_VRAM``), every model unloaded before each card, so the loader and the pack's plan see its budget.
 
-Per family: a warm-up on a two-window canvas, then the whole GPU (the reference panorama), then each card in the
-family's order (the cards its targets name first): MultiDiffusion and SyncDiffusion, time, peak memory, the plan the
-pack logged, and the relative difference to the whole GPU's panorama. ``--steps`` / ``--sync-steps`` shorten the
-schedule to fit a call; each card's whole-panorama time is then extrapolated per step from its two runs (plain
-steps from MultiDiffusion, the extra of a sync step from the difference). ``results.json`` in ``--out`` is
-rewritten after every run, so a call stopped by its time limit keeps what it measured; ``--budget-s`` (the whole
-call) and ``--family-budget-s`` (each family) skip runs that would end after them, by the whole GPU's time of the
-same run (a card is not faster).
+Per family: a warm-up on a two-window canvas, the whole GPU (the reference panorama), then each card: MultiDiffusion
+and SyncDiffusion, time, peak memory, the plan logged, the relative difference to the whole GPU's panorama.
+``--steps`` / ``--sync-steps`` shorten the schedule; whole-panorama times are then extrapolated per step.
+``results.json`` in ``--out`` is rewritten after every run (a call stopped by its time limit keeps what it measured);
+``--budget-s`` (the call) and ``--family-budget-s`` skip runs the whole GPU's time says would end after them.
 
     python -m bench.memory_bench --out OUT [--family sd2 --family sdxl] [--cards 8,12,16,24,32] [--tiny]
 
-``--tiny``: the test suite's tiny models on the CPU (the fp8 families with fp8 weights), cards scaled to them
-(:data:`TINY_PER_GIB` bytes a card's GiB): checks the script, and that every plan gives the whole GPU's panorama.
+``--tiny``: the test suite's tiny models on the CPU, cards scaled to them (:data:`TINY_PER_GIB` bytes a GiB).
 """
 import argparse
 import json

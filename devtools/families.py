@@ -1,20 +1,14 @@
 """Tiny random-weight models of every still-image family in ``comfy.supported_models``, built through ComfyUI's
-own classes, with matching VAEs and conditioning (no downloads, no checkpoint files). Import after
-``devtools.headless.bootstrap()``. ``available()`` names the families this ComfyUI has; ``build(name)`` (cached per
-process, dtype and inference flag) gives ``.model`` (ModelPatcher), ``.vae``, ``.positive``, ``.negative`` and
-``.latent(height_px, width_px)``, an empty LATENT of the family's layout (4-D or 5-D).
+own classes, with matching VAEs and conditioning (no downloads). Import after ``devtools.headless.bootstrap()``.
+``available()`` names the families this ComfyUI has; ``build(name)`` (cached) gives ``.model``, ``.vae``,
+``.positive``, ``.negative`` and ``.latent(height_px, width_px)`` in the family's layout (4-D or 5-D).
 
-* The diffusion model: ``comfy.supported_models.<Class>(unet_config)`` with a complete tiny config (what
-  ``model_detection`` would produce, widths 32-64; keys one ComfyUI version has and another lacks added only where the
-  parameter class has them), ``get_model`` with the state-dict keys ``model_type`` reads (``v_pred``, ``edm_mean``
-  ...), so v-prediction and EDM are chosen by ComfyUI's own rules.
-* The VAE: ``comfy.sd.VAE(sd=...)``; SD's 4-channel KL small, every other kind made by ComfyUI's own detection from
-  the few keys it reads (16-channel KL, Flux.2's KL with a batch-norm latent over 2x2 patches, Wan 2.1, HunyuanImage's
-  32x), so its compression, latent dims and module types are ComfyUI's; where detection fixes the widths the decoder
-  is real-width (use small latents).
-* Every parameter is set from a seeded generator (ComfyUI creates them empty), the decoder's last convolution
-  calibrated to mid-range images (no clamping, so gradients flow); ``inference=True`` (default) builds under
-  ``torch.inference_mode()`` as ComfyUI's loaders do, so weights and constants are inference tensors.
+The diffusion model gets a complete tiny config (what ``model_detection`` would produce; keys only some ComfyUI
+versions have are dropped where the parameter class lacks them) and the state-dict keys ``model_type`` reads, so
+v-prediction and EDM follow ComfyUI's own rules. Each VAE but SD's small KL one is made by ComfyUI's detection from
+the few keys it reads, so compression, latent dims and module types are ComfyUI's (where detection fixes the widths
+the decoder is real-width: use small latents). The decoder's last convolution is calibrated to mid-range images (no
+clamping, so gradients flow); ``inference=True`` builds under ``torch.inference_mode()`` as ComfyUI's loaders do.
 """
 import dataclasses
 import functools

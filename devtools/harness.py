@@ -117,11 +117,10 @@ SAMPLER_WIDGETS = {"seed": 11, "steps": 2, "cfg": 5.0, "window_size": 64, "strid
 def panorama_prompt(ckpt_name: str | None = None, *, objects: tuple | None = None, width: int = 128,
                     height: int = 64, batch: int = 1, decode: tuple | None = None, save: tuple | None = None,
                     **sampler) -> dict:
-    """An API prompt of a panorama: the model, prompts and VAE of the checkpoint ``ckpt_name`` (encoded prompts
-    DEFAULT_PROMPT and "") or ``objects`` = (model, positive, negative, vae) fed by object nodes; a PanoramaLatent
-    ("lat"); the SyncDiffusionSampler ("sampler": ``sampler`` over :data:`SAMPLER_WIDGETS`); then, when given, a
-    decode node "dec" (``decode`` = (class_type, inputs besides samples and vae)) and an output node "save"
-    (``save`` = (class_type, inputs besides images))."""
+    """An API prompt of a panorama: the checkpoint ``ckpt_name`` (prompts DEFAULT_PROMPT and "") or ``objects`` =
+    (model, positive, negative, vae) fed by object nodes; a PanoramaLatent "lat"; the SyncDiffusionSampler "sampler"
+    (``sampler`` over :data:`SAMPLER_WIDGETS`); when given, a decode node "dec" and an output node "save"
+    (``decode`` / ``save`` = (class_type, the other inputs))."""
     if objects is None:
         prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
                   **{k: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": text}}
@@ -154,10 +153,9 @@ def run_prompt(prompt: dict, **kw) -> PromptResult:
 # ----------------------------------------------------------------------------- tiny models
 
 def tiny_models(family: str, seed: int = SEED, with_clip: bool | None = None, ckpt_name: str | None = None):
-    """Write a tiny checkpoint of ``family`` into ComfyUI's checkpoints folder (once per name) and load it
-    the way a graph does: ``CheckpointLoaderSimple.load_checkpoint`` under ``torch.inference_mode()``.
-    Returns ``devtools.models.TinyModels`` with conditioning: encoded by the checkpoint's CLIP when present
-    (positive = DEFAULT_PROMPT, negative = ""), else ``make_conditioning`` tensors."""
+    """A tiny checkpoint of ``family`` written into ComfyUI's checkpoints folder (once per name) and loaded as a
+    graph does (``CheckpointLoaderSimple`` under inference mode), as ``devtools.models.TinyModels`` with
+    conditioning encoded by its CLIP (DEFAULT_PROMPT and ""), else ``make_conditioning`` tensors."""
     from devtools import models as tm
     rt = runtime()
     ckpt_name = ckpt_name or f"tiny_{family}.safetensors"
@@ -249,9 +247,8 @@ def provide_workflow_files(workflow: dict, classes: dict, models_dir: Path, inpu
 
 
 def write_random_lpips_trunk(seed: int = SEED) -> Path:
-    """A random VGG16 trunk in ComfyUI's ``models/lpips``, where the pack looks first, so synchronization runs
-    offline in tests. Random weights: the loss is meaningless as a perception measure but has the real
-    architecture, shapes and gradients."""
+    """A random VGG16 trunk in ComfyUI's ``models/lpips``, so synchronization runs offline (the real architecture,
+    shapes and gradients; meaningless as a perception measure)."""
     from devtools import models as tm
     path = runtime().models_dir / "lpips" / "vgg16-random-test.safetensors"
     if not path.exists():

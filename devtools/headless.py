@@ -88,10 +88,8 @@ class PromptExecutionError(RuntimeError):
 
 @dataclasses.dataclass
 class PromptResult:
-    """What a prompt produced: ``outputs[node_id]``, a tuple of the node's output slots (a list output as the list);
-    ``ui[node_id]``, what the node returned for the UI (SaveImage's ``{"images": [...]}``); ``messages``, the
-    executor's ``(event, data)`` pairs; ``progress``, the ``(node_id, value, total)`` updates of
-    ``comfy.utils.ProgressBar``; ``interrupted``, whether the run was cancelled."""
+    """What a prompt produced: ``outputs[node_id]`` (the node's output slots), ``ui[node_id]`` (SaveImage's
+    ``{"images": [...]}``), the executor's ``(event, data)`` messages and the ``(node_id, value, total)`` progress."""
     prompt_id: str
     prompt: dict
     outputs: dict[str, tuple]
@@ -195,14 +193,10 @@ class ComfyRuntime:
     def run_prompt(self, prompt: dict, *, raise_on_error: bool = True, extra_data: dict | None = None,
                    interrupt_after_progress: int | None = None,
                    on_progress: Callable[[str | None, float, float], None] | None = None) -> PromptResult:
-        """Validate ``prompt`` (API format: ``{id: {"class_type", "inputs"}}``) with
-        ``execution.validate_prompt``, then execute it with a fresh ``execution.PromptExecutor``.
-
-        A prompt without output nodes gets a test sink attached to every output of its leaf nodes, so
-        ``run_prompt({"1": {"class_type": "PanoramaLatent", "inputs": {...}}})["1"]`` works.
-        ``interrupt_after_progress=n`` presses Cancel after the n-th progress update (the run then ends
-        with ``interrupted=True``; nothing is raised). Raises ``PromptValidationError`` or
-        ``PromptExecutionError`` (unless ``raise_on_error=False``).
+        """Validate an API-format ``prompt`` with ``execution.validate_prompt``, then execute it with a fresh
+        ``execution.PromptExecutor``. A prompt without output nodes gets a test sink on its leaf nodes' outputs.
+        ``interrupt_after_progress=n`` presses Cancel after the n-th progress update (``interrupted=True``, nothing
+        raised). Raises ``PromptValidationError`` or ``PromptExecutionError`` (unless ``raise_on_error=False``).
         """
         prompt = {str(k): {"class_type": v["class_type"], "inputs": dict(v.get("inputs", {})),
                            **({"_meta": v["_meta"]} if "_meta" in v else {})}
@@ -355,14 +349,11 @@ _BOOT: dict = {}
 
 def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True, pytorch_attention: bool = True,
               log_level: int | None = logging.WARNING) -> Path:
-    """The cheap half of ``start``: ComfyUI first on ``sys.path``, ``args.cpu`` and
-    ``args.base_directory`` set, before anything imports ``comfy.model_management`` or ``folder_paths``.
-    Idempotent; returns the base directory. Call it as early as possible (the test harness calls it from
-    ``pytest_configure``) so that any later ``import comfy...`` sees these settings.
-
-    ``pytorch_attention`` is ``--use-pytorch-cross-attention``: torch's scaled_dot_product_attention, which
-    ComfyUI uses by default on NVIDIA GPUs. With ``--cpu`` alone ComfyUI picks its chunked sub-quadratic
-    attention instead, 2-3x slower on a CPU (forward and backward); results agree to float tolerance."""
+    """The cheap half of ``start``: ComfyUI first on ``sys.path``, ``args.cpu`` and ``args.base_directory`` set
+    before anything imports ``comfy.model_management`` or ``folder_paths`` (the tests call it from
+    ``pytest_configure``). Idempotent; returns the base directory. ``pytorch_attention`` is
+    ``--use-pytorch-cross-attention``, ComfyUI's default on NVIDIA GPUs; with ``--cpu`` alone ComfyUI picks its
+    sub-quadratic attention, 2-3x slower on a CPU."""
     if _BOOT:
         if base_dir is not None and Path(base_dir).resolve() != _BOOT["base_dir"]:
             raise RuntimeError(f"ComfyUI already bootstrapped in this process with base {_BOOT['base_dir']}")
@@ -392,12 +383,8 @@ def bootstrap(base_dir: Path | str | None = None, *, cpu: bool = True, pytorch_a
 
 def start(base_dir: Path | str | None = None, *, cpu: bool = True, load_pack: bool = True,
           pytorch_attention: bool = True, log_level: int | None = logging.WARNING) -> ComfyRuntime:
-    """Start ComfyUI headless in this process (idempotent: later calls return the same runtime).
-
-    ``base_dir``: ComfyUI's base directory (models/, input/, output/, temp/, user/, custom_nodes/ under
-    it); default: a fresh temp folder. ``cpu``: run on the CPU (``--cpu``). ``log_level``: ComfyUI logs
-    a lot at INFO; this sets the root logger's level (None leaves it alone).
-    """
+    """Start ComfyUI headless in this process (idempotent). ``base_dir``: ComfyUI's base directory (default: a
+    fresh temp folder); ``log_level``: the root logger's level (ComfyUI logs a lot at INFO; None leaves it)."""
     global _RUNTIME
     base_dir = bootstrap(base_dir, cpu=cpu, pytorch_attention=pytorch_attention, log_level=log_level)
     if _RUNTIME is not None:
@@ -418,9 +405,7 @@ def start(base_dir: Path | str | None = None, *, cpu: bool = True, load_pack: bo
 
 
 def load_this_pack(rt: ComfyRuntime) -> list[str]:
-    """Load the repository as a custom node, exactly as ComfyUI does for a folder in custom_nodes/.
-
-    Returns the node ids the pack's ``comfy_entrypoint`` declares (kept in ``rt.pack_node_ids``)."""
+    """Load the repository as ComfyUI loads a folder of custom_nodes/; the node ids the pack declares."""
     nodes = rt.nodes
     ok = asyncio.run(nodes.load_custom_node(str(REPO_ROOT), ignore=set(), module_parent="custom_nodes"))
     if not ok:

@@ -1,26 +1,15 @@
 """The one model and asset builder of the tests, the benches and the demo: random-weight models built through
-ComfyUI's own classes (no downloads).
-
-* tiny SD1.x / SD2.x checkpoints (``write_checkpoint``), their parts (``build_model``, ``build_taesd_vae``,
-  ``build_kl_vae``, ``build_clip``), conditioning (``make_conditioning``) and ControlNets (``write_controlnet``);
-* the micro UNet and ControlNet of the layout tests (``build_micro_model``, ``build_micro_controlnet``);
-* real-size models for the GPU benchmarks (``build_real_size``: SD 2, SDXL, Flux; ``SD15_UNET``, ``SD2_BASE_UNET``,
-  ``SDXL_UNET``, ``FLUX_DEV``, ``QWEN_IMAGE``, ``SD_VAE``; ``build_sized_model`` in any weight dtype on the device,
-  ``build_sd2_unet``,
-  ``build_sd_vae``, ``write_sd2_base_checkpoint``, ``write_taesd_decoder``);
-* the random LPIPS trunk (``random_trunk_state_dict``, ``write_random_trunk``, ``install_random_trunk``).
-
-Tiny models of every other family are in ``devtools.families`` (they share ``init_weights_``). The functions
-import ComfyUI when called: call them after ``devtools.headless.bootstrap()`` (or ``start()``).
+ComfyUI's own classes (no downloads). Tiny SD1.x / SD2.x checkpoints and their parts, the micro UNet and ControlNet
+of the layout tests, real-size models for the GPU benchmarks, the random LPIPS trunk; tiny models of every other
+family are in ``devtools.families``. Call the functions after ``devtools.headless.bootstrap()`` (they import ComfyUI).
 ``python -m devtools.models CHECKPOINT --size sd2-base|tiny-sd20`` writes a checkpoint in a fresh process.
 
 Why these shapes: ComfyUI's checkpoint detection only recognises real families, so the tiny UNet keeps SD's width
 (model_channels 320; context 768 for SD1.x, 1024 with linear projections for SD2.x) on a single level with one res
-block and one transformer block (25.8M parameters), written as a normal single-file checkpoint that
-``CheckpointLoaderSimple`` detects as ``SD15`` / ``SD20``. Its VAE is a TAESD (2.4M parameters, scale 8, fast on a
-CPU, differentiable). The text encoder, when included, is the real one at full size (CLIP-L, 123M; SD2.x's OpenCLIP-H
-is 354M, so SD2.x checkpoints leave it out and tests use ``make_conditioning``). ComfyUI creates its layers empty:
-every parameter is set here from a seeded generator, so the same seed gives bit-identical weights.
+block and one transformer block (25.8M parameters), which ``CheckpointLoaderSimple`` detects as ``SD15`` / ``SD20``.
+Its VAE is a TAESD (2.4M parameters, scale 8, fast on a CPU, differentiable). The text encoder, when included, is the
+real CLIP-L (123M; SD2.x's OpenCLIP-H is 354M, so SD2.x checkpoints leave it out and tests use ``make_conditioning``).
+Every parameter is set from a seeded generator, so the same seed gives bit-identical weights.
 """
 import dataclasses
 import math
@@ -64,12 +53,9 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
     """Deterministically initialise every parameter of ``module`` (ComfyUI creates them empty).
 
     Matrices and kernels: N(0, std_scale / sqrt(fan_in)), drawn in float32 on the CPU so every dtype gets the same
-    weights (``on_device``: drawn where the weights are, with that device's generator: seconds, not minutes, for a
-    model of billions of parameters on a GPU); 1-D weights, scales and gammas (norm scales, also Wan's (dim, 1, 1, 1)
-    gammas): 1; other 1-D parameters (biases): 0. Scalar (0-D) parameters are plain ``nn.Parameter(torch.tensor(v))``
-    with a meaning (TAESD's ``vae_scale`` = 1, ``vae_shift`` = 0), not empty ComfyUI layers: they are kept, and so are
-    buffers (they hold computed things such as the sigma schedule), except MMDiT's ``pos_embed`` table, a checkpoint
-    weight created empty. Parameters whose names start with one of ``skip`` are left alone.
+    weights (``on_device``: drawn on the weights' device: seconds, not minutes, for billions of parameters on a GPU);
+    1-D weights, scales and gammas: 1; other 1-D parameters: 0. Scalar parameters (TAESD's ``vae_scale``) and buffers
+    (the sigma schedule) have a meaning and are kept, except MMDiT's ``pos_embed`` table, a weight created empty.
     """
     device = next(module.parameters()).device if on_device else torch.device("cpu")
     g = torch.Generator(device).manual_seed(seed)
@@ -97,13 +83,9 @@ def init_weights_(module: torch.nn.Module, seed: int, std_scale: float = 1.0, sk
 
 def build_model(family: str = "sd15", seed: int = 0, model_channels: int | None = None,
                 num_heads: int | None = None, context_dim: int | None = None):
-    """A tiny UNet as a ComfyUI ``ModelPatcher`` (built directly, not through a checkpoint).
-
-    ``model_channels`` below 320 gives a much cheaper UNet for tests that do not load it from a checkpoint
-    (ComfyUI's detection only knows real families' widths). ``num_heads`` sets the attention heads (head
-    width = channels / heads); on a CPU one wide head is several times faster than SD1.x's 8 narrow ones
-    for 64x64-latent windows. ``context_dim`` sets the prompt embedding width (tests with random
-    conditioning use narrow ones)."""
+    """A tiny UNet as a ComfyUI ``ModelPatcher``, built directly (so ``model_channels`` may be below the 320 that
+    checkpoint detection needs). On a CPU one wide attention head (``num_heads``) is several times faster than
+    SD1.x's 8 narrow ones; ``context_dim`` is the prompt embedding width."""
     import comfy.model_management as mm
     import comfy.model_patcher
     mc = model_config(family)
@@ -171,8 +153,7 @@ def make_conditioning(family: str = "sd15", seed: int = 0, batch: int = 1, token
 
 
 def _save(sd: dict, path: Path | str) -> Path:
-    """``sd`` written to ``path`` atomically: safetensors for a ``.safetensors`` name, else ``torch.save``'s format
-    (what ``.pth`` files hold)."""
+    """``sd`` written to ``path`` atomically: safetensors for a ``.safetensors`` name, else ``torch.save``'s."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -197,9 +178,8 @@ def _controlnet(unet: dict, seed: int):
 
 
 def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with_clip: bool | None = None) -> Path:
-    """Write a single-file checkpoint (UNet + TAESD VAE [+ text encoder]) that ``CheckpointLoaderSimple``
-    loads as ``family``. ``with_clip`` defaults to True for sd15 and False for sd20 (see module doc).
-    Uses ComfyUI's own ``comfy.sd.save_checkpoint`` (what the CheckpointSave node does)."""
+    """A single-file checkpoint (UNet + TAESD VAE [+ text encoder, by default for sd15 only]) that
+    ``CheckpointLoaderSimple`` loads as ``family``, written with ComfyUI's ``comfy.sd.save_checkpoint``."""
     import comfy.sd
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +196,7 @@ def write_checkpoint(path: Path | str, family: str = "sd15", seed: int = 0, with
 
 
 def write_controlnet(path: Path | str, family: str = "sd15", seed: int = 0) -> Path:
-    """A random ControlNet for the tiny UNet of ``family`` that ``ControlNetLoader`` detects and loads, written to
-    ``path`` (:func:`_save`'s formats)."""
+    """A random ControlNet for the tiny UNet of ``family`` that ``ControlNetLoader`` detects and loads."""
     return _save(_controlnet(unet_config(family), seed).state_dict(), path)
 
 
@@ -243,8 +222,7 @@ def load_checkpoint(path: Path | str):
 
 
 def random_trunk_state_dict(name: str = "vgg16", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random VGG trunk (torchvision's initialisation, ``features.*`` key names as in torchvision's file), drawn
-    from ``seed`` without touching the global random state."""
+    """A random VGG trunk (torchvision's initialisation and ``features.*`` key names), global RNG untouched."""
     from syncdiff_core import perceptual  # plain torch; nothing ComfyUI
 
     with torch.random.fork_rng(devices=[]):
@@ -254,8 +232,7 @@ def random_trunk_state_dict(name: str = "vgg16", seed: int = 0) -> dict[str, tor
 
 
 def write_random_trunk(path: Path | str, name: str = "vgg16", seed: int = 0) -> Path:
-    """:func:`random_trunk_state_dict` written to ``path`` (:func:`_save`'s formats), so the pack's LPIPS / style
-    networks load offline (tests, the demo, benchmarks)."""
+    """:func:`random_trunk_state_dict` written to ``path``, so the pack's LPIPS / style networks load offline."""
     return _save(random_trunk_state_dict(name, seed), path)
 
 
@@ -332,13 +309,11 @@ def build_sd2_unet(dtype=torch.float16, seed: int = 0, load_device=None):
 
 
 def build_sized_model(cls_name: str, config: dict, weight_dtype, seed: int = 0, device=None):
-    """A diffusion model of ``comfy.supported_models.<cls_name>`` with random weights as a ``ModelPatcher``, made
-    directly on ``device`` (the load device by default) and stored in ``weight_dtype``, computed in the dtype
-    ComfyUI's loader picks for that storage (``unet_manual_cast``: with ``float8_e4m3fn`` weights, what UNETLoader's
-    ``weight_dtype`` fp8_e4m3fn gives, each layer is cast per call). Every tensor is drawn on the device in a 2-byte
-    or wider dtype and cast into its storage, so a 20 B-parameter model takes seconds on a GPU and never passes
-    through host memory. Weights as :func:`init_weights_` sets them (N(0, 1/sqrt(fan_in)) matrices, unit scales,
-    zero biases), drawn from another generator (not the same values)."""
+    """A random-weight ``comfy.supported_models.<cls_name>`` as a ``ModelPatcher``, made on ``device`` (the load
+    device by default), stored in ``weight_dtype`` and computed in the dtype ComfyUI's loader picks for it
+    (``unet_manual_cast``: fp8 weights are cast per layer, as UNETLoader's fp8_e4m3fn). Tensors are drawn on the
+    device (2-byte or wider, then cast), so 20 B parameters take seconds and never pass through host memory;
+    :func:`init_weights_`'s distributions, another generator."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -382,11 +357,9 @@ REAL_SIZES = {"sdxl": ("SDXL", SDXL_UNET, torch.float16, 77, 2048, 1280, None),
 
 
 def build_real_size(name: str, seed: int = 0, tiny: bool = False):
-    """(model patcher, VAE, positive, negative) of ``name`` (``sd2``, ``sdxl`` or ``flux``) at its real size, random
-    weights (speed and memory do not depend on their values), conditioning of its text encoders' shapes: SD 2.0-base's
-    UNet (865 M, fp16) or SDXL's (2.57 B, fp16) with SD's KL VAE, Flux.1 [dev]'s transformer (11.9 B, bf16, built on
-    ComfyUI's device) with its 16-channel VAE. ``tiny``: the test suite's tiny model of the family
-    (``devtools.families``)."""
+    """(model patcher, VAE, positive, negative) of ``name`` (``sd2``, ``sdxl``, ``flux``) at its real size with
+    random weights (speed and memory do not depend on them) and conditioning of its text encoders' shapes; SD 2 and
+    SDXL with SD's KL VAE, Flux with its 16-channel one. ``tiny``: the test suite's tiny model of the family."""
     from devtools import families
 
     if tiny:
@@ -420,8 +393,7 @@ def build_real_size(name: str, seed: int = 0, tiny: bool = False):
 
 
 def write_sd2_base_checkpoint(path: Path | str, seed: int = 0) -> Path:
-    """A random-weight checkpoint of SD 2.0-base's size (the UNet in fp16, the KL VAE) written with ComfyUI's own
-    ``save_checkpoint``, for graphs that load it with ``CheckpointLoaderSimple`` as a user's would be loaded."""
+    """A random-weight checkpoint of SD 2.0-base's size (fp16 UNet, KL VAE) for ``CheckpointLoaderSimple``."""
     import comfy.sd
 
     path = Path(path)
@@ -441,8 +413,8 @@ def write_taesd_decoder(path: Path | str, seed: int) -> Path:
 
 def install_random_trunk(models_dir: Path | str, name: str = "vgg16", seed: int = 0,
                          file_name: str | None = None) -> Path:
-    """A random ``name`` trunk written into ``models_dir/lpips`` (once), and that folder registered as the pack's
-    ``lpips`` model folder, so LPIPS and the style loss load offline (tests, benches, the demo)."""
+    """A random ``name`` trunk written into ``models_dir/lpips`` (once), that folder registered as the pack's
+    ``lpips`` model folder."""
     import folder_paths
 
     from syncdiff_core.comfy.assets import register_lpips_folder

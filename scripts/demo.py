@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
 """`make demo CKPT=...`: run the shipped example workflow headless on a real SD1.x/SD2.x checkpoint through ComfyUI's
-real executor and write the panorama PNG under output/ (without a checkpoint, `make demo` runs the miniature trained
-world's model instead: ``miniworld.demo``).
+executor and write the panorama PNG under output/ (without a checkpoint `make demo` runs ``miniworld.demo``).
 
     make demo CKPT=/path/to/sd15.safetensors   # the checkpoint's own CLIP and VAE
     .venv/bin/python -m scripts.demo --help    # sizes, steps, workflow, output folder
 
-The workflow (default ``example_workflows/syncdiffusion_panorama.json``) is converted from the UI format the
-frontend saves to an API prompt with the live node schemas, its checkpoint loader is pointed at the model, and it
-runs through ``execution.PromptExecutor`` exactly as the server would run it. The LPIPS VGG16 trunk comes from
-ComfyUI's ``models/lpips`` (the managed ComfyUI's, or ``--lpips-dir``).
+The workflow (default ``example_workflows/syncdiffusion_panorama.json``) is converted to an API prompt with the live
+node schemas, its checkpoint loader pointed at the model. LPIPS comes from ComfyUI's ``models/lpips`` (or
+``--lpips-dir``).
 """
 import argparse
 import os

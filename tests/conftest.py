@@ -62,8 +62,7 @@ def default_dtype(request):
 
 @pytest.fixture(scope="session")
 def comfy():
-    """The started ``ComfyRuntime``: ``.nodes`` (ComfyUI's nodes module), ``.execution``, ``.folder_paths``,
-    ``.pack_node_ids``, ``.models_dir``, ``.output_dir``, ``.run_prompt(prompt)``, ``.model_folder(kind)``."""
+    """The started ``devtools.headless.ComfyRuntime``."""
     if "error" in _BASE:
         pytest.fail(_BASE["error"])
     return h.runtime()
@@ -71,8 +70,7 @@ def comfy():
 
 @pytest.fixture(scope="session")
 def run_prompt(comfy):
-    """``run_prompt(prompt, *, raise_on_error=True, interrupt_after_progress=None, on_progress=None)`` ->
-    ``PromptResult`` (validate + PromptExecutor)."""
+    """``ComfyRuntime.run_prompt``: validate + PromptExecutor -> ``PromptResult``."""
     return comfy.run_prompt
 
 
@@ -84,16 +82,13 @@ def object_node(comfy):
 
 @pytest.fixture(scope="session")
 def tiny_sd15(comfy):
-    """``TinyModels`` (``.model .clip .vae .positive .negative .ckpt_name .ckpt_path .family``): SD1.x with a
-    one-level UNet (25.8M), a full-size random CLIP-L and a TAESD VAE, loaded by CheckpointLoaderSimple under
-    inference mode as a graph loads it."""
+    """``devtools.models.TinyModels`` of the tiny SD1.x checkpoint, loaded by CheckpointLoaderSimple."""
     return h.tiny_models("sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd20(comfy):
-    """The same for SD2.x (context 1024, linear projections), without a text encoder (``.clip is None``):
-    conditioning from random tensors."""
+    """The same for SD2.x, without a text encoder (``.clip is None``: random conditioning)."""
     return h.tiny_models("sd20")
 
 

@@ -145,8 +145,7 @@ def test_lpips_target_features_once_equal_repeated_targets():
                           atol=1e-7)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Through ComfyUI, the micro SD1.x UNet (conftest ``micro``) on the CPU
+# --------------------------------------------- Through ComfyUI, the micro SD1.x UNet (conftest ``micro``) on the CPU
 
 H, W, WIN, STRIDE = 8, 32, 8, 4  # latent px: 7 windows
 
@@ -201,10 +200,9 @@ def test_comfy_out_of_memory_fallback(pack, micro, tiny_kl_vae, lpips, caplog):
 
 @pytest.mark.parametrize("mode", ["vae", "vae_checkpointed"])
 def test_loss_decoder_attention_backends_hold_in_forward_and_recompute(pack, micro, tiny_kl_vae, mode):
-    """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in
-    the checkpointed recompute during backward alike (a recompute under other kernels saves other tensors and
-    autograd fails: seen on an H100). A forward pre-hook on the mid-block attention records the flag each time;
-    ``plain_stages`` 0 checkpoints the middle stage too (the default keeps its activations: no recompute there)."""
+    """The loss decoder's attention runs with the memory-efficient SDPA kernel off, in the forward pass and in the
+    checkpointed recompute alike (a recompute under other kernels saves other tensors and autograd fails).
+    ``plain_stages`` 0 checkpoints the middle stage too, so its attention is recomputed."""
     seen = []
     attn = tiny_kl_vae.first_stage_model.decoder.mid.attn_1
     handle = attn.register_forward_pre_hook(lambda *a: seen.append(torch.backends.cuda.mem_efficient_sdp_enabled()))

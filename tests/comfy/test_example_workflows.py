@@ -1,14 +1,11 @@
-"""Every UI-format workflow in example_workflows/ (what ComfyUI's template browser shows) is checked against the
-live node schemas and executed, converted to API format, through ComfyUI's PromptExecutor with the tiny model.
+"""Every UI-format workflow in example_workflows/ is checked against the live node schemas and executed, converted to
+API format, through ComfyUI's PromptExecutor with the tiny model.
 
-Every file a workflow's loaders name is provided under that name (``devtools.harness.provide_workflow_files``:
-checkpoints link to the tiny SD1.x one, so its loader and text encoders run unchanged; tiny random ControlNets; a 2:1
-test picture; empty placeholders for other models). Workflows of families whose text encoders exist only at full size
-(``FAMILY_STAND_INS``) run with that family's tiny model, VAE and conditioning in place (``stand_in_family``). For CPU
-speed the executed copy is shrunk (``shrink_for_cpu``: pixel sizes / 8, steps 2, sync_steps <= 1, batch 1); the schema
-checks use the file as it is. Also checked: the ``models`` list offers every file its loaders select, the note starts
-with the template's title and description and states GPU cost, and the thumbnail is what
-``scripts/make_thumbnails.py`` draws (the frontend's view: ``tests/comfy/test_frontend.py``).
+Every file a workflow's loaders name is provided (``devtools.harness.provide_workflow_files``). Families whose text
+encoders exist only at full size (``FAMILY_STAND_INS``) run with that family's tiny model in place
+(``stand_in_family``); the executed copy is shrunk for CPU speed (``shrink_for_cpu``), the schema checks use the file
+as it is. Also checked: the ``models`` list, the note's title, description and GPU cost, and the thumbnail
+(``scripts/make_thumbnails.py``).
 """
 import copy
 import io

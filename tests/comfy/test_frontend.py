@@ -1,22 +1,16 @@
 """The real frontend: ComfyUI's server (``main.py --cpu``) with this pack, driven in headless Chromium (one server
 and one browser for the module; the page helpers and checks are in ``frontend_page.py``).
 
-The server gets a file under every name the example workflows' loaders and LoadImage nodes select
-(``devtools.harness.provide_workflow_files``) and a random LPIPS trunk. Every example workflow, opened as a user opens
-it (Templates -> the pack's category -> the card), must show no dialog, error toast or page error; no node overlapping
-another as drawn (title bar, body, source badge) or straddling a group; every widget of every pack node in schema
-order with its saved value, inside its node; its note on screen and not cut off; and ``app.graphToPrompt()`` must
-equal ``devtools/workflow.py``'s conversion. With its models renamed away, every workflow must offer their download.
-Frontend 1.32 (ComfyUI 0.3.75) reports problems in dialogs, 1.49 (ComfyUI 0.33) in an error overlay and an Errors
-panel, and fits templates to the screen; the test detects which it meets (``frontend_page.wait_for_error_report``).
+Every example workflow, opened as a user opens it (Templates -> the pack's category -> the card), must show no
+dialog, error toast or page error, no overlapping nodes, every pack widget in schema order with its saved value, its
+note on screen, and ``app.graphToPrompt()`` equal to ``devtools/workflow.py``'s conversion; with its models renamed
+away it must offer their download. Frontend 1.32 (ComfyUI 0.3.75) reports problems in dialogs, 1.49 (ComfyUI 0.33)
+in an error overlay and an Errors panel; the test detects which it meets. Then one workflow, shrunk through the page
+to a CPU-sized canvas, runs from the Run button, and two bad inputs typed into widgets must end in an error that
+names the node and speaks pixels.
 
-Then one workflow, shrunk through the page to a CPU-sized canvas, is queued with the Run button and its image must
-load in the page; and two bad inputs typed into the widgets (a stride larger than the window; under wrap, a width the
-stride does not divide) must end in an error that names the node and speaks pixels.
-
-``scripts/setup_browser.py`` installs Debian's chromium and playwright when missing (a failure fails the test with
-the reason). Screenshots and server logs of failing checks go to ``output/test-artifacts/frontend/``
-(``$SYNCDIFF_TEST_ARTIFACTS``); the failure message names them.
+``scripts/setup_browser.py`` installs chromium and playwright when missing (a failure fails the test). Screenshots
+and server logs of failing checks go to ``output/test-artifacts/frontend/`` (``$SYNCDIFF_TEST_ARTIFACTS``).
 """
 import contextlib
 import json

@@ -62,6 +62,13 @@ def px_mask(cols=None, rows=None, value=1.0, shape=(PX_H, PX_W)) -> torch.Tensor
     return m
 
 
+def lat_mask(cols, rows=slice(None), batch=1) -> torch.Tensor:
+    """A (batch, 1, H, W) latent-size mask that is 1 on the given slices."""
+    m = torch.zeros(batch, 1, H, W)
+    m[..., rows, cols] = 1
+    return m
+
+
 def spied(model):
     """A clone of ``model`` whose UNet calls are recorded through ComfyUI's model_function_wrapper hook."""
     calls = []
@@ -210,10 +217,7 @@ def test_background_and_two_regions(env):
     left, right = px_mask(cols=slice(0, 96)), px_mask(cols=slice(160, 256), rows=slice(0, 32))
     positive = region(env, env.b, right, regions=region(env, env.a, left, regions=env.bg))
     out = run(env, positive, steps=1)
-    ma = torch.zeros(1, 1, H, W)
-    ma[..., :12] = 1
-    mb = torch.zeros(1, 1, H, W)
-    mb[..., :4, 20:] = 1
+    ma, mb = lat_mask(slice(0, 12)), lat_mask(slice(20, None), slice(0, 4))
     expected = ma * single(env, "a", 1) + mb * single(env, "b", 1) + (1 - ma - mb) * single(env, "bg", 1)
     assert close(out, expected)
 
@@ -221,9 +225,7 @@ def test_background_and_two_regions(env):
 def test_each_latent_of_a_batch_gets_its_own_mask(env):
     masks = torch.cat([px_mask(cols=slice(0, 128)), px_mask(cols=slice(128, 256))])
     out = run(env, region(env, env.a, masks, regions=env.bg), steps=1, batch=2)
-    m = torch.zeros(2, 1, H, W)
-    m[0, ..., :16] = 1
-    m[1, ..., 16:] = 1
+    m = torch.cat([lat_mask(slice(0, 16)), lat_mask(slice(16, None))])
     assert close(out, m * single(env, "a", 1, batch=2) + (1 - m) * single(env, "bg", 1, batch=2))
 
 
@@ -232,8 +234,7 @@ def test_a_mask_of_the_wrong_aspect_ratio_is_stretched_and_still_runs(env, caplo
     with caplog.at_level(logging.WARNING, logger="syncdiffusion"):
         out = run(env, region(env, env.a, square, regions=env.bg), steps=1)
     assert "aspect ratio" in caplog.text
-    m = torch.zeros(1, 1, H, W)
-    m[..., :16] = 1
+    m = lat_mask(slice(0, 16))
     assert close(out, m * single(env, "a", 1) + (1 - m) * single(env, "bg", 1))
 
 
@@ -262,7 +263,7 @@ def test_bootstrapping_replaces_the_surroundings_only_in_its_steps(env):
     assert vae.encodes == 1  # the flat colours are encoded once per run, not per step
 
     plan = env.pack.windows.plan_windows(H, W, 8, 4)
-    inside = torch.cat([env.pack.windows.crop(_left_half(), w) for w in plan]).bool()
+    inside = torch.cat([env.pack.windows.crop(lat_mask(slice(0, 16)), w) for w in plan]).bool()
     chunks: dict[float, list] = {}  # timestep -> [(prompt, input)] for each positive chunk of each call
     for c in calls:
         rows = c.input.shape[0] // len(c.cond_or_uncond)
@@ -286,12 +287,6 @@ def test_bootstrapping_replaces_the_surroundings_only_in_its_steps(env):
             assert torch.equal(xa, x), f"step {i}: bootstrapping must be over"
 
 
-def _left_half():
-    m = torch.zeros(1, 1, H, W)
-    m[..., :16] = 1
-    return m
-
-
 def test_bootstrap_fraction_that_rounds_to_zero_steps_changes_nothing(env):
     left = px_mask(cols=slice(0, 128))
     plain = run(env, region(env, env.a, left, fraction=0.0, regions=env.bg), vae=env.vae)
@@ -305,8 +300,7 @@ def test_bootstrapping_keeps_comfyuis_weights_of_other_masked_prompts(env):
     # A ConditioningSetMask prompt at strength 0.5 next to a bootstrapping region: in the first step only the
     # region's own input changes, so wherever the region's mask is 0 the result must equal the one without
     # bootstrapping, where ComfyUI weighs that prompt by mask x strength.
-    half = torch.zeros(1, H, W)
-    half[..., :16] = 1
+    half = lat_mask(slice(0, 16))[0]
     masked = stock_node(env.rt, "ConditioningSetMask").append(env.b, half, "default", 0.5)[0]
     right = px_mask(cols=slice(192, 256))
     on = run(env, region(env, env.a, right, fraction=1.0, regions=env.bg + masked), steps=1, vae=env.vae)
@@ -371,26 +365,18 @@ def test_a_bad_mask_fails_in_the_node(env):
         region(env, env.a, torch.ones(1, 1, 8, 8))
 
 
-def test_through_the_executor_the_no_background_error_names_its_cause(env, run_prompt, object_node):
-    prompt = {
-        "model": object_node(env.model, "MODEL"),
-        "vae": object_node(env.vae, "VAE"),
-        "a": object_node(env.a, "CONDITIONING"),
-        "neg": object_node(env.neg, "CONDITIONING"),
+def test_through_the_executor_the_no_background_error_names_its_cause(env, run_prompt):
+    prompt = h.panorama_prompt(objects=(env.model, env.a, env.neg, env.vae), width=PX_W, height=PX_H, seed=1,
+                               cfg=CFG, window_size=WIN_PX, stride=STRIDE_PX, sync_weight=0.0, sync_steps=0,
+                               window_batch=8, positive=["reg", 0])
+    prompt.update({
         "canvas": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": PX_W, "height": PX_H}},
         "half": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": PX_W // 2, "height": PX_H}},
         "left": {"class_type": "MaskComposite", "inputs": {
             "destination": ["canvas", 0], "source": ["half", 0], "x": 0, "y": 0, "operation": "add"}},
         "reg": {"class_type": "LayoutMaskRegion", "inputs": {
-            "conditioning": ["a", 0], "mask": ["left", 0], "bootstrap_fraction": 0.0, "soft_mask": False}},
-        "lat": {"class_type": "PanoramaLatent", "inputs": {"width": PX_W, "height": PX_H, "batch_size": 1}},
-        "s": {"class_type": "SyncDiffusionSampler", "inputs": {
-            "model": ["model", 0], "positive": ["reg", 0], "negative": ["neg", 0], "vae": ["vae", 0],
-            "latent_image": ["lat", 0], "seed": 1, "steps": 2, "cfg": CFG, "window_size": WIN_PX,
-            "stride": STRIDE_PX, "sync_weight": 0.0, "sync_decay": 0.95, "sync_steps": 0, "sync_every": 1,
-            "wrap": False, "window_batch": 8}},
-    }
+            "conditioning": ["pos", 0], "mask": ["left", 0], "bootstrap_fraction": 0.0, "soft_mask": False}}})
     with pytest.raises(h.PromptExecutionError) as ei:
         run_prompt(prompt)
-    assert ei.value.node_id == "s" and ei.value.exception_type.endswith("ValueError")
+    assert ei.value.node_id == "sampler" and ei.value.exception_type.endswith("ValueError")
     assert "leave 128 latent pixels with no prompt and there is no background prompt" in ei.value.exception_message

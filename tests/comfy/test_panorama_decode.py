@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from syncdiff_core import gpano
 from syncdiff_core import panorama_decode as PD
 
-# ------------------------------------------------------------------------------------------------------------
-# Part 1: the core, on a toy decoder with a known receptive field
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------- Part 1: the core, on a toy decoder with a known receptive field
 
 SCALE = 4
 
@@ -169,9 +167,7 @@ def test_progress_and_interrupt(toy):
         PD.decode_panorama(toy, latent(), SCALE, interrupt=interrupt)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Part 2: through ComfyUI's VAE.decode on the tiny random-weight KL VAE (SD's architecture, 32 channels)
-# ------------------------------------------------------------------------------------------------------------
+# ------------ Part 2: through ComfyUI's VAE.decode on the tiny random-weight KL VAE (SD's architecture, 32 channels)
 #
 # Why tolerances here and not exactness: SD's VAE decoder has global operations -- GroupNorm statistics over the
 # whole image and self-attention in its mid block. Under wrap they see the canvas plus 2·padding duplicated
@@ -276,9 +272,7 @@ def test_comfy_wrap_decode_left_and_right_edges_meet(vae_decode):
     assert seam0 > inner0.max().item() and seam0 > 2 * inner0.median().item(), (seam0, inner0.median())
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The nodes, through ComfyUI's executor
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- The nodes, through ComfyUI's executor
 
 def _decode_prompt(object_node, vae, z, **inputs):
     values = dict(wrap=True, padding=PAD, tile_width=0, tile_overlap=64)
@@ -327,9 +321,7 @@ class _CountingVAE:
         return getattr(self._vae, name)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# SavePanorama360: the photo sphere (GPano XMP) metadata a 360° viewer reads, read back from the files
-# ------------------------------------------------------------------------------------------------------------
+# -------------- SavePanorama360: the photo sphere (GPano XMP) metadata a 360° viewer reads, read back from the files
 
 GPANO = "{http://ns.google.com/photos/1.0/panorama/}"
 

@@ -1,14 +1,11 @@
 """Panorama From Photo in real ComfyUI graphs: photo -> canvas -> VAE Encode + Set Latent Noise Mask (or
-InpaintModelConditioning) -> SyncDiffusion Sampler, on the micro SD1.x UNet, a micro SD1.5 inpainting UNet (9 input
-channels), a tiny Flux.1 Fill and the small KL VAE.
+InpaintModelConditioning) -> SyncDiffusion Sampler, on the micro SD1.x UNet, a micro SD1.5 inpainting UNet, a tiny
+Flux.1 Fill and the small KL VAE.
 
-What is checked: the kept part of the final latent is the encoded photo wherever the noise mask is 0 (flat and
-across the 360° seam), within the float rounding of the model's latent scaling (``process_latent_in`` then
-``process_latent_out``, which stock KSampler's result carries as well: bit-equality is out of reach for any
-sampler of ComfyUI), on a schedule that ends at sigma 0; with sync on and the photo as the Anchor Selector's reference image, the generated
-windows are closer to the photo by LPIPS than with sync off on the same seed; a 'kept region' anchor is the window
-the photo covers most; an inpainting model's concatenated mask and masked-image latent (SD 1.5 inpainting's 9
-channels, Flux.1 Fill's) reach the model cropped to each window, with sync off and on.
+The kept part of the final latent is the encoded photo wherever the noise mask is 0 (also across the 360° seam),
+within the rounding of ``process_latent_in``/``out`` (stock KSampler carries the same); with the photo as the anchor,
+sync brings the generated windows closer to it by LPIPS; a 'kept region' anchor is the window the photo covers most;
+an inpainting model's concatenated mask and masked-image latent reach the model cropped to each window.
 """
 import pytest
 import torch

@@ -197,10 +197,9 @@ def test_trainable_weights_alias_the_storage_and_put_the_objects_back(pack):
 
 @pytest.mark.slow
 def test_compiled_path_matches_eager(comfy, pack, micro, tiny_kl_vae, lpips):
-    """``compile`` runs the UNet (through ComfyUI's compile wrapper) and the loss decoder's gradient pass
-    through torch.compile. With the ``aot_eager`` backend (dynamo's graphs and AOTAutograd's joint forward /
-    backward, eager kernels: what inductor would lower, without its compile time on a CPU) the panorama equals
-    the eager one within float rounding, and the model the user passed in carries no compile wrapper after."""
+    """``compile`` runs the UNet (through ComfyUI's compile wrapper) and the loss decoder's gradient pass through
+    torch.compile. With ``aot_eager`` (dynamo's and AOTAutograd's graphs, eager kernels: no inductor compile time on
+    a CPU) the panorama equals the eager one within rounding; the user's model carries no compile wrapper after."""
     from torch._dynamo.utils import counters
 
     options_before = dict(micro.model.model_options)
@@ -254,12 +253,10 @@ def test_one_compile_serves_every_step_count(comfy, pack, micro, tiny_kl_vae, lp
 @pytest.mark.parametrize("compiled_by", ["pack", "TorchCompileModel"])
 def test_plain_and_synchronized_runs_share_the_compiled_plain_pass(comfy, pack, micro, tiny_kl_vae, lpips,
                                                                    compiled_by):
-    """Weights loaded under inference mode are inference tensors; a synchronized run swaps in normal tensors over
-    the same storage, and dynamo guards on the tensor kind. A compiled MultiDiffusion run takes the same stand-ins,
-    so both kinds of run share the plain pass's graph: after a MultiDiffusion run a synchronized one compiles only
-    its gradient pass, and after a synchronized run MultiDiffusion compiles nothing (each used to compile the plain
-    pass again: a UNet's inductor compile, half a minute on a GPU). So too for a model the user compiled with
-    ComfyUI's TorchCompileModel (the pack's ``compile`` off). The panorama is the eager one's."""
+    """A synchronized run swaps normal tensors in for the inference-mode weights (dynamo guards on the tensor kind);
+    a compiled MultiDiffusion run takes the same stand-ins, so both share the plain pass's graph: after either, the
+    other compiles only what it adds (else the UNet's inductor compile, half a minute on a GPU, again). So too for a
+    model compiled with ComfyUI's TorchCompileModel. The panorama is the eager one's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 

@@ -16,9 +16,7 @@ from devtools import harness as h
 from reference import F64, Toy
 from syncdiff_core import Anchor, BatchPolicy, Lanes, SyncSettings, plan_windows, sample
 
-# ------------------------------------------------------------------------------------------------------------
-# Part 1: the core loop, toy callables
-# ------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ Part 1: the core loop, toy callables
 
 WINDOW, STRIDE = 8, 4
 SIGMAS = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1], dtype=F64)
@@ -108,9 +106,7 @@ def test_wrap_covers_every_column_equally_and_straddles_the_seam():
     assert edge[0] < edge[16]  # without wrap the borders are covered less: what makes the roll test fail
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Part 3 (core): bad input, the rules stated by plan_windows
-# ------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------- Part 3 (core): bad input, the rules stated by plan_windows
 
 def test_wrap_needs_two_windows_and_a_stride_that_divides_the_width():
     with pytest.raises(ValueError, match="at least two windows wide"):
@@ -120,9 +116,7 @@ def test_wrap_needs_two_windows_and_a_stride_that_divides_the_width():
     assert len(plan_windows(8, 16, 8, 4, wrap=True)) == 4  # exactly two windows wide: fine
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Part 2: through ComfyUI (SyncDiffusionSampler on the tiny SD1.x model)
-# ------------------------------------------------------------------------------------------------------------
+# -------------------------------------------- Part 2: through ComfyUI (SyncDiffusionSampler on the tiny SD1.x model)
 
 CANVAS_W, CANVAS_H, WIN_PX, STRIDE_PX = 256, 128, 128, 64  # 32 x 16 latent px, windows of 16, stride 8
 

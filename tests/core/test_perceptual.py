@@ -74,9 +74,7 @@ def _images(seed, n=2, size=32):
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
+# ----------------------------------------------------------------------------------------------------------- Loading
 
 def test_folder_comes_before_the_hub_cache_and_the_hub_cache_before_a_download(trunks, tmp_path, isolated):
     hub = Path(torch.hub.get_dir()) / "checkpoints"
@@ -152,9 +150,7 @@ def test_the_cache_returns_the_loaded_module_per_device(trunks):
     assert P.load_lpips([trunks["pth"]], "cpu") is not first
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# LPIPS behaviour
-
+# --------------------------------------------------------------------------------------------------- LPIPS behaviour
 
 def test_lpips_equals_the_lpips_package_with_the_same_trunk(trunks, monkeypatch):
     import lpips
@@ -207,9 +203,7 @@ def test_loaded_under_inference_mode_backward_works_with_inference_mode_off(trun
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics
-
+# ----------------------------------------------------------------------------------------------------------- Metrics
 
 def test_crop_grid_cuts_non_overlapping_crops_in_raster_order_and_refuses_single_crops():
     img = torch.arange(2 * 3 * 5 * 9, dtype=torch.float32).reshape(2, 3, 5, 9)
