@@ -320,13 +320,18 @@ def open_error_details(ui: UI, expect: tuple[str, ...] = (), timeout_s: float = 
     """1.4x: the error overlay's and the Errors panel's text, once the panel holds every string of ``expect`` and its
     text has stopped changing (the error report fills in after the panel opens). Opens the panel from the overlay
     unless it is open already (then the frontend shows no overlay)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     deadline = time.monotonic() + timeout_s
     overlay = None
     last, stable_since = None, time.monotonic()
     while time.monotonic() < deadline:
         if ui.js(ERROR_OVERLAY_JS):
             overlay = ui.js(ERROR_OVERLAY_JS)
-            ui.page.locator('[data-testid="error-overlay-see-errors"]').click()
+            try:  # the overlay re-renders while the report fills in: a detached button is clicked next round
+                ui.page.locator('[data-testid="error-overlay-see-errors"]').click(timeout=2_000)
+            except PlaywrightTimeout:
+                pass
         text = ui.js(ERRORS_PANEL_JS)
         if text != last:
             last, stable_since = text, time.monotonic()
