@@ -335,8 +335,8 @@ def main(argv=None) -> int:
             copied[name] = str(base)
     if copied:
         report["copied_from_base"] = copied
-    if run != set(STAGES) and (base / "train_report.json").is_file():  # what made the files not remade
-            report["base_report"] = json.loads((base / "train_report.json").read_text())
+    if copied and (base / "train_report.json").is_file():  # what made the files copied from --base
+        report["base_report"] = json.loads((base / "train_report.json").read_text())
 
     def budget(stage):
         """This stage's share of the time left (0: no budget)."""
